@@ -355,3 +355,24 @@ def apply_simda(model_patcher, config: SimDAConfig):
     )
     model_patcher.attachments[ATTACHMENT] = replace(config, object_patch_keys=tuple(keys))
     return model_patcher
+
+
+def model_family(model_patcher) -> str:
+    """``sd1``, ``sd2``, ``sd_x4_upscaler``, or the host's name of another model type."""
+    import comfy.supported_models as supported
+
+    model_config = getattr(model_patcher.model, "model_config", None)
+    if isinstance(model_config, supported.SD_X4Upscaler):
+        return "sd_x4_upscaler"
+    if isinstance(model_config, supported.SD20):
+        return "sd2"
+    if isinstance(model_config, supported.SD15):
+        return "sd1"
+    return type(model_config).__name__ if model_config is not None else type(model_patcher.model).__name__
+
+
+def adapter_storage_dtype(model_patcher) -> torch.dtype:
+    """Adapters are stored in the dtype the UNet computes in, so the host casts nothing extra."""
+    model = model_patcher.model
+    dtype = getattr(model, "manual_cast_dtype", None) or model.get_dtype()
+    return dtype if dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float32

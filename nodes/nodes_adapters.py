@@ -1,0 +1,87 @@
+"""SimDA Adapter Loader: trained SimDA adapters onto an SD UNet."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import comfy.ops
+from comfy_api.latest import io
+
+from ..simda_core.formats import FAMILIES, AdapterFileError, build_adapters, read_adapter_file
+from ..simda_core.host_patch import (
+    SimDAConfig,
+    adapter_storage_dtype,
+    apply_simda,
+    get_config,
+    model_family,
+    model_sites,
+)
+from .folders import adapter_files, adapter_path
+
+STRENGTH_RANGE = (0.0, 2.0)
+
+
+def check_family(model, wanted: str, what: str) -> str:
+    """The MODEL's family, or a clear error when it is not the family ``what`` was made for."""
+    family = model_family(model)
+    if family not in FAMILIES:
+        raise ValueError(
+            f"{what} needs an SD1.x or SD2.x model (or the SD x4 upscaler); the connected MODEL is {family}. "
+            "Connect a Load Checkpoint with an SD1.5/SD2.x checkpoint."
+        )
+    if wanted and family != wanted:
+        raise ValueError(
+            f"{what} was made for {FAMILIES[wanted]}, but the connected MODEL is {FAMILIES[family]}; "
+            "load adapters trained for this model, or connect the matching checkpoint."
+        )
+    return family
+
+
+class SimDAAdapterLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SimDAAdapterLoader",
+            display_name="SimDA Adapter Loader",
+            category="SimDA",
+            description=(
+                "Turns an SD1.x/SD2.x image model into a video model with trained SimDA adapters "
+                "(spatial, temporal and frame-shared GroupNorm). Reads our .safetensors files and the "
+                "authors' training output from models/simda. Follow it with SimDA Latent-Shift Patch."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="An SD1.x or SD2.x MODEL (from Load Checkpoint). It is not changed; a patched copy comes out."),
+                io.Combo.Input(
+                    "adapter_name",
+                    options=adapter_files(),
+                    tooltip="Adapter file in models/simda: our .safetensors, or the authors' unet/diffusion_pytorch_model.bin/.safetensors.",
+                ),
+                io.Float.Input(
+                    "strength", default=1.0, min=STRENGTH_RANGE[0], max=STRENGTH_RANGE[1], step=0.05,
+                    tooltip="Scale of every adapter's contribution: 1 as trained, 0 turns the adapters off.",
+                ),
+            ],
+            outputs=[io.Model.Output(display_name="MODEL", tooltip="The model with SimDA adapters, for the Latent-Shift Patch and Video Sampler.")],
+        )
+
+    @classmethod
+    def execute(cls, model, adapter_name, strength) -> io.NodeOutput:
+        lo, hi = STRENGTH_RANGE
+        if not lo <= strength <= hi:
+            raise ValueError(f"SimDA Adapter Loader: strength {strength} is out of range; use a value from {lo} to {hi}.")
+        path = adapter_path(adapter_name)
+        try:
+            adapter_file = read_adapter_file(path)
+            check_family(model, adapter_file.family, f"SimDA adapter file '{adapter_file.name}'")
+            adapters = build_adapters(
+                adapter_file, model_sites(model), operations=comfy.ops.manual_cast, dtype=adapter_storage_dtype(model)
+            )
+        except AdapterFileError as e:
+            raise ValueError(f"SimDA Adapter Loader: {e}") from None
+        adapters.requires_grad_(False)
+        patched = model.clone()
+        config = get_config(model) or SimDAConfig()
+        apply_simda(
+            patched,
+            replace(config, adapters=adapters, adapter_name=adapter_file.name, family=adapter_file.family, strength=strength),
+        )
+        return io.NodeOutput(patched)

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Sets up (first run) and runs the whole SimDA test suite against the real ComfyUI host.
+# Extra arguments go to pytest.
+set -euo pipefail
+pack_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+host=$("$pack_dir/scripts/setup_host.sh" | tail -n 1)
+cd "$pack_dir"
+COMFYUI_PATH="$host" exec "$pack_dir/.venv/bin/python" -m pytest tests "$@"
