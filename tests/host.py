@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -18,8 +19,6 @@ if not (HOST_DIR / "comfy").is_dir():
     raise RuntimeError(f"no ComfyUI at {HOST_DIR}: run scripts/setup_host.sh first (or set COMFYUI_PATH)")
 if str(HOST_DIR) not in sys.path:
     sys.path.insert(0, str(HOST_DIR))
-if str(PACK_DIR) not in sys.path:
-    sys.path.insert(0, str(PACK_DIR))
 
 import comfy.cli_args  # noqa: E402
 
@@ -86,3 +85,19 @@ def unet_forward(patcher, x, timesteps, context, cond_or_uncond=(0,), **extra_op
     options.update(extra_options)
     with patched(patcher) as model, torch.no_grad():
         return model.diffusion_model(x, timesteps=timesteps, context=context, transformer_options=options)
+
+
+def import_pack():
+    """The pack, imported as the package ``simda_pack`` the way the host imports a custom node
+    folder (tests use ``simda_pack.simda_core`` / ``simda_pack.nodes``, one copy of each module)."""
+    if "simda_pack" not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            "simda_pack", PACK_DIR / "__init__.py", submodule_search_locations=[str(PACK_DIR)]
+        )
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["simda_pack"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["simda_pack"]
+
+
+import_pack()
