@@ -1,0 +1,135 @@
+"""SimDA Video Sampler: one clip of F frames through the host's own sampling machinery."""
+from __future__ import annotations
+
+import logging
+
+import comfy.model_management
+import comfy.sample
+import comfy.samplers
+import comfy.utils
+import latent_preview
+import torch
+from comfy_api.latest import io
+
+from ..simda_core.host_patch import get_config
+from .nodes_adapters import check_family
+
+log = logging.getLogger("SimDA")
+
+INVERSION_KEY = "simda_inversion"
+"""LATENT entry that marks DDIM-inverted noise: ``{"steps", "scheduler", "sampler"}`` it was made with."""
+
+
+def clip_noise(shape: tuple[int, ...], seed: int, shared: float) -> torch.Tensor:
+    """Noise for the F frames of a clip, reproducible per frame: frame i's noise depends on the
+    seed and i only (a longer clip keeps the frames of a shorter one). ``shared`` mixes in one
+    noise map common to all frames, keeping unit variance (0 = independent, 1 = identical)."""
+    frames, *frame_shape = shape
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    common = torch.randn(frame_shape, generator=generator)
+    own = torch.stack([torch.randn(frame_shape, generator=generator) for _ in range(frames)])
+    if shared <= 0:
+        return own
+    return (1.0 - shared) ** 0.5 * own + shared**0.5 * common
+
+
+def check_start_latent(start: dict, frames: int, height: int, width: int, steps: int, scheduler: str, sampler_name: str, denoise: float) -> torch.Tensor:
+    samples = start["samples"]
+    if samples.ndim != 4:
+        raise ValueError(f"SimDA Video Sampler: start_latent must be a batch of frame latents [F, C, H, W], got shape {list(samples.shape)}.")
+    if samples.shape[0] != frames or samples.shape[2] != height or samples.shape[3] != width:
+        raise ValueError(
+            f"SimDA Video Sampler: start_latent holds {samples.shape[0]} frames of {samples.shape[3] * 8}x{samples.shape[2] * 8}, "
+            f"but the clip to sample has {frames} frames of {width * 8}x{height * 8}; make both from the same clip."
+        )
+    made_with = start.get(INVERSION_KEY)
+    if made_with is None:
+        raise ValueError(
+            "SimDA Video Sampler: start_latent is not inverted noise (it carries no inversion settings); connect the "
+            "inversion output of SimDA Edit Tuner, or connect the clip to 'latent' instead."
+        )
+    if made_with["steps"] != steps or made_with["scheduler"] != scheduler:
+        raise ValueError(
+            f"SimDA Video Sampler: start_latent was inverted with {made_with['steps']} steps of the "
+            f"'{made_with['scheduler']}' schedule, but this sampler runs {steps} steps of '{scheduler}'; use the same "
+            "steps and scheduler as the inversion."
+        )
+    if denoise != 1.0:
+        raise ValueError("SimDA Video Sampler: sampling from inverted noise starts at the first step; set denoise to 1.0.")
+    return samples
+
+
+class SimDAVideoSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SimDAVideoSampler",
+            display_name="SimDA Video Sampler",
+            category="SimDA",
+            description=(
+                "Samples one video clip: the F frames form a single batch that the SimDA patches see as one clip, "
+                "in order, through ComfyUI's own samplers and schedulers (previews, progress and Cancel as with KSampler). "
+                "There is no frame cap: memory grows linearly with the number of frames; for very long clips add the "
+                "host's Context Windows (Manual) node to the MODEL."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="SD1.x/SD2.x MODEL, best after SimDA Adapter Loader and Latent-Shift Patch. A plain MODEL samples independent frames."),
+                io.Conditioning.Input("positive", tooltip="What the video shows (CLIP Text Encode)."),
+                io.Conditioning.Input("negative", tooltip="What to avoid (CLIP Text Encode)."),
+                io.Int.Input("frames", default=16, min=1, max=4096, tooltip="Frames of the clip (ignored when a latent is connected)."),
+                io.Int.Input("width", default=512, min=8, max=8192, step=8, tooltip="Frame width in pixels, a multiple of 8 (ignored when a latent is connected)."),
+                io.Int.Input("height", default=512, min=8, max=8192, step=8, tooltip="Frame height in pixels, a multiple of 8 (ignored when a latent is connected)."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True, tooltip="Seed of the noise; each frame's noise depends on the seed and its index only."),
+                io.Int.Input("steps", default=50, min=1, max=10000, tooltip="Sampling steps (the paper uses 50 DDIM steps)."),
+                io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1, round=0.01, tooltip="Classifier-free guidance scale."),
+                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, default="ddim", tooltip="The host's sampler."),
+                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="ddim_uniform", tooltip="The host's noise schedule."),
+                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01, tooltip="1 samples from pure noise; below 1 re-noises the connected latent (video-to-video)."),
+                io.Float.Input("noise_shared", default=0.0, min=0.0, max=1.0, step=0.05, tooltip="Part of the noise common to all frames: 0 independent, 1 identical. A little steadies a clip."),
+                io.Latent.Input("latent", optional=True, tooltip="Frames to start from (video-to-video with denoise < 1). Wins over frames/width/height."),
+                io.Latent.Input("start_latent", optional=True, tooltip="DDIM-inverted noise of a source clip (from SimDA Edit Tuner): sampling starts from it; steps and scheduler must match the inversion."),
+            ],
+            outputs=[io.Latent.Output(display_name="LATENT", tooltip="The clip's F frame latents, in order (VAE Decode turns them into frames).")],
+        )
+
+    @classmethod
+    def execute(cls, model, positive, negative, frames, width, height, seed, steps, cfg, sampler_name, scheduler,
+                denoise, noise_shared, latent=None, start_latent=None) -> io.NodeOutput:
+        check_family(model, "", "SimDA Video Sampler")
+        if latent is not None:
+            latent_image = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
+            if latent_image.ndim != 4:
+                raise ValueError(f"SimDA Video Sampler: the latent must be a batch of frames [F, C, H, W], got shape {list(latent_image.shape)}.")
+            log.info(
+                "SimDA Video Sampler: using the connected latent (%d frames, %dx%d); the frames/width/height widgets are ignored.",
+                latent_image.shape[0], latent_image.shape[3] * 8, latent_image.shape[2] * 8,
+            )
+        else:
+            if frames < 1:
+                raise ValueError(f"SimDA Video Sampler: frames is {frames}; a clip needs at least 1 frame.")
+            if width % 8 or height % 8 or width < 8 or height < 8:
+                raise ValueError(f"SimDA Video Sampler: {width}x{height} is not a multiple of 8 on both sides; SD latents are 1/8 of the image size.")
+            channels = model.get_model_object("latent_format").latent_channels
+            latent_image = torch.zeros([frames, channels, height // 8, width // 8], device=comfy.model_management.intermediate_device())
+        frames = latent_image.shape[0]
+        if not 0.0 <= noise_shared <= 1.0:
+            raise ValueError(f"SimDA Video Sampler: noise_shared {noise_shared} must lie between 0 and 1.")
+
+        if start_latent is not None:
+            latent_image = check_start_latent(start_latent, frames, latent_image.shape[2], latent_image.shape[3], steps, scheduler, sampler_name, denoise)
+            noise = torch.zeros_like(latent_image, device="cpu")
+            disable_noise = True
+        else:
+            noise = clip_noise(tuple(latent_image.shape), seed, noise_shared)
+            disable_noise = False
+
+        if get_config(model) is None:
+            log.info("SimDA Video Sampler: the MODEL carries no SimDA patch, so the %d frames are sampled independently.", frames)
+
+        callback = latent_preview.prepare_callback(model, steps)
+        samples = comfy.sample.sample(
+            model, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
+            denoise=denoise, disable_noise=disable_noise, callback=callback,
+            disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed,
+        )
+        return io.NodeOutput({"samples": samples})

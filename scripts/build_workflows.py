@@ -1,0 +1,135 @@
+"""Writes the shared workflows in workflows/ (ComfyUI's UI format) from a short description of each
+graph, with widget order and socket types taken from a running ComfyUI's /object_info.
+
+    python scripts/build_workflows.py --server http://127.0.0.1:8188
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import urllib.request
+from pathlib import Path
+
+from workflow_format import input_spec, is_widget, widget_slots
+
+WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
+
+NEGATIVE = "blurry, low quality, watermark, text, deformed, flicker"
+CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
+ADAPTERS = "simda_sd15.safetensors"
+
+
+def default_value(spec: list):
+    options = spec[1] if len(spec) > 1 else {}
+    if "default" in options:
+        return options["default"]
+    choices = spec[0] if isinstance(spec[0], list) else options.get("options", [])
+    return choices[0] if choices else ""
+
+
+class Graph:
+    def __init__(self, info: dict):
+        self.info = info
+        self.nodes: list[dict] = []
+        self.links: list[list] = []
+
+    def add(self, type_: str, pos: tuple[int, int], title: str | None = None, size=(320, 120), **widgets) -> int:
+        spec = self.info[type_]
+        node_id = len(self.nodes) + 1
+        values = []
+        for name, has_control in widget_slots(spec):
+            values.append(widgets.pop(name) if name in widgets else default_value(input_spec(spec, name)))
+            if has_control:
+                values.append("fixed")
+        if widgets:
+            raise KeyError(f"{type_} has no widgets {sorted(widgets)}")
+        node = {
+            "id": node_id, "type": type_, "pos": list(pos), "size": list(size), "flags": {}, "order": node_id - 1,
+            "mode": 0, "inputs": [], "properties": {"Node name for S&R": type_}, "widgets_values": values,
+            "outputs": [
+                {"name": name, "type": type_out, "links": [], "slot_index": i}
+                for i, (name, type_out) in enumerate(zip(spec["output_name"], spec["output"]))
+            ],
+        }
+        if title:
+            node["title"] = title
+        self.nodes.append(node)
+        return node_id
+
+    def link(self, src: int, src_slot: int, dst: int, dst_input: str) -> None:
+        src_node, dst_node = self.nodes[src - 1], self.nodes[dst - 1]
+        link_id = len(self.links) + 1
+        type_ = src_node["outputs"][src_slot]["type"]
+        entry = {"name": dst_input, "type": type_, "link": link_id}
+        if is_widget(input_spec(self.info[dst_node["type"]], dst_input)):
+            entry["widget"] = {"name": dst_input}
+        dst_node["inputs"].append(entry)
+        src_node["outputs"][src_slot]["links"].append(link_id)
+        self.links.append([link_id, src, src_slot, dst, len(dst_node["inputs"]) - 1, type_])
+
+    def to_json(self) -> dict:
+        return {
+            "last_node_id": len(self.nodes), "last_link_id": len(self.links), "nodes": self.nodes,
+            "links": self.links, "groups": [], "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}},
+            "version": 0.4,
+        }
+
+
+def text_to_video(info: dict, with_adapters: bool) -> dict:
+    g = Graph(info)
+    ckpt = g.add("CheckpointLoaderSimple", (0, 200), ckpt_name=CHECKPOINT, size=(320, 100))
+    pos = g.add("CLIPTextEncode", (380, 0), title="Prompt", size=(400, 160),
+                text="a red panda walking through a snowy forest, cinematic, detailed")
+    neg = g.add("CLIPTextEncode", (380, 220), title="Negative prompt", size=(400, 160), text=NEGATIVE)
+    g.link(ckpt, 1, pos, "clip")
+    g.link(ckpt, 1, neg, "clip")
+    model_src = (ckpt, 0)
+    if with_adapters:
+        loader = g.add("SimDAAdapterLoader", (380, 420), adapter_name=ADAPTERS, strength=1.0, size=(320, 110))
+        g.link(*model_src, loader, "model")
+        model_src = (loader, 0)
+    shift = g.add("SimDALatentShiftPatch", (380, 560) if with_adapters else (380, 420), size=(320, 250))
+    g.link(*model_src, shift, "model")
+    sampler = g.add("SimDAVideoSampler", (840, 100), size=(320, 380), frames=16, width=512, height=512, steps=50,
+                    cfg=7.5, sampler_name="ddim", scheduler="ddim_uniform", seed=42)
+    g.link(shift, 0, sampler, "model")
+    g.link(pos, 0, sampler, "positive")
+    g.link(neg, 0, sampler, "negative")
+    decode = g.add("VAEDecode", (1200, 100), size=(220, 50))
+    g.link(sampler, 0, decode, "samples")
+    g.link(ckpt, 2, decode, "vae")
+    fps = g.add("PrimitiveFloat", (1200, 200), title="Frame rate", value=8.0, size=(220, 60))
+    create = g.add("CreateVideo", (1460, 0), size=(260, 80))
+    g.link(decode, 0, create, "images")
+    g.link(fps, 0, create, "fps")
+    prefix = "simda/text_to_video" if with_adapters else "simda/latent_shift"
+    save = g.add("SaveVideo", (1760, 0), filename_prefix=prefix, format="mp4", codec="h264", size=(360, 360))
+    g.link(create, 0, save, "video")
+    webp = g.add("SaveAnimatedWEBP", (1460, 420), filename_prefix=prefix, size=(360, 360))
+    g.link(decode, 0, webp, "images")
+    g.link(fps, 0, webp, "fps")
+    return g.to_json()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--server", default="http://127.0.0.1:8188")
+    parser.add_argument("--object-info", help="read /object_info from this JSON file instead of a server")
+    args = parser.parse_args()
+    if args.object_info:
+        info = json.loads(Path(args.object_info).read_text())
+    else:
+        with urllib.request.urlopen(f"{args.server}/object_info") as response:
+            info = json.load(response)
+    builds = {
+        "text_to_video.json": text_to_video(info, with_adapters=True),
+        "latent_shift_training_free.json": text_to_video(info, with_adapters=False),
+    }
+    WORKFLOWS.mkdir(exist_ok=True)
+    for name, workflow in builds.items():
+        (WORKFLOWS / name).write_text(json.dumps(workflow, indent=1) + "\n")
+        print("wrote", WORKFLOWS / name)
+
+
+if __name__ == "__main__":
+    main()
