@@ -18,17 +18,19 @@ Module paths never change, so weight patches (LoRA) still find their keys.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from .adapters import AdapterSite, SimDAAdapters
 from .group_norm import frame_shared_group_norm
 from .latent_shift import latent_shift_attention
 from .layout import ClipLayout, ClipLayoutError
-from .unet_sites import find_adapter_sites, find_resblock_norms
+from .unet_sites import find_adapter_sites, find_resblock_norms, find_resblocks
 
 log = logging.getLogger("SimDA")
 
@@ -63,6 +65,9 @@ class SimDAConfig:
     latent_shift: LatentShiftSettings | None = None
     frame_group_norm: bool = False
     frames_per_clip: int = 0
+    gradient_checkpointing: bool = False
+    """Recompute each ResBlock and transformer in the backward pass (training only): every
+    adapter inside them still gets its gradient."""
     object_patch_keys: tuple[str, ...] = field(default=())
 
     @property
@@ -82,6 +87,29 @@ class SimDARuntime:
     def video_layout(self) -> ClipLayout | None:
         layout = self.layout
         return layout if layout is not None and layout.is_video else None
+
+    @contextlib.contextmanager
+    def using(self, layout: ClipLayout | None, shift_active: bool):
+        """Restore a call's state, e.g. while a checkpointed block is recomputed in backward."""
+        saved = (self.layout, self.shift_active)
+        self.layout, self.shift_active = layout, shift_active
+        try:
+            yield
+        finally:
+            self.layout, self.shift_active = saved
+
+    def checkpointed(self, fn: Callable, *args):
+        """``fn(*args)``, recomputed in the backward pass under the same call state when
+        gradient checkpointing is on and gradients are being recorded."""
+        if not (self.config.gradient_checkpointing and torch.is_grad_enabled()):
+            return fn(*args)
+        layout, shift_active = self.layout, self.shift_active
+
+        def run(*inner):
+            with self.using(layout, shift_active):
+                return fn(*inner)
+
+        return checkpoint(run, *args, use_reentrant=False)
 
 
 def get_config(model_patcher) -> SimDAConfig | None:
@@ -139,15 +167,27 @@ def patches_replace_attn1(transformer_options: dict) -> dict:
 
 # -- the patch functions -------------------------------------------------------------------------
 
-def _temporal_transformer_forward(transformer, adapters: SimDAAdapters, site: AdapterSite, runtime: SimDARuntime):
-    adapter = adapters.temporal_adapter(site.path)
+def _transformer_forward(transformer, adapter, runtime: SimDARuntime):
+    """The SpatialTransformer, preceded by its temporal adapter (when there is one)."""
     transformer_forward = type(transformer).forward
 
-    def forward(x, context=None, transformer_options={}):
+    def run(x, context, transformer_options):
         layout = runtime.video_layout()
-        if layout is not None:
+        if adapter is not None and layout is not None:
             x = x + runtime.config.strength * adapter.delta(x, layout)
         return transformer_forward(transformer, x, context, transformer_options)
+
+    def forward(x, context=None, transformer_options={}):
+        return runtime.checkpointed(run, x, context, transformer_options)
+
+    return _mark(forward)
+
+
+def _checkpointed_resblock_forward(resblock, runtime: SimDARuntime):
+    resblock_forward = type(resblock).forward
+
+    def forward(x, emb):
+        return runtime.checkpointed(lambda x_, emb_: resblock_forward(resblock, x_, emb_), x, emb)
 
     return _mark(forward)
 
@@ -326,10 +366,15 @@ def apply_simda(model_patcher, config: SimDAConfig):
         keys.append(key)
 
     adapters = config.adapters
+    if adapters is not None or config.gradient_checkpointing:
+        for site in sites:
+            adapter = adapters.temporal_adapter(site.path) if adapters is not None else None
+            object_patch(site.path, _transformer_forward(unet.get_submodule(site.path), adapter, runtime))
+    if config.gradient_checkpointing:
+        for path in find_resblocks(unet):
+            object_patch(path, _checkpointed_resblock_forward(unet.get_submodule(path), runtime))
     if adapters is not None:
         for site in sites:
-            transformer = unet.get_submodule(site.path)
-            object_patch(site.path, _temporal_transformer_forward(transformer, adapters, site, runtime))
             for index in range(site.depth):
                 block_path = site.block_path(index)
                 block = unet.get_submodule(block_path)
@@ -376,3 +421,16 @@ def adapter_storage_dtype(model_patcher) -> torch.dtype:
     model = model_patcher.model
     dtype = getattr(model, "manual_cast_dtype", None) or model.get_dtype()
     return dtype if dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float32
+
+
+def call_options(model_patcher, cond_or_uncond: list[int]) -> dict:
+    """``transformer_options`` for a direct UNet call, built as the host's sampler builds them:
+    the patcher's own options, its wrappers, and the cond/uncond groups of the batch."""
+    import comfy.patcher_extension
+
+    options = dict(model_patcher.model_options.get("transformer_options", {}))
+    options["wrappers"] = comfy.patcher_extension.merge_nested_dicts(
+        dict(options.get("wrappers", {})), model_patcher.wrappers
+    )
+    options["cond_or_uncond"] = list(cond_or_uncond)
+    return options

@@ -56,15 +56,20 @@ def find_adapter_sites(unet: nn.Module) -> list[AdapterSite]:
     return sites
 
 
+def find_resblocks(unet: nn.Module) -> list[str]:
+    """Paths of every ResBlock in the UNet's input, middle and output blocks."""
+    return [
+        f"{path}.{child_name}"
+        for path, block, _ in _stages(unet)
+        for child_name, child in block.named_children()
+        if _is_resblock(child)
+    ]
+
+
 def find_resblock_norms(unet: nn.Module) -> list[str]:
     """Paths of the GroupNorms that the authors' 3-D UNet normalises per clip: both norms of
     every ResBlock and the final output norm."""
-    paths = []
-    for path, block, _ in _stages(unet):
-        for child_name, child in block.named_children():
-            if _is_resblock(child):
-                paths.append(f"{path}.{child_name}.in_layers.0")
-                paths.append(f"{path}.{child_name}.out_layers.0")
+    paths = [f"{resblock}.{norm}" for resblock in find_resblocks(unet) for norm in ("in_layers.0", "out_layers.0")]
     paths.append("out.0")
     return paths
 

@@ -1,0 +1,124 @@
+"""Training SimDA adapters on a frozen SD UNet (SIMDA_SPEC.md section 5): the denoising loss at
+uniform DDPM timesteps, AdamW with gradient clipping, fp16 mixed precision on CUDA.
+
+Used by the Edit Tuner node (one clip, 300 steps) and by the collection trainer. The UNet is the
+host's, called with the SimDA patches of a ModelPatcher clone; only adapter parameters train.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .adapters import SimDAAdapters
+from .host_patch import call_options
+
+NUM_TIMESTEPS = 1000
+
+
+@dataclass(frozen=True)
+class TuningRecipe:
+    """The authors' one-shot editing recipe; every number can be changed by the caller."""
+
+    steps: int = 300
+    learning_rate: float = 5e-5
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 1e-2
+    eps: float = 1e-8
+    max_grad_norm: float = 1.0
+    mixed_precision: bool = True
+    """fp16 autocast with loss scaling where the UNet runs on CUDA; ignored on the CPU."""
+    gradient_checkpointing: bool = False
+
+
+def make_base_trainable(unet: torch.nn.Module) -> int:
+    """Give backward usable copies of the frozen weights.
+
+    The host creates and moves weights under ``torch.inference_mode``; autograd cannot save such
+    "inference tensors" for backward. Each one is replaced once by an ordinary tensor with the same
+    values (so the model's outputs do not change) and frozen. Returns how many were replaced."""
+    replaced = 0
+    with torch.inference_mode(False):
+        for module in unet.modules():
+            for name, param in list(module._parameters.items()):
+                if param is None:
+                    continue
+                if param.is_inference():
+                    module._parameters[name] = torch.nn.Parameter(param.clone(), requires_grad=False)
+                    replaced += 1
+                else:
+                    param.requires_grad_(False)
+            for name, buffer in list(module._buffers.items()):
+                if buffer is not None and buffer.is_inference():
+                    module._buffers[name] = buffer.clone()
+    return replaced
+
+
+def denoising_target(model_sampling, sigma: torch.Tensor, x_noisy: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    """The raw UNet output that would denoise ``x_noisy`` to ``x0`` exactly: the noise for an
+    epsilon model, v for a v-prediction model. Found from the host's own ``calculate_denoised``,
+    which is affine in the output: ``denoised = a * x + b * out``."""
+    zeros = torch.zeros_like(x_noisy)
+    a_x = model_sampling.calculate_denoised(sigma, zeros, x_noisy)
+    b = model_sampling.calculate_denoised(sigma, torch.ones_like(x_noisy), zeros)
+    return (x0 - a_x) / b
+
+
+def unet_output(model_patcher, x_noisy: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor, groups: int) -> torch.Tensor:
+    """The host UNet's raw output for a noisy batch (the patcher must be loaded/patched)."""
+    base = model_patcher.model
+    sampling = base.model_sampling
+    dtype = getattr(base, "manual_cast_dtype", None) or base.get_dtype()
+    x_in = sampling.calculate_input(sigma, x_noisy).to(dtype)
+    timesteps = sampling.timestep(sigma).float()
+    options = call_options(model_patcher, [0] * groups)
+    return base.diffusion_model(x_in, timesteps, context=context.to(dtype), transformer_options=options)
+
+
+class AdapterTrainer:
+    """Optimises the adapters of a SimDA-patched ModelPatcher clone on clips of latents."""
+
+    def __init__(self, model_patcher, adapters: SimDAAdapters, recipe: TuningRecipe, seed: int = 0):
+        self.model_patcher = model_patcher
+        self.adapters = adapters
+        self.recipe = recipe
+        self.parameters = [p for p in adapters.parameters()]
+        for p in self.parameters:
+            p.requires_grad_(True)
+        self.optimizer = torch.optim.AdamW(
+            self.parameters, lr=recipe.learning_rate, betas=recipe.betas, weight_decay=recipe.weight_decay, eps=recipe.eps
+        )
+        self.device = model_patcher.load_device
+        self.generator = torch.Generator(device="cpu").manual_seed(seed)
+        self.use_amp = recipe.mixed_precision and torch.device(self.device).type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        self.steps_done = 0
+
+    def loss(self, x0: torch.Tensor, context: torch.Tensor, clips: int) -> torch.Tensor:
+        """Denoising loss of ``clips`` clips: ``x0`` ``[clips * F, C, H, W]`` clean latents in the
+        model's space, ``context`` ``[clips * F, tokens, dim]``. One timestep per clip."""
+        sampling = self.model_patcher.model.model_sampling
+        frames = x0.shape[0] // clips
+        timesteps = torch.randint(0, NUM_TIMESTEPS, (clips,), generator=self.generator)
+        sigma = sampling.sigmas.cpu()[timesteps].repeat_interleave(frames).to(self.device)
+        noise = torch.randn(x0.shape, generator=self.generator).to(self.device)
+        x0 = x0.to(self.device)
+        x_noisy = sampling.noise_scaling(sigma, noise, x0)
+        with torch.autocast("cuda", dtype=torch.float16, enabled=self.use_amp):
+            out = unet_output(self.model_patcher, x_noisy, sigma, context.to(self.device), clips)
+        target = denoising_target(sampling, sigma, x_noisy, x0)
+        return torch.nn.functional.mse_loss(out.float(), target.float())
+
+    def step(self, x0: torch.Tensor, context: torch.Tensor, clips: int = 1) -> float:
+        loss = self.loss(x0, context, clips)
+        self.backward_and_update(loss)
+        return float(loss.detach())
+
+    def backward_and_update(self, loss: torch.Tensor) -> None:
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.parameters, self.recipe.max_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.steps_done += 1
