@@ -1,0 +1,230 @@
+"""SimDA Edit Tuner (one-shot video editing) and Save SimDA Adapters."""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, replace
+
+import comfy.model_management
+import comfy.ops
+import comfy.samplers
+import comfy.utils
+import latent_preview
+import torch
+from comfy_api.latest import io
+
+from ..simda_core.adapters import SimDAAdapters
+from ..simda_core.formats import AdapterFileError, save_adapters
+from ..simda_core.host_patch import (
+    LatentShiftSettings,
+    SimDAConfig,
+    apply_simda,
+    get_config,
+    model_sites,
+)
+from ..simda_core.inversion import host_sampler_inversion
+from ..simda_core.training import AdapterTrainer, TuningRecipe, make_base_trainable
+from .folders import save_folder
+from .nodes_adapters import check_family
+from .nodes_sampler import INVERSION_KEY
+
+log = logging.getLogger("SimDA")
+
+SimDAAdaptersType = io.Custom("SIMDA_ADAPTERS")
+
+
+@dataclass
+class TrainedAdapters:
+    """What flows from the Edit Tuner to Save SimDA Adapters."""
+
+    adapters: SimDAAdapters
+    family: str
+    frames_trained: int
+    steps: int
+
+
+def select_frames(images: torch.Tensor, frames: int, start_frame: int, stride: int) -> torch.Tensor:
+    """``frames`` frames from ``start_frame`` every ``stride``-th (fewer if the clip is shorter)."""
+    picked = images[start_frame::stride][:frames]
+    if picked.shape[0] < 2:
+        raise ValueError(
+            f"SimDA Edit Tuner: the source clip gives {picked.shape[0]} frame(s) from frame {start_frame} every "
+            f"{stride}; a video edit needs at least 2 (the clip has {images.shape[0]} frames): lower start_frame or stride."
+        )
+    return picked
+
+
+def fit_frames(images: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """``[F, H, W, 3]`` frames, centre-cropped to the aspect of and resized to ``width x height``."""
+    pixels = images[..., :3].movedim(-1, 1)
+    pixels = comfy.utils.common_upscale(pixels, width, height, "bilinear", "center")
+    return pixels.movedim(1, -1).clamp(0, 1)
+
+
+def trainable_adapters(model, device) -> SimDAAdapters:
+    """Fresh zero-initialised adapters, or an ordinary-tensor copy of those already on the MODEL."""
+    existing = (get_config(model) or SimDAConfig()).adapters
+    sites = model_sites(model)
+    adapters = SimDAAdapters(
+        sites,
+        existing.spatial_ratio if existing is not None else 0.25,
+        existing.temporal_ratio if existing is not None else 0.5,
+        operations=comfy.ops.manual_cast,
+        dtype=torch.float32,
+        device=device,
+    )
+    if existing is not None:
+        adapters.load_state_dict({k: v.detach().float() for k, v in existing.state_dict().items()})
+    return adapters
+
+
+def invert_clip(model, latent: torch.Tensor, conditioning, steps: int, scheduler: str) -> torch.Tensor:
+    """DDIM inversion through the host's guider; returns LATENT samples (VAE space)."""
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps).cpu()
+    guider = comfy.samplers.CFGGuider(model)
+    guider.set_conds(conditioning, conditioning)
+    guider.set_cfg(1.0)
+    callback = latent_preview.prepare_callback(model, steps)
+    return guider.sample(
+        torch.zeros_like(latent), latent, host_sampler_inversion(), torch.flip(sigmas, [0]),
+        callback=callback, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=0,
+    ).to(comfy.model_management.intermediate_device())
+
+
+class SimDAEditTuner(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SimDAEditTuner",
+            display_name="SimDA Edit Tuner",
+            category="SimDA",
+            description=(
+                "One-shot video editing: trains the SimDA adapters on one source clip (the UNet stays frozen), then "
+                "DDIM-inverts the clip. Sample the inverted noise with an edited prompt in SimDA Video Sampler. "
+                "Trains on the GPU in minutes (300 steps); on the CPU only tiny sizes are practical."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="SD1.x/SD2.x MODEL, plain or with SimDA adapters (they are the starting point). It is not changed."),
+                io.Vae.Input("vae", tooltip="The checkpoint's VAE, to encode the source frames."),
+                io.Image.Input("source_frames", tooltip="The source clip as frames (Load Video -> Get Video Components, or any image batch)."),
+                io.Conditioning.Input("source_prompt", tooltip="The text that describes the source clip (CLIP Text Encode)."),
+                io.Clip.Input("clip", optional=True, tooltip="The checkpoint's CLIP: encodes the empty inversion prompt when no inversion conditioning is connected."),
+                io.Conditioning.Input("inversion_conditioning", optional=True, tooltip="Conditioning for the DDIM inversion; default: the empty prompt."),
+                io.Int.Input("steps", default=300, min=1, max=100000, tooltip="Training steps (the authors use 300)."),
+                io.Float.Input("learning_rate", default=5e-5, min=0.0, max=1.0, step=1e-6, round=1e-7, tooltip="AdamW learning rate (the authors use 5e-5)."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True, tooltip="Seed of the training noise and timesteps."),
+                io.Int.Input("frames", default=24, min=2, max=4096, tooltip="Frames of the source clip to use."),
+                io.Int.Input("start_frame", default=0, min=0, max=1000000, tooltip="First source frame to use."),
+                io.Int.Input("stride", default=2, min=1, max=1000, tooltip="Use every n-th frame (the authors use 2)."),
+                io.Int.Input("width", default=512, min=64, max=4096, step=64, tooltip="Training width in pixels (frames are centre-cropped to this aspect)."),
+                io.Int.Input("height", default=512, min=64, max=4096, step=64, tooltip="Training height in pixels."),
+                io.Boolean.Input("gradient_checkpointing", default=True, tooltip="Recompute activations in the backward pass: far less memory, about 1.5x the time. Every adapter still trains."),
+                io.Int.Input("inversion_steps", default=50, min=1, max=1000, tooltip="DDIM inversion steps; the Video Sampler must use the same steps."),
+                io.Combo.Input("inversion_scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="ddim_uniform", tooltip="Schedule of the inversion; the Video Sampler must use the same."),
+            ],
+            outputs=[
+                io.Model.Output(display_name="tuned MODEL", tooltip="The MODEL with the tuned adapters, for SimDA Video Sampler."),
+                io.Latent.Output(display_name="inverted noise", tooltip="The source clip's DDIM inversion: connect it to the Video Sampler's start_latent."),
+                SimDAAdaptersType.Output(display_name="adapters", tooltip="The tuned adapters, for Save SimDA Adapters."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, vae, source_frames, source_prompt, steps, learning_rate, seed, frames, start_frame, stride,
+                width, height, gradient_checkpointing, inversion_steps, inversion_scheduler,
+                clip=None, inversion_conditioning=None) -> io.NodeOutput:
+        family = check_family(model, "", "SimDA Edit Tuner")
+        if family == "sd_x4_upscaler":
+            raise ValueError("SimDA Edit Tuner edits with an SD1.x/SD2.x MODEL; the connected MODEL is the x4 upscaler.")
+        if steps < 1:
+            raise ValueError(f"SimDA Edit Tuner: steps is {steps}; train at least 1 step.")
+        if not learning_rate > 0:
+            raise ValueError(f"SimDA Edit Tuner: learning_rate must be above 0 (got {learning_rate}); the authors use 5e-5.")
+        if width % 8 or height % 8:
+            raise ValueError(f"SimDA Edit Tuner: {width}x{height} is not a multiple of 8 on both sides.")
+        if inversion_conditioning is None and clip is None:
+            raise ValueError(
+                "SimDA Edit Tuner: connect the checkpoint's CLIP (it encodes the empty inversion prompt) or an inversion conditioning."
+            )
+        pixels = fit_frames(select_frames(source_frames, frames, start_frame, stride), width, height)
+        if inversion_conditioning is None:
+            inversion_conditioning = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+
+        latent = vae.encode(pixels)
+        config = get_config(model) or SimDAConfig()
+        if config.latent_shift is None:
+            config = replace(config, latent_shift=LatentShiftSettings())
+        device = model.load_device
+        recipe = TuningRecipe(steps=steps, learning_rate=learning_rate, gradient_checkpointing=gradient_checkpointing)
+
+        with torch.inference_mode(False), torch.enable_grad():
+            adapters = trainable_adapters(model, device)
+            training = model.clone()
+            apply_simda(training, replace(config, adapters=adapters, gradient_checkpointing=gradient_checkpointing))
+            comfy.model_management.load_models_gpu([training])
+            make_base_trainable(training.model.diffusion_model)
+            x0 = training.model.process_latent_in(latent.to(device).float())
+            context = source_prompt[0][0].to(device).repeat(x0.shape[0], 1, 1)
+            trainer = AdapterTrainer(training, adapters, recipe, seed=seed)
+            progress = comfy.utils.ProgressBar(steps)
+            for step in range(steps):
+                comfy.model_management.throw_exception_if_processing_interrupted()
+                loss = trainer.step(x0, context)
+                progress.update_absolute(step + 1, steps)
+                if step == 0 or (step + 1) % max(1, steps // 10) == 0:
+                    log.info("SimDA Edit Tuner: step %d/%d, loss %.5f", step + 1, steps, loss)
+            adapters.requires_grad_(False)
+
+        tuned = model.clone()
+        apply_simda(tuned, replace(config, adapters=adapters, gradient_checkpointing=False))
+        inverted = invert_clip(tuned, latent, inversion_conditioning, inversion_steps, inversion_scheduler)
+        result = TrainedAdapters(adapters, family, frames_trained=int(x0.shape[0]), steps=steps)
+        start = {"samples": inverted, INVERSION_KEY: {"steps": inversion_steps, "scheduler": inversion_scheduler}}
+        return io.NodeOutput(tuned, start, result)
+
+
+def adapter_file_path(filename: str) -> str:
+    name = filename.strip()
+    if not name or os.path.basename(name) != name or name.startswith("."):
+        raise ValueError(f"Save SimDA Adapters: '{filename}' is not a plain file name; use letters, digits, '-' or '_'.")
+    if not name.endswith(".safetensors"):
+        name += ".safetensors"
+    return os.path.join(save_folder(), name)
+
+
+class SimDASaveAdapters(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SimDASaveAdapters",
+            display_name="Save SimDA Adapters",
+            category="SimDA",
+            description="Writes tuned SimDA adapters to models/simda as .safetensors (with their metadata), atomically; an existing file is never overwritten.",
+            inputs=[
+                SimDAAdaptersType.Input("adapters", tooltip="Adapters from SimDA Edit Tuner."),
+                io.String.Input("filename", default="simda_edit", tooltip="File name in models/simda (.safetensors is added). Must not exist yet."),
+            ],
+            outputs=[],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def validate_inputs(cls, filename, **kwargs):
+        try:
+            path = adapter_file_path(filename)
+        except ValueError as e:
+            return str(e)
+        if os.path.exists(path):
+            return f"Save SimDA Adapters: '{os.path.basename(path)}' already exists in models/simda; choose another file name."
+        return True
+
+    @classmethod
+    def execute(cls, adapters, filename) -> io.NodeOutput:
+        path = adapter_file_path(filename)
+        try:
+            save_adapters(adapters.adapters, path, adapters.family, frames_trained=adapters.frames_trained,
+                          extra_metadata={"tuning_steps": str(adapters.steps)})
+        except AdapterFileError as e:
+            raise ValueError(f"Save SimDA Adapters: {e}") from None
+        log.info("SimDA: saved adapters to %s", path)
+        return io.NodeOutput()
