@@ -121,17 +121,19 @@ class SimDAEditTuner(io.ComfyNode):
                 io.Boolean.Input("gradient_checkpointing", default=True, tooltip="Recompute activations in the backward pass: far less memory, about 1.5x the time. Every adapter still trains."),
                 io.Int.Input("inversion_steps", default=50, min=1, max=1000, tooltip="DDIM inversion steps; the Video Sampler must use the same steps."),
                 io.Combo.Input("inversion_scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="ddim_uniform", tooltip="Schedule of the inversion; the Video Sampler must use the same."),
+                io.Float.Input("source_fps", default=24.0, min=0.01, max=1000.0, step=0.01, tooltip="Frame rate of the source clip (connect Get Video Components' fps); the edited clip's frame rate is this divided by stride."),
             ],
             outputs=[
                 io.Model.Output(display_name="tuned MODEL", tooltip="The MODEL with the tuned adapters, for SimDA Video Sampler."),
                 io.Latent.Output(display_name="inverted noise", tooltip="The source clip's DDIM inversion: connect it to the Video Sampler's start_latent."),
                 SimDAAdaptersType.Output(display_name="adapters", tooltip="The tuned adapters, for Save SimDA Adapters."),
+                io.Float.Output(display_name="frame_rate", tooltip="Frame rate of the edited clip (source_fps / stride), for Create Video."),
             ],
         )
 
     @classmethod
     def execute(cls, model, vae, source_frames, source_prompt, steps, learning_rate, seed, frames, start_frame, stride,
-                width, height, gradient_checkpointing, inversion_steps, inversion_scheduler,
+                width, height, gradient_checkpointing, inversion_steps, inversion_scheduler, source_fps=24.0,
                 clip=None, inversion_conditioning=None) -> io.NodeOutput:
         family = check_family(model, "", "SimDA Edit Tuner")
         if family == "sd_x4_upscaler":
@@ -180,7 +182,7 @@ class SimDAEditTuner(io.ComfyNode):
         inverted = invert_clip(tuned, latent, inversion_conditioning, inversion_steps, inversion_scheduler)
         result = TrainedAdapters(adapters, family, frames_trained=int(x0.shape[0]), steps=steps)
         start = {"samples": inverted, INVERSION_KEY: {"steps": inversion_steps, "scheduler": inversion_scheduler}}
-        return io.NodeOutput(tuned, start, result)
+        return io.NodeOutput(tuned, start, result, source_fps / stride)
 
 
 def adapter_file_path(filename: str) -> str:

@@ -33,7 +33,7 @@ def clip_noise(shape: tuple[int, ...], seed: int, shared: float) -> torch.Tensor
     return (1.0 - shared) ** 0.5 * own + shared**0.5 * common
 
 
-def check_start_latent(start: dict, frames: int, height: int, width: int, steps: int, scheduler: str, sampler_name: str, denoise: float) -> torch.Tensor:
+def check_start_latent(start: dict, frames: int, height: int, width: int, steps: int, scheduler: str, denoise: float) -> torch.Tensor:
     samples = start["samples"]
     if samples.ndim != 4:
         raise ValueError(f"SimDA Video Sampler: start_latent must be a batch of frame latents [F, C, H, W], got shape {list(samples.shape)}.")
@@ -76,7 +76,7 @@ class SimDAVideoSampler(io.ComfyNode):
                 io.Model.Input("model", tooltip="SD1.x/SD2.x MODEL, best after SimDA Adapter Loader and Latent-Shift Patch. A plain MODEL samples independent frames."),
                 io.Conditioning.Input("positive", tooltip="What the video shows (CLIP Text Encode)."),
                 io.Conditioning.Input("negative", tooltip="What to avoid (CLIP Text Encode)."),
-                io.Int.Input("frames", default=16, min=1, max=4096, tooltip="Frames of the clip (ignored when a latent is connected)."),
+                io.Int.Input("frames", default=16, min=1, max=4096, tooltip="Frames of the clip (ignored when a latent or start_latent is connected)."),
                 io.Int.Input("width", default=512, min=8, max=8192, step=8, tooltip="Frame width in pixels, a multiple of 8 (ignored when a latent is connected)."),
                 io.Int.Input("height", default=512, min=8, max=8192, step=8, tooltip="Frame height in pixels, a multiple of 8 (ignored when a latent is connected)."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True, tooltip="Seed of the noise; each frame's noise depends on the seed and its index only."),
@@ -96,6 +96,8 @@ class SimDAVideoSampler(io.ComfyNode):
     def execute(cls, model, positive, negative, frames, width, height, seed, steps, cfg, sampler_name, scheduler,
                 denoise, noise_shared, latent=None, start_latent=None) -> io.NodeOutput:
         check_family(model, "", "SimDA Video Sampler")
+        if not 0.0 <= noise_shared <= 1.0:
+            raise ValueError(f"SimDA Video Sampler: noise_shared {noise_shared} must lie between 0 and 1.")
         if latent is not None:
             latent_image = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
             if latent_image.ndim != 4:
@@ -103,6 +105,12 @@ class SimDAVideoSampler(io.ComfyNode):
             log.info(
                 "SimDA Video Sampler: using the connected latent (%d frames, %dx%d); the frames/width/height widgets are ignored.",
                 latent_image.shape[0], latent_image.shape[3] * 8, latent_image.shape[2] * 8,
+            )
+        elif start_latent is not None:
+            latent_image = torch.zeros_like(start_latent["samples"])
+            log.info(
+                "SimDA Video Sampler: frames and size come from start_latent (%d frames, %dx%d); the frames/width/height widgets are ignored.",
+                latent_image.shape[0], latent_image.shape[-1] * 8, latent_image.shape[-2] * 8,
             )
         else:
             if frames < 1:
@@ -112,11 +120,9 @@ class SimDAVideoSampler(io.ComfyNode):
             channels = model.get_model_object("latent_format").latent_channels
             latent_image = torch.zeros([frames, channels, height // 8, width // 8], device=comfy.model_management.intermediate_device())
         frames = latent_image.shape[0]
-        if not 0.0 <= noise_shared <= 1.0:
-            raise ValueError(f"SimDA Video Sampler: noise_shared {noise_shared} must lie between 0 and 1.")
 
         if start_latent is not None:
-            latent_image = check_start_latent(start_latent, frames, latent_image.shape[2], latent_image.shape[3], steps, scheduler, sampler_name, denoise)
+            latent_image = check_start_latent(start_latent, frames, latent_image.shape[2], latent_image.shape[3], steps, scheduler, denoise)
             noise = torch.zeros_like(latent_image, device="cpu")
             disable_noise = True
         else:

@@ -111,6 +111,47 @@ def text_to_video(info: dict, with_adapters: bool) -> dict:
     return g.to_json()
 
 
+def video_edit(info: dict) -> dict:
+    g = Graph(info)
+    video = g.add("LoadVideo", (0, 0), file="source_clip.mp4", size=(320, 420))
+    parts = g.add("GetVideoComponents", (0, 460), size=(260, 90))
+    g.link(video, 0, parts, "video")
+    ckpt = g.add("CheckpointLoaderSimple", (0, 600), ckpt_name=CHECKPOINT, size=(320, 100))
+    source = g.add("CLIPTextEncode", (360, 0), title="Source prompt (describes the clip)", size=(400, 140),
+                   text="a rabbit walking in a green meadow")
+    edited = g.add("CLIPTextEncode", (360, 180), title="Edited prompt", size=(400, 140),
+                   text="a tiger walking in a green meadow")
+    empty = g.add("CLIPTextEncode", (360, 360), title="Negative prompt (empty, as in the paper)", size=(400, 100), text="")
+    for node in (source, edited, empty):
+        g.link(ckpt, 1, node, "clip")
+    tuner = g.add("SimDAEditTuner", (800, 0), size=(340, 520))
+    g.link(ckpt, 0, tuner, "model")
+    g.link(ckpt, 2, tuner, "vae")
+    g.link(parts, 0, tuner, "source_frames")
+    g.link(source, 0, tuner, "source_prompt")
+    g.link(ckpt, 1, tuner, "clip")
+    g.link(parts, 2, tuner, "source_fps")
+    save = g.add("SimDASaveAdapters", (800, 560), title="Save SimDA Adapters (unmute to keep the tuned adapters)",
+                 filename="simda_edit", size=(340, 80))
+    g.nodes[save - 1]["mode"] = 2
+    g.link(tuner, 2, save, "adapters")
+    sampler = g.add("SimDAVideoSampler", (1180, 0), size=(320, 420), steps=50, cfg=12.5, sampler_name="ddim",
+                    scheduler="ddim_uniform", frames=24, seed=0)
+    g.link(tuner, 0, sampler, "model")
+    g.link(edited, 0, sampler, "positive")
+    g.link(empty, 0, sampler, "negative")
+    g.link(tuner, 1, sampler, "start_latent")
+    decode = g.add("VAEDecode", (1540, 0), size=(220, 50))
+    g.link(sampler, 0, decode, "samples")
+    g.link(ckpt, 2, decode, "vae")
+    create = g.add("CreateVideo", (1540, 100), size=(260, 80))
+    g.link(decode, 0, create, "images")
+    g.link(tuner, 3, create, "fps")
+    save_video = g.add("SaveVideo", (1840, 0), filename_prefix="simda/video_edit", format="mp4", codec="h264", size=(360, 360))
+    g.link(create, 0, save_video, "video")
+    return g.to_json()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--server", default="http://127.0.0.1:8188")
@@ -124,6 +165,7 @@ def main() -> None:
     builds = {
         "text_to_video.json": text_to_video(info, with_adapters=True),
         "latent_shift_training_free.json": text_to_video(info, with_adapters=False),
+        "video_edit.json": video_edit(info),
     }
     WORKFLOWS.mkdir(exist_ok=True)
     for name, workflow in builds.items():
