@@ -69,13 +69,16 @@ class ClipLayout:
 
 def unwrap_positions(indices: Sequence[int]) -> tuple[int, ...]:
     """Make window frame indices increasing: a looped window ``[14, 15, 0, 1]`` continues as
-    ``[14, 15, 16, 17]`` (after the last frame of a looping clip comes its first frame)."""
+    ``[14, 15, 16, 17]``, a strided one ``[12, 14, 0, 2]`` as ``[12, 14, 16, 18]`` (the host's
+    looped windows step evenly through time, wrapping around the clip's length)."""
+    steps = [int(b) - int(a) for a, b in zip(indices, indices[1:]) if b > a]
+    step = steps[0] if steps else 1
     positions: list[int] = []
     offset = 0
     for index in indices:
         position = int(index) + offset
         if positions and position <= positions[-1]:
-            offset += positions[-1] + 1 - position
-            position = positions[-1] + 1
+            offset += positions[-1] + step - position
+            position = positions[-1] + step
         positions.append(position)
     return tuple(positions)
