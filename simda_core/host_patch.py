@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import weakref
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
@@ -167,40 +168,57 @@ def patches_replace_attn1(transformer_options: dict) -> dict:
 
 # -- the patch functions -------------------------------------------------------------------------
 
-def _transformer_forward(transformer, adapter, runtime: SimDARuntime):
-    """The SpatialTransformer, preceded by its temporal adapter (when there is one)."""
+# Object patches stay installed on the host's modules until the host next unpatches them, which
+# can be after the MODEL clone that owns them is gone. They therefore reach the clone's runtime
+# (and through it the adapters) by weak reference only, and act as the plain module once it is
+# gone: the host's memory management sees the adapters freed with their clone.
+RuntimeRef = Callable[[], "SimDARuntime | None"]
+
+
+def _transformer_forward(transformer, site_path: str, runtime_ref: RuntimeRef):
+    """The SpatialTransformer, preceded by its temporal adapter (when there are adapters)."""
     transformer_forward = type(transformer).forward
 
-    def run(x, context, transformer_options):
-        layout = runtime.video_layout()
-        if adapter is not None and layout is not None:
-            x = x + runtime.config.strength * adapter.delta(x, layout)
-        return transformer_forward(transformer, x, context, transformer_options)
-
     def forward(x, context=None, transformer_options={}):
+        runtime = runtime_ref()
+        if runtime is None:
+            return transformer_forward(transformer, x, context, transformer_options)
+
+        def run(x_, context_, transformer_options_):
+            layout = runtime.video_layout()
+            adapters = runtime.config.adapters
+            if adapters is not None and layout is not None:
+                x_ = x_ + runtime.config.strength * adapters.temporal_adapter(site_path).delta(x_, layout)
+            return transformer_forward(transformer, x_, context_, transformer_options_)
+
         return runtime.checkpointed(run, x, context, transformer_options)
 
     return _mark(forward)
 
 
-def _checkpointed_resblock_forward(resblock, runtime: SimDARuntime):
+def _checkpointed_resblock_forward(resblock, runtime_ref: RuntimeRef):
     resblock_forward = type(resblock).forward
 
     def forward(x, emb):
+        runtime = runtime_ref()
+        if runtime is None:
+            return resblock_forward(resblock, x, emb)
         return runtime.checkpointed(lambda x_, emb_: resblock_forward(resblock, x_, emb_), x, emb)
 
     return _mark(forward)
 
 
-def _ffn_forward(block, adapter, runtime: SimDARuntime):
+def _ffn_forward(block, block_path: str, runtime_ref: RuntimeRef):
+    """``ff(norm3(h)) + Adapter_ffn(h)``; ``norm3`` itself is patched to pass ``h`` through."""
     ff_forward = type(block.ff).forward
     norm3_forward = type(block.norm3).forward
     ff, norm3 = block.ff, block.norm3
 
     def forward(x):
         out = ff_forward(ff, norm3_forward(norm3, x))
-        if runtime.video_layout() is not None:
-            out = out + runtime.config.strength * adapter(x)
+        runtime = runtime_ref()
+        if runtime is not None and runtime.video_layout() is not None and runtime.config.adapters is not None:
+            out = out + runtime.config.strength * runtime.config.adapters.ffn_adapter(block_path)(x)
         return out
 
     return _mark(forward)
@@ -213,11 +231,12 @@ def _pass_through(x):
 _pass_through.simda_patch = True
 
 
-def _frame_group_norm_forward(norm, runtime: SimDARuntime):
+def _frame_group_norm_forward(norm, runtime_ref: RuntimeRef):
     norm_forward = type(norm).forward
 
     def forward(x):
-        layout = runtime.video_layout()
+        runtime = runtime_ref()
+        layout = runtime.video_layout() if runtime is not None else None
         if layout is None:
             return norm_forward(norm, x)
         return frame_shared_group_norm(x, layout, lambda t: norm_forward(norm, t))
@@ -358,6 +377,7 @@ def apply_simda(model_patcher, config: SimDAConfig):
 
     _remove_previous(model_patcher, previous)
     runtime = SimDARuntime(config)
+    runtime_ref = weakref.ref(runtime)
     keys: list[str] = []
 
     def object_patch(path: str, fn: Callable) -> None:
@@ -368,17 +388,16 @@ def apply_simda(model_patcher, config: SimDAConfig):
     adapters = config.adapters
     if adapters is not None or config.gradient_checkpointing:
         for site in sites:
-            adapter = adapters.temporal_adapter(site.path) if adapters is not None else None
-            object_patch(site.path, _transformer_forward(unet.get_submodule(site.path), adapter, runtime))
+            object_patch(site.path, _transformer_forward(unet.get_submodule(site.path), site.path, runtime_ref))
     if config.gradient_checkpointing:
         for path in find_resblocks(unet):
-            object_patch(path, _checkpointed_resblock_forward(unet.get_submodule(path), runtime))
+            object_patch(path, _checkpointed_resblock_forward(unet.get_submodule(path), runtime_ref))
     if adapters is not None:
         for site in sites:
             for index in range(site.depth):
                 block_path = site.block_path(index)
                 block = unet.get_submodule(block_path)
-                object_patch(f"{block_path}.ff", _ffn_forward(block, adapters.ffn_adapter(block_path), runtime))
+                object_patch(f"{block_path}.ff", _ffn_forward(block, block_path, runtime_ref))
                 object_patch(f"{block_path}.norm3", _pass_through)
         model_patcher.set_model_attn1_output_patch(_attention_adapter_patch(adapters, sites, runtime))
         adapter_patcher = comfy.model_patcher.ModelPatcher(
@@ -388,7 +407,7 @@ def apply_simda(model_patcher, config: SimDAConfig):
 
     if config.uses_frame_group_norm:
         for path in find_resblock_norms(unet):
-            object_patch(path, _frame_group_norm_forward(unet.get_submodule(path), runtime))
+            object_patch(path, _frame_group_norm_forward(unet.get_submodule(path), runtime_ref))
 
     if config.latent_shift is not None:
         replace_fn = _latent_shift_replace(runtime)

@@ -240,14 +240,9 @@ def test_nothing_is_left_behind_on_the_checkpoint(comfy_server, plain_baseline):
     np.testing.assert_array_equal(frames, plain_baseline)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known bug: when a SimDA MODEL clone is dropped from the host's cache, its object patches stay installed on the "
-    "cached checkpoint's UNet until the host next loads that UNet; they hold SimDARuntime -> SimDAConfig -> the "
-    "adapters, so the adapters' ModelPatcher is gone while the adapters live, and the host logs 'memory leak with "
-    "model SimDAAdapters' (and runs a full gc.collect) at the start of every prompt meanwhile. Drop this mark once "
-    "simda_core/host_patch.py lets go of the adapters."
-))
 def test_the_host_sees_no_leaked_simda_model(comfy_server):
+    """A dropped SimDA MODEL releases its adapters: the patches the host may keep installed on the
+    cached UNet until its next load reach them by weak reference only."""
     run_simda(comfy_server, seed=300, prefix="simda_then_leak_check", size=32, steps=1, cfg=1.0)
     log_start = len(comfy_server.log_path.read_text(errors="replace"))
     # Any prompt makes the host check its loaded models first. This one keeps the checkpoint (its
