@@ -105,6 +105,9 @@ class SimDARuntime:
         if not (self.config.gradient_checkpointing and torch.is_grad_enabled()):
             return fn(*args)
         layout, shift_active = self.layout, self.shift_active
+        # The host keeps writing "block" and "block_index" into the live transformer_options as it
+        # walks the UNet: the recomputation in backward must see this call's values.
+        args = tuple(dict(a) if isinstance(a, dict) else a for a in args)
 
         def run(*inner):
             with self.using(layout, shift_active):
@@ -375,6 +378,10 @@ def apply_simda(model_patcher, config: SimDAConfig):
         if conflict:
             raise SimDAPatchError(f"SimDA: {conflict}.")
 
+    # The clone's copy of the adapters' patcher when they stay the same: it is a host clone (its
+    # parent is the source MODEL's), so when this MODEL is dropped while the source lives on, the
+    # host follows the parent instead of taking the living adapters for a leak.
+    carried = [p for p in model_patcher.additional_models.get(ADDITIONAL_MODELS_KEY, []) if p.model is config.adapters]
     _remove_previous(model_patcher, previous)
     runtime = SimDARuntime(config)
     runtime_ref = weakref.ref(runtime)
@@ -400,7 +407,7 @@ def apply_simda(model_patcher, config: SimDAConfig):
                 object_patch(f"{block_path}.ff", _ffn_forward(block, block_path, runtime_ref))
                 object_patch(f"{block_path}.norm3", _pass_through)
         model_patcher.set_model_attn1_output_patch(_attention_adapter_patch(adapters, sites, runtime))
-        adapter_patcher = comfy.model_patcher.ModelPatcher(
+        adapter_patcher = carried[0] if carried else comfy.model_patcher.ModelPatcher(
             adapters, load_device=model_patcher.load_device, offload_device=model_patcher.offload_device
         )
         model_patcher.set_additional_models(ADDITIONAL_MODELS_KEY, [adapter_patcher])

@@ -1,0 +1,86 @@
+"""Adapter training on the real host UNet: every adapter gets its gradient, with or without
+gradient checkpointing (the authors' code skips the down/up temporal adapters when it is on)."""
+from __future__ import annotations
+
+import host  # noqa: F401  (puts the host on sys.path, imports the pack as simda_pack)
+
+import pytest
+import torch
+
+from simda_pack.simda_core.host_patch import LatentShiftSettings, SimDAConfig, apply_simda, model_sites
+from simda_pack.simda_core.training import AdapterTrainer, TuningRecipe, initial_adapters, make_base_trainable
+
+FRAMES = 4
+
+
+def clip_batch(seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(FRAMES, 4, 8, 8, generator=generator)
+    context = torch.randn(1, 8, host.TINY_UNET["context_dim"], generator=generator).repeat(FRAMES, 1, 1)
+    return x0, context
+
+
+def trainer_for(base, adapters, checkpointing: bool, lr: float = 1e-3) -> tuple[AdapterTrainer, object]:
+    clone = base.clone()
+    apply_simda(clone, SimDAConfig(adapters=adapters, latent_shift=LatentShiftSettings(), gradient_checkpointing=checkpointing))
+    make_base_trainable(clone.model.diffusion_model)
+    recipe = TuningRecipe(learning_rate=lr, gradient_checkpointing=checkpointing, mixed_precision=False)
+    return AdapterTrainer(clone, adapters, recipe, seed=3), clone
+
+
+@pytest.fixture(scope="module")
+def base():
+    return host.build_model(host.TINY_UNET, seed=11)
+
+
+def random_adapters(base, seed: int):
+    adapters = initial_adapters(model_sites(base), seed=seed)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in adapters.parameters():
+            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+    return adapters
+
+
+def gradients(base, adapters, checkpointing: bool) -> dict[str, torch.Tensor]:
+    trainer, clone = trainer_for(base, adapters, checkpointing)
+    x0, context = clip_batch()
+    with host.patched(clone):
+        loss = trainer.loss(x0, context, clips=1)
+        loss.backward()
+    grads = {name: p.grad.clone() for name, p in adapters.named_parameters()}
+    adapters.zero_grad(set_to_none=True)
+    return grads
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(base):
+    adapters = random_adapters(base, seed=5)
+    plain = gradients(base, adapters, checkpointing=False)
+    checkpointed = gradients(base, adapters, checkpointing=True)
+    assert plain.keys() == checkpointed.keys()
+    for name in plain:
+        assert torch.allclose(plain[name], checkpointed[name], rtol=1e-4, atol=1e-7), name
+    assert sum(float(g.abs().sum()) for g in plain.values()) > 0
+
+
+@pytest.mark.parametrize("checkpointing", [True, False], ids=["checkpointing", "no_checkpointing"])
+def test_every_adapter_trains(base, checkpointing):
+    adapters = initial_adapters(model_sites(base), seed=1)
+    output_layers = [name for name, _ in adapters.named_parameters() if ".fc2." in name or ".up." in name]
+    assert len(output_layers) == 2 * 3 * 16  # (weight, bias) x (attn, ffn, temporal) x 16 sites
+    trainer, clone = trainer_for(base, adapters, checkpointing)
+    x0, context = clip_batch()
+    touched: set[str] = set()
+    with host.patched(clone):
+        for step in range(3):
+            loss = trainer.loss(x0, context, clips=1)
+            trainer.scaler.scale(loss).backward()
+            grads = {name: p.grad for name, p in adapters.named_parameters()}
+            if step == 0:
+                silent = [n for n in output_layers if grads[n] is None or not bool(grads[n].abs().sum() > 0)]
+                assert not silent, f"zero-initialised output layers without gradient on step 1: {silent[:5]}"
+            touched |= {n for n, g in grads.items() if g is not None and bool(g.abs().sum() > 0)}
+            trainer.optimizer.step()
+            trainer.optimizer.zero_grad(set_to_none=True)
+    untouched = sorted(set(dict(adapters.named_parameters())) - touched)
+    assert not untouched, f"adapter parameters that never got a gradient: {untouched[:5]}"
