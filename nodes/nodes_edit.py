@@ -23,7 +23,7 @@ from ..simda_core.host_patch import (
     model_sites,
 )
 from ..simda_core.inversion import host_sampler_inversion
-from ..simda_core.training import AdapterTrainer, TuningRecipe, make_base_trainable
+from ..simda_core.training import AdapterTrainer, TuningRecipe, initial_adapters, make_base_trainable
 from .folders import save_folder
 from .nodes_adapters import check_family
 from .nodes_sampler import INVERSION_KEY
@@ -61,20 +61,18 @@ def fit_frames(images: torch.Tensor, width: int, height: int) -> torch.Tensor:
     return pixels.movedim(1, -1).clamp(0, 1)
 
 
-def trainable_adapters(model, device) -> SimDAAdapters:
-    """Fresh zero-initialised adapters, or an ordinary-tensor copy of those already on the MODEL."""
+def trainable_adapters(model, device, seed: int) -> SimDAAdapters:
+    """Fresh adapters (outputs zero, weights drawn from ``seed``), or an ordinary-tensor copy of
+    those already on the MODEL."""
     existing = (get_config(model) or SimDAConfig()).adapters
     sites = model_sites(model)
+    if existing is None:
+        # The host's layers skip weight initialisation (their weights would be uninitialised memory).
+        return initial_adapters(sites, operations=comfy.ops.manual_cast, seed=seed, device=device)
     adapters = SimDAAdapters(
-        sites,
-        existing.spatial_ratio if existing is not None else 0.25,
-        existing.temporal_ratio if existing is not None else 0.5,
-        operations=comfy.ops.manual_cast,
-        dtype=torch.float32,
-        device=device,
+        sites, existing.spatial_ratio, existing.temporal_ratio, operations=comfy.ops.manual_cast, dtype=torch.float32, device=device
     )
-    if existing is not None:
-        adapters.load_state_dict({k: v.detach().float() for k, v in existing.state_dict().items()})
+    adapters.load_state_dict({k: v.detach().float() for k, v in existing.state_dict().items()})
     return adapters
 
 
@@ -160,7 +158,7 @@ class SimDAEditTuner(io.ComfyNode):
         recipe = TuningRecipe(steps=steps, learning_rate=learning_rate, gradient_checkpointing=gradient_checkpointing)
 
         with torch.inference_mode(False), torch.enable_grad():
-            adapters = trainable_adapters(model, device)
+            adapters = trainable_adapters(model, device, seed)
             training = model.clone()
             apply_simda(training, replace(config, adapters=adapters, gradient_checkpointing=gradient_checkpointing))
             comfy.model_management.load_models_gpu([training])

@@ -67,13 +67,17 @@ _device_index_cache: dict[tuple, torch.Tensor] = {}
 
 def key_value_index(positions: tuple[int, ...], h: int, w: int, device: torch.device) -> torch.Tensor:
     """Flat gather indices ``[F * 2N]`` into a clip's ``F * N`` tokens: for each frame t, the
-    shifted map of frame t-1 followed by the shifted map of frame t (frame 0 uses itself twice)."""
+    shifted map of frame t-1 followed by the shifted map of frame t (frame 0 uses itself twice).
+
+    The cached index is always an ordinary tensor: one made while the host samples (inference
+    mode) could not be saved for backward by a later training step (the Edit Tuner)."""
     key = (positions, h, w, str(device))
     index = _device_index_cache.get(key)
     if index is None:
         if len(_device_index_cache) > 64:
             _device_index_cache.clear()
-        index = _key_value_index_cpu(positions, h, w).to(device)
+        with torch.inference_mode(False):
+            index = _key_value_index_cpu(positions, h, w).to(device)
         _device_index_cache[key] = index
     return index
 

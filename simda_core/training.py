@@ -7,6 +7,7 @@ host's, called with the SimDA patches of a ModelPatcher clone; only adapter para
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -29,6 +30,21 @@ class TuningRecipe:
     mixed_precision: bool = True
     """fp16 autocast with loss scaling where the UNet runs on CUDA; ignored on the CPU."""
     gradient_checkpointing: bool = False
+
+
+def initial_adapters(sites, operations=None, seed: int = 0, device=None) -> SimDAAdapters:
+    """Fresh fp32 adapters (outputs zero, as the spec's zero-initialised ``fc2``/``up`` make them)
+    built with ``operations`` (e.g. the host's ``comfy.ops.manual_cast``, which casts to the UNet's
+    dtype when sampling). The host's layers skip weight initialisation, so the weights are drawn
+    with plain ``torch.nn`` layers from ``seed`` (the global RNG is left as it was) and copied in."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        initialised = SimDAAdapters(sites, dtype=torch.float32, device="cpu")
+    if operations is None:
+        return initialised.to(device) if device is not None else initialised
+    adapters = SimDAAdapters(sites, operations=operations, dtype=torch.float32, device="cpu")
+    adapters.load_state_dict(initialised.state_dict())
+    return adapters.to(device) if device is not None else adapters
 
 
 def make_base_trainable(unet: torch.nn.Module) -> int:
@@ -94,14 +110,28 @@ class AdapterTrainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
         self.steps_done = 0
 
-    def loss(self, x0: torch.Tensor, context: torch.Tensor, clips: int) -> torch.Tensor:
+    def loss(
+        self,
+        x0: torch.Tensor,
+        context: torch.Tensor,
+        clips: int,
+        timesteps: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Denoising loss of ``clips`` clips: ``x0`` ``[clips * F, C, H, W]`` clean latents in the
-        model's space, ``context`` ``[clips * F, tokens, dim]``. One timestep per clip."""
+        model's space, ``context`` ``[clips * F, tokens, dim]``. One timestep per clip.
+
+        ``timesteps`` ``[clips]`` and ``noise`` (shaped like ``x0``) are drawn from the trainer's
+        generator unless given; a caller that must reproduce a clip's draw wherever it is computed
+        (data-parallel training) passes its own."""
         sampling = self.model_patcher.model.model_sampling
         frames = x0.shape[0] // clips
-        timesteps = torch.randint(0, NUM_TIMESTEPS, (clips,), generator=self.generator)
-        sigma = sampling.sigmas.cpu()[timesteps].repeat_interleave(frames).to(self.device)
-        noise = torch.randn(x0.shape, generator=self.generator).to(self.device)
+        if timesteps is None:
+            timesteps = torch.randint(0, NUM_TIMESTEPS, (clips,), generator=self.generator)
+        if noise is None:
+            noise = torch.randn(x0.shape, generator=self.generator)
+        sigma = sampling.sigmas.cpu()[timesteps.cpu()].repeat_interleave(frames).to(self.device)
+        noise = noise.to(self.device)
         x0 = x0.to(self.device)
         x_noisy = sampling.noise_scaling(sigma, noise, x0)
         with torch.autocast("cuda", dtype=torch.float16, enabled=self.use_amp):
@@ -114,11 +144,33 @@ class AdapterTrainer:
         self.backward_and_update(loss)
         return float(loss.detach())
 
-    def backward_and_update(self, loss: torch.Tensor) -> None:
+    def backward_and_update(
+        self, loss: torch.Tensor, reduce_gradients: Callable[[list[torch.nn.Parameter]], None] | None = None
+    ) -> None:
+        """Backward, then (optionally) ``reduce_gradients(parameters)`` on the still-scaled gradients,
+        e.g. averaging them across data-parallel processes, then unscale, clip and step."""
         self.scaler.scale(loss).backward()
+        if reduce_gradients is not None:
+            reduce_gradients(self.parameters)
         self.scaler.unscale_(self.optimizer)
         torch.nn.utils.clip_grad_norm_(self.parameters, self.recipe.max_grad_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.steps_done += 1
+
+    def state_dict(self) -> dict:
+        """Optimizer, loss scaler, step count and noise generator, for resuming (adapters apart)."""
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "steps_done": self.steps_done,
+            "generator": self.generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.steps_done = int(state["steps_done"])
+        self.generator.set_state(state["generator"])

@@ -1,0 +1,107 @@
+#!/usr/bin/env python
+"""Train SimDA adapters on a collection of captioned clips (docs/TRAINING.md).
+
+    python scripts/train_simda.py --checkpoint sd15.safetensors --data clips/ --output runs/simda
+    torchrun --nproc_per_node 4 scripts/train_simda.py ...   (data-parallel, same flags)
+
+The host ComfyUI is found through COMFYUI_PATH or the pinned copy in <pack>/.host/ComfyUI; the
+checkpoint is loaded with its own loader.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+PACK_DIR = Path(__file__).resolve().parents[1]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="train_simda.py",
+        description="Train SimDA adapters (the SD UNet stays frozen) on a folder of clips with .txt captions or a "
+        "WebVid-style CSV. Run it under torchrun --nproc_per_node N for data-parallel training.",
+    )
+    io = p.add_argument_group("inputs and output")
+    io.add_argument("--checkpoint", required=True, type=Path, help="SD1.x checkpoint (.safetensors/.ckpt) with UNet, CLIP and VAE.")
+    io.add_argument("--data", type=Path, help="Folder of clips (mp4/webm/mov/mkv/avi/gif) with a .txt caption next to each; "
+                    "with --csv: the folder the CSV's relative paths start from (default: the CSV's folder).")
+    io.add_argument("--csv", type=Path, help="CSV with a clip column (path/video/file, or WebVid's videoid [+page_dir]) "
+                    "and a caption column (caption/name/text).")
+    io.add_argument("--output", required=True, type=Path, help="Folder for adapters, training state, loss curve and samples.")
+    io.add_argument("--resume", action="store_true", help="Continue the run in --output from its training_state.pt.")
+
+    clips = p.add_argument_group("clip sampling")
+    clips.add_argument("--frames", type=int, default=16, help="Frames per training clip (default %(default)s).")
+    clips.add_argument("--stride", type=int, default=2, help="Take every n-th source frame; a clip needs (frames-1)*stride+1 frames (default %(default)s).")
+    clips.add_argument("--width", type=int, default=512, help="Frame width in pixels, a multiple of 8 (default %(default)s).")
+    clips.add_argument("--height", type=int, default=512, help="Frame height in pixels, a multiple of 8 (default %(default)s).")
+    clips.add_argument("--crop", choices=("random", "center"), default="random", help="Window of the target aspect cut from each clip (default %(default)s).")
+    clips.add_argument("--workers", type=int, default=2, help="Data-loader processes per training process; 0 decodes in the main process (default %(default)s).")
+
+    train = p.add_argument_group("optimisation")
+    train.add_argument("--steps", type=int, default=10000, help="Total optimiser steps; a resumed run continues up to this (default %(default)s).")
+    train.add_argument("--lr", type=float, default=5e-5, help="AdamW learning rate, constant (default %(default)s, the authors' value).")
+    train.add_argument("--batch", type=int, default=1, help="Clips per step per process; global batch = batch x processes (default %(default)s).")
+    train.add_argument("--seed", type=int, default=0, help="Seed of the adapters' initial weights, data order, frame windows, crops, timesteps and noise (default %(default)s).")
+    train.add_argument("--mixed-precision", action=argparse.BooleanOptionalAction, default=True,
+                       help="fp16 UNet with autocast and loss scaling on CUDA; ignored on the CPU (default on).")
+    train.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
+                       help="Recompute activations in backward: far less memory for about one extra forward pass per step (default on).")
+
+    saves = p.add_argument_group("saving")
+    saves.add_argument("--save-every", type=int, default=1000, help="Save adapters every N steps and at the end; 0: only at the end (default %(default)s).")
+    saves.add_argument("--checkpoint-every", type=int, default=500, help="Write the resume state, loss.png and loss.csv every N steps and at the end; 0: only at the end (default %(default)s).")
+    saves.add_argument("--sample-every", type=int, default=0, help="Write a sample clip every N steps and at the end; 0: off (default %(default)s).")
+    saves.add_argument("--sample-prompt", default="", help="Prompt of the sample clips (default: the first clip's caption).")
+    saves.add_argument("--sample-steps", type=int, default=25, help="DDIM steps of a sample clip (default %(default)s).")
+    saves.add_argument("--sample-cfg", type=float, default=7.5, help="Guidance scale of a sample clip (default %(default)s).")
+    return p
+
+
+def setup_host() -> Path:
+    """Put the host and the pack on ``sys.path`` (host first: its ``nodes`` module wins over the
+    pack's ``nodes`` package) and pick the device before the host's memory manager starts."""
+    host = Path(os.environ.get("COMFYUI_PATH") or PACK_DIR / ".host" / "ComfyUI").resolve()
+    if not (host / "comfy").is_dir():
+        sys.exit(f"train_simda.py: no ComfyUI at {host}: run scripts/setup_host.sh or set COMFYUI_PATH.")
+    for path in (str(PACK_DIR), str(host)):
+        if path in sys.path:
+            sys.path.remove(path)
+    sys.path[0:0] = [str(host), str(PACK_DIR)]
+
+    import torch
+
+    import comfy.cli_args
+
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    else:
+        comfy.cli_args.args.cpu = True
+    return host
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.data is None and args.csv is None:
+        build_parser().error("give the clips: --data FOLDER (clips with .txt captions) or --csv FILE.")
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
+    setup_host()
+    from simda_core.trainer import TrainingOptions, main as train
+
+    return train(TrainingOptions(
+        checkpoint=args.checkpoint, output=args.output, data=args.data, csv=args.csv,
+        frames=args.frames, stride=args.stride, width=args.width, height=args.height, crop=args.crop,
+        steps=args.steps, learning_rate=args.lr, batch_per_process=args.batch, seed=args.seed,
+        mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
+        save_every=args.save_every, checkpoint_every=args.checkpoint_every, sample_every=args.sample_every,
+        sample_prompt=args.sample_prompt, sample_steps=args.sample_steps, sample_cfg=args.sample_cfg,
+        workers=args.workers, resume=args.resume,
+    ))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
