@@ -95,7 +95,11 @@ class SimDAVideoSampler(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, negative, frames, width, height, seed, steps, cfg, sampler_name, scheduler,
                 denoise, noise_shared, latent=None, start_latent=None) -> io.NodeOutput:
-        check_family(model, "", "SimDA Video Sampler")
+        if check_family(model, "", "SimDA Video Sampler") == "sd_x4_upscaler":
+            raise ValueError(
+                "SimDA Video Sampler samples with an SD1.x/SD2.x MODEL; the connected MODEL is the SD x4 upscaler: "
+                "connect the upscaler to SimDA Video Upscaler instead."
+            )
         if not 0.0 <= noise_shared <= 1.0:
             raise ValueError(f"SimDA Video Sampler: noise_shared {noise_shared} must lie between 0 and 1.")
         if latent is not None:

@@ -111,6 +111,59 @@ def text_to_video(info: dict, with_adapters: bool) -> dict:
     return g.to_json()
 
 
+X4_CHECKPOINT = "x4-upscaler-ema.safetensors"
+SR_ADAPTERS = "simda_sr_x4.safetensors"
+PROMPT = "a red panda walking through a snowy forest, cinematic, detailed"
+
+
+def text_to_video_upscaled(info: dict) -> dict:
+    """Text to video at 256x256 (the paper's first stage), then SimDA Video Upscaler with the SD x4
+    upscaler to 1024x1024, saved as mp4. The super-resolution Adapter Loader ships bypassed: the
+    plain x4 model with latent shift runs as is; un-bypass it once there are SR adapters."""
+    g = Graph(info)
+    ckpt = g.add("CheckpointLoaderSimple", (0, 200), ckpt_name=CHECKPOINT, size=(320, 100))
+    pos = g.add("CLIPTextEncode", (380, 0), title="Prompt", size=(400, 160), text=PROMPT)
+    neg = g.add("CLIPTextEncode", (380, 220), title="Negative prompt", size=(400, 160), text=NEGATIVE)
+    g.link(ckpt, 1, pos, "clip")
+    g.link(ckpt, 1, neg, "clip")
+    loader = g.add("SimDAAdapterLoader", (380, 420), adapter_name=ADAPTERS, strength=1.0, size=(320, 110))
+    g.link(ckpt, 0, loader, "model")
+    shift = g.add("SimDALatentShiftPatch", (380, 560), size=(320, 250))
+    g.link(loader, 0, shift, "model")
+    sampler = g.add("SimDAVideoSampler", (840, 100), title="SimDA Video Sampler (256x256)", size=(320, 380), frames=16,
+                    width=256, height=256, steps=50, cfg=7.5, sampler_name="ddim", scheduler="ddim_uniform", seed=42)
+    g.link(shift, 0, sampler, "model")
+    g.link(pos, 0, sampler, "positive")
+    g.link(neg, 0, sampler, "negative")
+    decode = g.add("VAEDecode", (1200, 100), size=(220, 50))
+    g.link(sampler, 0, decode, "samples")
+    g.link(ckpt, 2, decode, "vae")
+
+    x4 = g.add("CheckpointLoaderSimple", (0, 900), title="Load the SD x4 upscaler", ckpt_name=X4_CHECKPOINT, size=(320, 100))
+    x4_pos = g.add("CLIPTextEncode", (380, 860), title="Prompt (x4 upscaler's CLIP)", size=(400, 140), text=PROMPT)
+    x4_neg = g.add("CLIPTextEncode", (380, 1040), title="Negative prompt (x4 upscaler's CLIP)", size=(400, 120), text=NEGATIVE)
+    g.link(x4, 1, x4_pos, "clip")
+    g.link(x4, 1, x4_neg, "clip")
+    sr = g.add("SimDAAdapterLoader", (380, 1200), title="SR adapters (bypassed: un-bypass with trained SR adapters)",
+               adapter_name=SR_ADAPTERS, strength=1.0, size=(320, 110))
+    g.nodes[sr - 1]["mode"] = 4
+    g.link(x4, 0, sr, "model")
+    upscaler = g.add("SimDAVideoUpscaler", (1200, 500), size=(340, 520))
+    g.link(decode, 0, upscaler, "frames")
+    g.link(sr, 0, upscaler, "model")
+    g.link(x4, 2, upscaler, "vae")
+    g.link(x4_pos, 0, upscaler, "positive")
+    g.link(x4_neg, 0, upscaler, "negative")
+    fps = g.add("PrimitiveFloat", (1580, 500), title="Frame rate", value=8.0, size=(220, 60))
+    create = g.add("CreateVideo", (1580, 600), size=(260, 80))
+    g.link(upscaler, 0, create, "images")
+    g.link(fps, 0, create, "fps")
+    save = g.add("SaveVideo", (1880, 500), filename_prefix="simda/text_to_video_1024", format="mp4", codec="h264",
+                 size=(420, 420))
+    g.link(create, 0, save, "video")
+    return g.to_json()
+
+
 def video_edit(info: dict) -> dict:
     g = Graph(info)
     video = g.add("LoadVideo", (0, 0), file="source_clip.mp4", size=(320, 420))
@@ -166,6 +219,7 @@ def main() -> None:
         "text_to_video.json": text_to_video(info, with_adapters=True),
         "latent_shift_training_free.json": text_to_video(info, with_adapters=False),
         "video_edit.json": video_edit(info),
+        "text_to_video_upscaled.json": text_to_video_upscaled(info),
     }
     WORKFLOWS.mkdir(exist_ok=True)
     for name, workflow in builds.items():

@@ -1,0 +1,376 @@
+"""SimDA Video Upscaler: temporally consistent x4 super-resolution of a clip's frames with the SD x4
+upscaler (SIMDA_SPEC.md section 6: the paper's second stage, 256x256 -> 1024x1024).
+
+Each (frame group, spatial tile) piece is sampled by the host's own KSampler (``comfy.sample.sample``)
+with the x4 model's concat conditioning made by the host's ``SD_4XUpscale_Conditioning`` for that
+piece's low-resolution frames. Pieces that share frames or pixels with finished pieces get those
+as known latents through the host's denoise mask (``simda_core/tiling.py`` explains how), so
+group borders keep their temporal context and tile borders leave no seam.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+
+import comfy.model_management
+import comfy.sample
+import comfy.samplers
+import comfy.utils
+import latent_preview
+import torch
+from comfy_api.latest import io
+from comfy_extras.nodes_sdupscale import SD_4XUpscale_Conditioning
+
+from ..simda_core.formats import FAMILIES
+from ..simda_core.host_patch import LatentShiftSettings, SimDAConfig, SimDAPatchError, apply_simda, get_config
+from ..simda_core.tiling import (
+    FrameGroup,
+    PieceSizes,
+    Tile,
+    blend_piece_,
+    choose_sizes,
+    frame_groups,
+    piece_mask,
+    spatial_tiles,
+)
+from .nodes_adapters import check_family
+from .nodes_sampler import clip_noise
+
+log = logging.getLogger("SimDA")
+
+NODE = "SimDA Video Upscaler"
+FAMILY = "sd_x4_upscaler"
+SCALE = 4
+"""Output pixels per input pixel; the x4 upscaler's latent has the input frame's size."""
+MAX_OUTPUT_SIDE = 4096
+"""Largest output side this node makes (input frames up to 1024 pixels a side)."""
+MIN_TILE = 16
+"""Smallest tile side, in input pixels (the x4 UNet downsamples three times)."""
+AUTO_MIN_GROUP = 8
+"""Automatic sizes keep whole frames while at least this many frames fit in one call."""
+AUTO_MIN_TILE = 64
+SAMPLING_FLOATS_PER_PIXEL = 3600 * 1.4
+"""Activations of one x4 UNet call, in values per latent pixel of one frame: 3600 measured as the
+slope of peak memory over latent size for the full-size x4 UNet (473M, fp32, CPU, 32^2 and 64^2
+latents: 14.4 KB per pixel-frame), times 1.4 for SimDA's frame-GroupNorm copies, the temporal
+adapters and convolution workspaces. Sizes come from this times the UNet's dtype size."""
+MEMORY_SAFETY = 0.85
+
+
+# -- input checks (all before any sampling) ------------------------------------------------------
+
+def clip_frames(frames) -> torch.Tensor:
+    """One ``[F, H, W, 3]`` clip from an IMAGE batch or a list of IMAGE batches of one size."""
+    parts = list(frames) if isinstance(frames, (list, tuple)) else [frames]
+    if not parts or any(not isinstance(p, torch.Tensor) or p.ndim not in (3, 4) for p in parts):
+        raise ValueError(f"{NODE}: 'frames' must be IMAGE frames [F, H, W, C]; connect the clip's frames (e.g. VAE Decode or Get Video Components).")
+    parts = [p if p.ndim == 4 else p[None] for p in parts]
+    sizes = sorted({(int(p.shape[2]), int(p.shape[1])) for p in parts})
+    if len(sizes) > 1:
+        shown = ", ".join(f"{w}x{h}" for w, h in sizes[:6])
+        raise ValueError(
+            f"{NODE}: the frames have different sizes ({shown}); the frames of a clip must share one size. "
+            "Resize them to one size first (e.g. Upscale Image to the same width and height)."
+        )
+    clip = torch.cat(parts) if len(parts) > 1 else parts[0]
+    if clip.shape[0] < 1 or clip.shape[-1] < 3:
+        raise ValueError(f"{NODE}: got {clip.shape[0]} frames with {clip.shape[-1]} channels; the upscaler needs RGB frames.")
+    height, width = int(clip.shape[1]), int(clip.shape[2])
+    if min(height, width) < 8:
+        raise ValueError(f"{NODE}: the frames are {width}x{height}; the x4 upscaler needs at least 8 pixels a side.")
+    if max(height, width) * SCALE > MAX_OUTPUT_SIDE:
+        raise ValueError(
+            f"{NODE}: {width}x{height} frames would become {width * SCALE}x{height * SCALE}; this node makes frames up to "
+            f"{MAX_OUTPUT_SIDE} pixels a side (input up to {MAX_OUTPUT_SIDE // SCALE}). Downscale or crop the frames first."
+        )
+    return clip[..., :3]
+
+
+def check_model(model) -> None:
+    family = check_family(model, "", NODE)
+    if family != FAMILY:
+        raise ValueError(
+            f"{NODE} needs the SD x4 upscaler MODEL (e.g. x4-upscaler-ema.safetensors from Load Checkpoint); "
+            f"the connected MODEL is {FAMILIES.get(family, family)}. Use SimDA Video Sampler for that model, and "
+            "load the x4 upscaler for this node."
+        )
+    config = get_config(model)
+    if config is not None and config.adapters is not None and config.family not in ("", FAMILY):
+        raise ValueError(
+            f"{NODE}: the MODEL carries SimDA adapters made for {FAMILIES.get(config.family, config.family)}, "
+            "not for the x4 upscaler; load super-resolution adapters trained on the x4 upscaler."
+        )
+
+
+def check_vae(vae) -> None:
+    ratio = getattr(vae, "upscale_ratio", None)
+    if ratio != SCALE or getattr(vae, "latent_channels", 4) != 4:
+        raise ValueError(
+            f"{NODE}: the connected VAE scales by {ratio} (it is not the x4 upscaler's VAE, which scales by {SCALE}); "
+            "connect the VAE output of the Load Checkpoint that loads the x4 upscaler."
+        )
+
+
+def check_conditioning(model, positive, negative) -> None:
+    wanted = model.model.model_config.unet_config.get("context_dim")
+    for name, conditioning in (("positive", positive), ("negative", negative)):
+        if not conditioning:
+            raise ValueError(f"{NODE}: '{name}' is empty; connect a CLIP Text Encode made with the x4 upscaler's CLIP.")
+        width = int(conditioning[0][0].shape[-1])
+        if wanted and width != wanted:
+            raise ValueError(
+                f"{NODE}: the '{name}' conditioning has {width}-wide text tokens, but the x4 upscaler reads {wanted}-wide "
+                "ones (its own OpenCLIP text encoder); encode the prompt with the CLIP output of the x4 upscaler's Load Checkpoint."
+            )
+
+
+@dataclass(frozen=True)
+class Settings:
+    seed: int
+    steps: int
+    cfg: float
+    sampler_name: str
+    scheduler: str
+    noise_augmentation: float
+    frames_per_group: int
+    """0: automatic."""
+    context_frames: int
+    tile_size: int
+    """In input pixels; 0: automatic."""
+    tile_overlap: int
+
+    def check(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"{NODE}: steps is {self.steps}; sample at least 1 step.")
+        if not 0.0 <= self.noise_augmentation <= 1.0:
+            raise ValueError(f"{NODE}: noise_augmentation {self.noise_augmentation} must lie between 0 and 1.")
+        if self.frames_per_group < 0 or self.context_frames < 0 or self.tile_overlap < 0:
+            raise ValueError(f"{NODE}: frames_per_group, context_frames and tile_overlap cannot be negative.")
+        if self.frames_per_group and self.context_frames >= self.frames_per_group:
+            raise ValueError(
+                f"{NODE}: context_frames ({self.context_frames}) must be fewer than frames_per_group ({self.frames_per_group}): "
+                "each group needs new frames to upscale."
+            )
+        if self.tile_size and (self.tile_size < MIN_TILE or self.tile_size % 8):
+            raise ValueError(f"{NODE}: tile_size {self.tile_size} must be 0 (automatic) or a multiple of 8 of at least {MIN_TILE}.")
+        if self.tile_size and self.tile_overlap * 2 > self.tile_size:
+            raise ValueError(
+                f"{NODE}: tile_overlap {self.tile_overlap} is more than half of tile_size {self.tile_size}; use at most {self.tile_size // 2}."
+            )
+
+
+# -- the MODEL -----------------------------------------------------------------------------------
+
+def upscaler_model(model, latent_shift: bool):
+    """The MODEL as the upscaler samples it: latent shift added when asked for and missing (it only
+    lands on blocks with real self-attention), each call's frames one clip (frames_per_clip 0)."""
+    config = get_config(model) or SimDAConfig()
+    wanted = config
+    if latent_shift and wanted.latent_shift is None:
+        wanted = replace(wanted, latent_shift=LatentShiftSettings())
+    if wanted.frames_per_clip:
+        log.info("%s: frames_per_clip %d on the MODEL is ignored; each frame group is one clip.", NODE, wanted.frames_per_clip)
+        wanted = replace(wanted, frames_per_clip=0)
+    if wanted == config:
+        if get_config(model) is None:
+            log.info("%s: no SimDA adapters and latent shift off: the frames are upscaled independently.", NODE)
+        return model
+    patched = model.clone()
+    try:
+        apply_simda(patched, replace(wanted, family=wanted.family or FAMILY))
+    except SimDAPatchError as e:
+        raise ValueError(str(e)) from None
+    return patched
+
+
+# -- sizes ---------------------------------------------------------------------------------------
+
+def sampling_budget(model) -> float:
+    """Bytes one sampling call may use for activations: the device's free memory once the host has
+    made room for this MODEL alone (other models' weights are unloaded when sampling starts), minus
+    this MODEL's weights and the host's inference reserve. Honors a per-process memory fraction."""
+    mm = comfy.model_management
+    device = model.load_device
+    free = float(mm.get_free_memory(device))
+    if getattr(device, "type", "") == "cuda":
+        fraction = torch.cuda.get_per_process_memory_fraction(device)
+        if fraction < 1.0:
+            capped = fraction * torch.cuda.get_device_properties(device).total_memory - torch.cuda.memory_allocated(device)
+            free = min(free, capped)
+    held = 0.0
+    for loaded in list(mm.current_loaded_models):
+        if loaded.device == device and loaded.model is not None:
+            held += loaded.model_loaded_memory()
+    weights = model.model_size() + sum(m.model_size() for m in model.get_nested_additional_models())
+    return MEMORY_SAFETY * max(0.0, free + held - weights - mm.minimum_inference_memory())
+
+
+def bytes_per_pixel(model, cfg: float) -> float:
+    """Sampling memory per latent pixel of one frame, cond and uncond batched when cfg != 1."""
+    base = model.model
+    dtype = getattr(base, "manual_cast_dtype", None) or base.get_dtype()
+    groups = 1 if cfg == 1.0 else 2
+    return SAMPLING_FLOATS_PER_PIXEL * comfy.model_management.dtype_size(dtype) * groups
+
+
+def piece_sizes(model, frames: int, height: int, width: int, settings: Settings) -> tuple[PieceSizes, str]:
+    """Group and tile sizes: the settings where given, the rest from free memory."""
+    if settings.frames_per_group and settings.tile_size:
+        return PieceSizes(min(settings.frames_per_group, frames), settings.tile_size, settings.tile_size), "as set"
+    budget = sampling_budget(model)
+    per_pixel = bytes_per_pixel(model, settings.cfg)
+    how = f"automatic, from {budget / 2**30:.1f} GiB usable"
+    if settings.tile_size:  # frames from memory, at the given tile
+        tile_pixels = min(settings.tile_size, height) * min(settings.tile_size, width)
+        fit = int(budget // (per_pixel * tile_pixels))
+        return PieceSizes(max(1, min(frames, fit)), settings.tile_size, settings.tile_size), how
+    group = min(settings.frames_per_group or frames, frames)
+    sizes = choose_sizes(group, height, width, budget, per_pixel, min_group=settings.frames_per_group or AUTO_MIN_GROUP,
+                         min_tile=AUTO_MIN_TILE)
+    return sizes, how
+
+
+# -- sampling ------------------------------------------------------------------------------------
+
+class PieceProgress:
+    """One progress bar (with previews) over every step of every piece."""
+
+    def __init__(self, model, pieces: int, steps: int):
+        self.total = pieces * steps
+        self.steps = steps
+        self.done = 0
+        self.bar = comfy.utils.ProgressBar(self.total)
+        self.previewer = latent_preview.get_previewer(model.load_device, model.model.latent_format)
+
+    def callback(self, step: int, x0: torch.Tensor, x: torch.Tensor, total_steps: int) -> None:
+        preview = self.previewer.decode_latent_to_preview_image("JPEG", x0) if self.previewer else None
+        self.bar.update_absolute(self.done + min(step + 1, self.steps), self.total, preview)
+
+    def piece_done(self) -> None:
+        self.done += self.steps
+        self.bar.update_absolute(self.done, self.total)
+
+
+def sample_piece(model, pixels: torch.Tensor, positive, negative, latent: torch.Tensor, noise: torch.Tensor,
+                 mask: torch.Tensor | None, settings: Settings, callback) -> torch.Tensor:
+    """One piece through the host's KSampler: ``pixels`` ``[f, h, w, 3]`` low-resolution frames,
+    ``latent``/``noise`` ``[f, 4, h, w]``; returns the sampled latents (VAE space)."""
+    conditioned = SD_4XUpscale_Conditioning.execute(pixels, positive, negative, float(SCALE), settings.noise_augmentation)
+    piece_positive, piece_negative = conditioned[0], conditioned[1]
+    return comfy.sample.sample(
+        model, noise, settings.steps, settings.cfg, settings.sampler_name, settings.scheduler,
+        piece_positive, piece_negative, latent, denoise=1.0, noise_mask=mask, callback=callback,
+        disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=settings.seed,
+    )
+
+
+def upscale_latents(model, frames: torch.Tensor, positive, negative, settings: Settings, sizes: PieceSizes) -> torch.Tensor:
+    """The clip's upscaled latents ``[F, 4, H, W]`` (H, W: the input frames' size), sampled piece by
+    piece: frame groups in order, tiles in raster order within each group."""
+    count, height, width = frames.shape[0], frames.shape[1], frames.shape[2]
+    context = min(settings.context_frames, sizes.frames_per_group - 1)
+    groups: list[FrameGroup] = frame_groups(count, sizes.frames_per_group, context)
+    tiles: list[Tile] = spatial_tiles(height, width, sizes.tile_height, sizes.tile_width, settings.tile_overlap)
+    channels = model.get_model_object("latent_format").latent_channels
+    noise = clip_noise((count, channels, height, width), settings.seed, 0.0)  # [F, C, H, W], per-frame seeded
+    canvas = torch.zeros(count, channels, height, width, device=comfy.model_management.intermediate_device())
+    progress = PieceProgress(model, len(groups) * len(tiles), settings.steps)
+    for group in groups:
+        for tile in tiles:
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            frames_slice = slice(group.start, group.stop)
+            mask = piece_mask(tile, group)
+            sampled = sample_piece(
+                model,
+                frames[frames_slice, tile.rows, tile.cols],
+                positive, negative,
+                latent=canvas[frames_slice, :, tile.rows, tile.cols].clone(),
+                noise=noise[frames_slice, :, tile.rows, tile.cols].contiguous(),
+                mask=mask,
+                settings=settings,
+                callback=progress.callback,
+            )
+            blend_piece_(canvas, sampled, mask, group, tile)
+            progress.piece_done()
+    return canvas
+
+
+class SimDAVideoUpscaler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SimDAVideoUpscaler",
+            display_name=NODE,
+            category="SimDA",
+            description=(
+                "Upscales a clip's frames 4x with the SD x4 upscaler, keeping them consistent in time: frames are sampled "
+                "together as a clip (latent shift, and SimDA super-resolution adapters when the MODEL carries them). "
+                "Long or large clips are cut into overlapping frame groups and spatial tiles sized to the card's free "
+                "memory; each group continues from the frames the previous one finished and each tile grows out of its "
+                "finished neighbours, so there are no jumps or seams. The paper's second stage: 256x256 -> 1024x1024."
+            ),
+            is_input_list=True,
+            inputs=[
+                io.Image.Input("frames", tooltip="The clip's frames (e.g. VAE Decode of the Video Sampler's output), all of one size, at most 1024 pixels a side."),
+                io.Model.Input("model", tooltip="The SD x4 upscaler (x4-upscaler-ema.safetensors), plain or from SimDA Adapter Loader with super-resolution adapters. It is not changed."),
+                io.Vae.Input("vae", tooltip="The x4 upscaler's VAE (from the same Load Checkpoint); it decodes the 4x frames."),
+                io.Conditioning.Input("positive", tooltip="What the clip shows, encoded with the x4 upscaler's CLIP (CLIP Text Encode)."),
+                io.Conditioning.Input("negative", tooltip="What to avoid, encoded with the x4 upscaler's CLIP."),
+                io.Float.Input("noise_augmentation", default=0.0, min=0.0, max=1.0, step=0.001,
+                               tooltip="Noise added to the low-resolution frames, as in SD 4x Upscale Conditioning: 0 follows them closely; 0.05-0.2 invents more detail and hides their artifacts."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="Seed of the noise; each frame's noise depends on the seed and its index only."),
+                io.Int.Input("steps", default=20, min=1, max=10000, tooltip="Sampling steps of every piece."),
+                io.Float.Input("cfg", default=7.0, min=0.0, max=100.0, step=0.1, round=0.01, tooltip="Classifier-free guidance scale (1 skips the negative prompt and halves the work)."),
+                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, default="dpmpp_2m", tooltip="The host's sampler."),
+                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="karras", tooltip="The host's noise schedule."),
+                io.Int.Input("frames_per_group", default=0, min=0, max=4096,
+                             tooltip="Frames sampled together in one call. 0: automatic, as many as the free memory holds (the whole clip when it fits)."),
+                io.Int.Input("context_frames", default=2, min=0, max=64,
+                             tooltip="Frames each group takes over, finished, from the group before; the new frames continue from them. More: smoother group borders, more work."),
+                io.Int.Input("tile_size", default=0, min=0, max=MAX_OUTPUT_SIDE // SCALE, step=8,
+                             tooltip="Side of the square spatial tiles, in input pixels (the output tile is 4x). 0: automatic, whole frames when they fit in memory."),
+                io.Int.Input("tile_overlap", default=32, min=0, max=512, step=8,
+                             tooltip="Input pixels that neighbouring tiles share; the later tile fades in over the finished one across this band."),
+                io.Boolean.Input("latent_shift", default=True,
+                                 tooltip="Add latent-shift attention if the MODEL has none (it lands only in the x4 UNet's blocks with real self-attention)."),
+            ],
+            outputs=[io.Image.Output(display_name="IMAGE", tooltip="The frames at 4x the width and height, same count and order.")],
+        )
+
+    @classmethod
+    def execute(cls, frames, model, vae, positive, negative, noise_augmentation, seed, steps, cfg, sampler_name,
+                scheduler, frames_per_group, context_frames, tile_size, tile_overlap, latent_shift) -> io.NodeOutput:
+        # is_input_list: every input arrives as a list (so frames from a list of images form one clip).
+        (model, vae, positive, negative, noise_augmentation, seed, steps, cfg, sampler_name, scheduler, frames_per_group,
+         context_frames, tile_size, tile_overlap, latent_shift) = (
+            _single(v) for v in (model, vae, positive, negative, noise_augmentation, seed, steps, cfg, sampler_name, scheduler,
+                                 frames_per_group, context_frames, tile_size, tile_overlap, latent_shift))
+        settings = Settings(seed, steps, cfg, sampler_name, scheduler, noise_augmentation, frames_per_group, context_frames,
+                            tile_size, tile_overlap)
+        clip = clip_frames(frames)
+        check_model(model)
+        check_vae(vae)
+        check_conditioning(model, positive, negative)
+        settings.check()
+        sampling_model = upscaler_model(model, latent_shift)
+
+        count, height, width = clip.shape[0], clip.shape[1], clip.shape[2]
+        sizes, how = piece_sizes(sampling_model, count, height, width, settings)
+        if not settings.tile_size:  # an automatic tile keeps its overlap under half its side
+            settings = replace(settings, tile_overlap=min(settings.tile_overlap, min(sizes.tile_height, sizes.tile_width) // 2))
+        pieces = sizes.pieces(count, height, width, settings.context_frames, settings.tile_overlap)
+        log.info(
+            "%s: %d frames %dx%d -> %dx%d in pieces of up to %d frames (%d context) x %dx%d tiles (%s): %d pieces.",
+            NODE, count, width, height, width * SCALE, height * SCALE, sizes.frames_per_group,
+            min(settings.context_frames, sizes.frames_per_group - 1), min(sizes.tile_width, width), min(sizes.tile_height, height), how, pieces,
+        )
+        latents = upscale_latents(sampling_model, clip, positive, negative, settings, sizes)
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        images = vae.decode(latents)
+        return io.NodeOutput(images)
+
+
+def _single(values: list):
+    """An input of an ``is_input_list`` node: its one value (the first when a list brings several)."""
+    return values[0]
