@@ -2,7 +2,7 @@
 Load Checkpoint -> SimDA Adapter Loader -> SimDA Latent-Shift Patch -> the host's KSampler on a
 batch of frames -> VAE Decode -> Save Image.
 
-One server for the session (tests/server.py); a random SD1.5 checkpoint and random SimDA adapters
+One server for the session (tests/live_server.py); a random SD1.5 checkpoint and random SimDA adapters
 keep it quick on a CPU. Bad adapter files are written into the server's models/simda folder
 before the prompt that names them is queued (the host validates a combo value against the folder).
 """
@@ -15,7 +15,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from server import cached_nodes, comfy_server, execution_error  # noqa: F401  (comfy_server is a fixture)
+from live_server import cached_nodes, comfy_server, execution_error  # noqa: F401  (comfy_server is a fixture)
 
 FRAMES = 4
 SIZE = 64

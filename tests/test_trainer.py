@@ -29,7 +29,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import server  # first: tests/server.py (it imports tests/host.py, which puts the host on sys.path)
+import live_server as server  # first: tests/live_server.py (it imports tests/host.py, which puts the host on sys.path)
 from host import HOST_DIR, PACK_DIR
 
 import av
@@ -49,7 +49,7 @@ SCRIPT = PACK_DIR / "scripts" / "train_simda.py"
 ONE_LEVEL_UNET = dict(
     server.SD15_TEST_UNET, channel_mult=[1], num_res_blocks=[1], transformer_depth=[1], transformer_depth_output=[1, 1]
 )
-"""tests/server.py's SD1.5 test UNet cut to one level: 26M parameters, still detected as SD1.5."""
+"""tests/live_server.py's SD1.5 test UNet cut to one level: 26M parameters, still detected as SD1.5."""
 CAPTIONS = ("a red square moving right", "a blue box sliding")
 STEPS = 4
 COMMON = [
@@ -61,7 +61,7 @@ COMMON = [
 # -- fixtures ------------------------------------------------------------------------------------
 
 def one_level_checkpoint() -> Path:
-    """tests/server.py's random SD1.5 checkpoint with ONE_LEVEL_UNET, cached under .cache/."""
+    """tests/live_server.py's random SD1.5 checkpoint with ONE_LEVEL_UNET, cached under .cache/."""
     key = hashlib.sha256(json.dumps([server.RECIPE_KEY, ONE_LEVEL_UNET], sort_keys=True).encode()).hexdigest()[:12]
     path = server.CACHE_DIR / f"simda_test_sd15_one_level_{key}.safetensors"
     if not path.is_file():

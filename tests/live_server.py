@@ -2,7 +2,7 @@
 detects as SD1.5, random SimDA adapters for it, and the host's own ``main.py`` started on a
 temporary base folder (``--base-directory``), driven over its HTTP API.
 
-Test files import what they use: ``from server import comfy_server, ...``.
+Test files import what they use: ``from live_server import comfy_server, ...``.
 
 The checkpoint and adapters are built once with the host's own modules and cached under
 ``<pack>/.cache/`` (git-ignored), keyed by a hash of the recipe. The server runs in its own
