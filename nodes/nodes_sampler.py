@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 
+import comfy.context_windows
 import comfy.model_management
 import comfy.sample
 import comfy.samplers
@@ -18,6 +19,32 @@ log = logging.getLogger("SimDA")
 
 INVERSION_KEY = "simda_inversion"
 """LATENT entry that marks DDIM-inverted noise: ``{"steps", "scheduler", "sampler"}`` it was made with."""
+
+
+class FrameBatchContextHandler(comfy.context_windows.IndexListContextHandler):
+    """The host's context-window handler for windows over the frames of the batch (``dim`` 0).
+
+    The host finds the current step by comparing the schedule with the timestep tensor, which has
+    one entry per batch item; over the batch dimension that only lines up when there are as many
+    frames as schedule entries. All frames share one sigma, so the first one identifies the step."""
+
+    @classmethod
+    def from_handler(cls, handler: comfy.context_windows.IndexListContextHandler) -> "FrameBatchContextHandler":
+        frame_handler = cls.__new__(cls)
+        frame_handler.__dict__.update(handler.__dict__)
+        return frame_handler
+
+    def set_step(self, timestep, model_options):
+        return super().set_step(timestep[:1], model_options)
+
+
+def with_frame_windows(model):
+    """``model``, or a clone whose batch-dimension context windows find their step."""
+    handler = model.model_options.get("context_handler")
+    if type(handler) is comfy.context_windows.IndexListContextHandler and handler.dim == 0:
+        model = model.clone()
+        model.model_options["context_handler"] = FrameBatchContextHandler.from_handler(handler)
+    return model
 
 
 def clip_noise(shape: tuple[int, ...], seed: int, shared: float) -> torch.Tensor:
@@ -136,6 +163,7 @@ class SimDAVideoSampler(io.ComfyNode):
         if get_config(model) is None:
             log.info("SimDA Video Sampler: the MODEL carries no SimDA patch, so the %d frames are sampled independently.", frames)
 
+        model = with_frame_windows(model)
         callback = latent_preview.prepare_callback(model, steps)
         samples = comfy.sample.sample(
             model, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,

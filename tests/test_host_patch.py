@@ -721,3 +721,24 @@ def test_nodes_refuse_a_model_of_another_family(adapter_file):
     with pytest.raises(ValueError, match=r"SD1\.x or SD2\.x.*SDXL"):
         SimDALatentShiftPatch.execute(xl, **SHIFT_DEFAULTS)
     assert ATTACHMENT not in xl.attachments
+
+
+def test_video_sampler_runs_context_windows_over_the_frame_batch(base):
+    """The Video Sampler hands the host a context handler that finds its step from one frame's
+    sigma, so windows over the frames work at any step count (the host's own needs steps + 1 ==
+    frames, see above); every UNet call sees one window of 6 frames per cond/uncond group."""
+    from simda_pack.nodes.nodes_sampler import SimDAVideoSampler
+
+    clone = everything_on(base, seed=21)
+    windowed = node_model(ContextWindowsManualNode.execute(clone, 6, 2, "standard_static", 1, False, "pyramid", 0))
+    seen = []
+    windowed.add_wrapper_with_key(
+        DIFFUSION_MODEL, "test_probe", lambda executor, x, *a, **k: seen.append(x.shape[0]) or executor(x, *a, **k)
+    )
+    result = SimDAVideoSampler.execute(
+        windowed, POSITIVE, NEGATIVE, 12, 64, 64, 0, 2, 4.0, "euler", "normal", 1.0, 0.0
+    ).result[0]["samples"]
+    assert result.shape == (12, 4, 8, 8) and bool(torch.isfinite(result).all())
+    assert seen and set(seen) == {12}, seen  # 2 groups x 6 frames per call
+    assert "context_handler" in windowed.model_options  # the caller's MODEL keeps the host's own handler
+    assert type(windowed.model_options["context_handler"]).__name__ == "IndexListContextHandler"
