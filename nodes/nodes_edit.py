@@ -209,7 +209,7 @@ class SimDASaveAdapters(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, filename, **kwargs):
+    def validate_inputs(cls, filename):
         try:
             path = adapter_file_path(filename)
         except ValueError as e:

@@ -51,12 +51,76 @@ def set_widget(workflow: dict, object_info: dict, node_type: str, name: str, val
     return changed
 
 
-def workflow_to_api(workflow: dict, object_info: dict) -> dict:
-    """The API prompt that queueing ``workflow`` in the frontend sends (active nodes only)."""
+MUTED, BYPASSED = 2, 4
+"""Node modes in the UI format: a muted node is left out; a bypassed one is left out and its
+consumers are connected to the input it would have passed on, as the frontend does."""
+
+
+def types_match(a: str | None, b: str | None) -> bool:
+    """Whether sockets of types ``a`` and ``b`` connect ("*" and "" take anything; "A,B" is a union)."""
+    a, b = str(a or "*").lower(), str(b or "*").lower()
+    if a == "*" or b == "*" or a == b:
+        return True
+    return any(x == y for x in a.split(",") for y in b.split(",")) if "," in a + b else False
+
+
+def bypass_input(node: dict, slot: int, wanted: str) -> int | None:
+    """The input of bypassed ``node`` whose value stands in for its output ``slot`` when a
+    ``wanted``-typed input reads it: the input at the same index if its type fits, else the first
+    input of exactly that type, else the first that connects; None when none fits."""
+    inputs = node.get("inputs") or []
+    if not inputs:
+        return None
+    if str(wanted or "*") == "*":
+        return slot if slot < len(inputs) else 0
+    outputs = node.get("outputs") or []
+    produced = outputs[slot].get("type") if slot < len(outputs) else wanted
+    if slot < len(inputs) and types_match(inputs[slot].get("type"), produced) and types_match(inputs[slot].get("type"), wanted):
+        return slot
+    for index, entry in enumerate(inputs):
+        if entry.get("type") == wanted:
+            return index
+    for index, entry in enumerate(inputs):
+        if types_match(entry.get("type"), produced) and types_match(entry.get("type"), wanted):
+            return index
+    return None
+
+
+def resolve_link(workflow: dict, link_id: int | None, wanted: str) -> tuple[str, int] | None:
+    """``(node id, output slot)`` that link ``link_id`` delivers to a ``wanted``-typed input once
+    bypassed nodes and Reroutes are passed through; None when nothing arrives (an unlinked input
+    behind a bypass, or a frontend-only source such as a PrimitiveNode, whose value is already in
+    the consumer's widget)."""
+    nodes = {node["id"]: node for node in workflow["nodes"]}
     links = {link[0]: (link[1], link[2]) for link in workflow["links"]}
+    seen = set()
+    while link_id is not None:
+        if link_id in seen:
+            raise ValueError(f"the workflow's links loop through bypassed nodes (link {link_id})")
+        seen.add(link_id)
+        source, slot = links[link_id]
+        node = nodes[source]
+        if node.get("mode", 0) == BYPASSED:
+            index = bypass_input(node, slot, wanted)
+            if index is None:
+                return None
+            link_id = node["inputs"][index].get("link")
+        elif node["type"] == "Reroute":
+            link_id = (node.get("inputs") or [{}])[0].get("link")
+        elif node["type"] in FRONTEND_ONLY:
+            return None
+        else:
+            return str(source), slot
+    return None
+
+
+def workflow_to_api(workflow: dict, object_info: dict) -> dict:
+    """The API prompt that queueing ``workflow`` in the frontend sends: active nodes only (muted and
+    bypassed ones are left out); an input fed through a bypassed node reads that node's input of
+    the same type instead, and one fed by a muted node is dropped (the frontend does both)."""
     prompt = {}
     for node in workflow["nodes"]:
-        if node["type"] in FRONTEND_ONLY or node.get("mode", 0) != 0:
+        if node["type"] in FRONTEND_ONLY or node.get("mode", 0) in (MUTED, BYPASSED):
             continue
         info = object_info[node["type"]]
         values = list(node.get("widgets_values") or [])
@@ -67,7 +131,12 @@ def workflow_to_api(workflow: dict, object_info: dict) -> dict:
             position += 2 if has_control else 1
         for entry in node.get("inputs", []):
             if entry.get("link") is not None:
-                source, slot = links[entry["link"]]
-                inputs[entry["name"]] = [str(source), slot]
+                source = resolve_link(workflow, entry["link"], entry.get("type", "*"))
+                if source is not None:
+                    inputs[entry["name"]] = list(source)
         prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    for entry in prompt.values():
+        for name, value in list(entry["inputs"].items()):
+            if isinstance(value, list) and len(value) == 2 and isinstance(value[0], str) and value[0] not in prompt:
+                del entry["inputs"][name]
     return prompt

@@ -282,7 +282,9 @@ def test_cond_and_uncond_batched_or_in_separate_calls_agree(base):
     together = call(clone, (x, timesteps, context), cond_or_uncond=(0, 1))
     cond = call(clone, (x[:frames], timesteps[:frames], context[:frames]), cond_or_uncond=(0,))
     uncond = call(clone, (x[frames:], timesteps[frames:], context[frames:]), cond_or_uncond=(1,))
-    torch.testing.assert_close(together, torch.cat([cond, uncond]), rtol=1e-5, atol=1e-5)
+    # Equal up to float reassociation: with 2 CPU threads the batched matmuls block differently
+    # (measured up to 7.8e-5 on outputs of magnitude ~3); mixing the clips would differ by O(1).
+    torch.testing.assert_close(together, torch.cat([cond, uncond]), rtol=1e-4, atol=1e-4)
 
 
 # -- 4: sampling leaves nothing behind ---------------------------------------------------------------
