@@ -25,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
         "WebVid-style CSV. Run it under torchrun --nproc_per_node N for data-parallel training.",
     )
     io = p.add_argument_group("inputs and output")
-    io.add_argument("--checkpoint", required=True, type=Path, help="SD1.x checkpoint (.safetensors/.ckpt) with UNet, CLIP and VAE.")
+    io.add_argument("--checkpoint", required=True, type=Path, help="SD1.x checkpoint (.safetensors/.ckpt) with UNet, CLIP and VAE; "
+                    "the SD x4 upscaler (x4-upscaler-ema.safetensors) trains super-resolution adapters.")
     io.add_argument("--data", type=Path, help="Folder of clips (mp4/webm/mov/mkv/avi/gif) with a .txt caption next to each; "
                     "with --csv: the folder the CSV's relative paths start from (default: the CSV's folder).")
     io.add_argument("--csv", type=Path, help="CSV with a clip column (path/video/file, or WebVid's videoid [+page_dir]) "
@@ -36,8 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     clips = p.add_argument_group("clip sampling")
     clips.add_argument("--frames", type=int, default=16, help="Frames per training clip (default %(default)s).")
     clips.add_argument("--stride", type=int, default=2, help="Take every n-th source frame; a clip needs (frames-1)*stride+1 frames (default %(default)s).")
-    clips.add_argument("--width", type=int, default=512, help="Frame width in pixels, a multiple of 8 (default %(default)s).")
-    clips.add_argument("--height", type=int, default=512, help="Frame height in pixels, a multiple of 8 (default %(default)s).")
+    clips.add_argument("--width", type=int, default=512, help="Frame width in pixels, a multiple of 8; with the x4 upscaler the "
+                       "output width, the input being a quarter of it (default %(default)s).")
+    clips.add_argument("--height", type=int, default=512, help="Frame height in pixels, a multiple of 8; with the x4 upscaler the "
+                       "output height (default %(default)s).")
     clips.add_argument("--crop", choices=("random", "center"), default="random", help="Window of the target aspect cut from each clip (default %(default)s).")
     clips.add_argument("--workers", type=int, default=2, help="Data-loader processes per training process; 0 decodes in the main process (default %(default)s).")
 
@@ -48,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0, help="Seed of the adapters' initial weights, data order, frame windows, crops, timesteps and noise (default %(default)s).")
     train.add_argument("--mixed-precision", action=argparse.BooleanOptionalAction, default=True,
                        help="fp16 UNet with autocast and loss scaling on CUDA; ignored on the CPU (default on).")
+    train.add_argument("--noise-augmentation", type=float, nargs=2, default=(0.0, 0.2), metavar=("MIN", "MAX"),
+                       help="x4 upscaler only: each clip's noise augmentation of its low-resolution input (as in SD 4x Upscale "
+                       "Conditioning, 0..1) is drawn uniformly from MIN..MAX (default 0 0.2).")
     train.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
                        help="Recompute activations in backward: far less memory for about one extra forward pass per step (default on).")
 
@@ -99,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
         save_every=args.save_every, checkpoint_every=args.checkpoint_every, sample_every=args.sample_every,
         sample_prompt=args.sample_prompt, sample_steps=args.sample_steps, sample_cfg=args.sample_cfg,
-        workers=args.workers, resume=args.resume,
+        workers=args.workers, resume=args.resume, noise_augmentation=tuple(args.noise_augmentation),
     ))
 
 

@@ -1,5 +1,7 @@
 """Collection training: SimDA adapters trained on a folder (or CSV) of captioned clips, from an SD1.x/
 SD2.x checkpoint loaded with the host's own loader. ``scripts/train_simda.py`` is the command.
+Given the SD x4 upscaler it trains super-resolution adapters (SIMDA_SPEC.md section 6): the clips'
+frames are the targets, their 4x downscales the concat image (see :func:`sr_conditioning`).
 
 One step: this process's shard of the global batch (``video_data.GlobalBatchPlan``) -> frames to
 latents with the checkpoint's VAE, captions to context with its CLIP -> the denoising loss of
@@ -54,7 +56,10 @@ STATE_FORMAT = "simda-training-state"
 STATE_VERSION = 1
 ADAPTER_PREFIX = "simda_adapters_step"
 LOSS_PNG, LOSS_CSV = "loss.png", "loss.csv"
-TRAINABLE_FAMILIES = ("sd1", "sd2")
+TRAINABLE_FAMILIES = ("sd1", "sd2", "sd_x4_upscaler")
+SR_FAMILY = "sd_x4_upscaler"
+SR_SCALE = 4
+"""Output pixels per input pixel of the x4 upscaler (its latent has the input's size)."""
 
 
 class TrainingSetupError(ValueError):
@@ -88,6 +93,8 @@ class TrainingOptions:
     sample_cfg: float = 7.5
     workers: int = 2
     resume: bool = False
+    noise_augmentation: tuple[float, float] = (0.0, 0.2)
+    """x4 upscaler only: each clip's noise augmentation (SD 4x Upscale Conditioning's) is drawn uniformly from this range."""
 
     def check(self) -> None:
         if self.data is None and self.csv is None:
@@ -102,6 +109,12 @@ class TrainingOptions:
             raise TrainingSetupError(f"--lr must be above 0 (got {self.learning_rate}); the authors use 5e-5.")
         if self.sample_every and self.sample_steps < 1:
             raise TrainingSetupError("--sample-steps must be 1 or more.")
+        low, high = self.noise_augmentation
+        if not 0.0 <= low <= high <= 1.0:
+            raise TrainingSetupError(
+                f"--noise-augmentation {low} {high}: give MIN MAX with 0 <= MIN <= MAX <= 1 "
+                "(the range of SD 4x Upscale Conditioning)."
+            )
         if not Path(self.checkpoint).is_file():
             raise TrainingSetupError(f"the checkpoint '{self.checkpoint}' does not exist; pass the path of an SD1.x .safetensors/.ckpt file.")
 
@@ -372,10 +385,49 @@ class CaptionEncoder:
 
 
 def encode_frames(vae, model_patcher, frames: torch.Tensor) -> torch.Tensor:
-    """``[clips, F, H, W, 3]`` 0..1 -> clean latents ``[clips * F, C, H/8, W/8]`` in the UNet's space."""
+    """``[clips, F, H, W, 3]`` 0..1 -> clean latents ``[clips * F, C, H/8, W/8]`` (the x4 upscaler's:
+    ``H/4, W/4``) in the UNet's space."""
     with torch.no_grad():
         latent = vae.encode(frames.reshape(-1, *frames.shape[2:]))
         return model_patcher.model.process_latent_in(latent.float()).float()
+
+
+def low_resolution(frames: torch.Tensor) -> torch.Tensor:
+    """``[..., H, W, 3]`` -> ``[..., H/4, W/4, 3]``: the frames downscaled 4x (bicubic, antialiased)."""
+    pixels = frames.reshape(-1, *frames.shape[-3:]).movedim(-1, 1)
+    size = (frames.shape[-3] // SR_SCALE, frames.shape[-2] // SR_SCALE)
+    small = torch.nn.functional.interpolate(pixels, size=size, mode="bicubic", align_corners=False, antialias=True)
+    return small.clamp(0, 1).movedim(1, -1).reshape(*frames.shape[:-3], *size, frames.shape[-1])
+
+
+def sr_conditioning(model_patcher, frames: torch.Tensor, x0: torch.Tensor, seed: int, sample_numbers: list[int],
+                    noise_augmentation: tuple[float, float]) -> dict[str, torch.Tensor]:
+    """The x4 upscaler's extra conditioning of each clip, made by the host as when the Video Upscaler
+    samples: the clip's frames ``[clips, F, H, W, 3]`` downscaled 4x go through SD 4x Upscale
+    Conditioning (concat image in -1..1), then ``SD_X4Upscaler.extra_conds`` noise-augments them and
+    gives the noise level. Each clip's level is drawn uniformly from ``noise_augmentation`` and its
+    augmentation noise seeded, both from the sample's number only. ``x0``: the clips' latents
+    ``[clips * F, 4, H/4, W/4]``. Returns ``{'c_concat': [clips * F, 3, H/4, W/4], 'y': [clips * F]}``
+    for :meth:`AdapterTrainer.loss`."""
+    from comfy_extras.nodes_sdupscale import SD_4XUpscale_Conditioning
+
+    base, device = model_patcher.model, model_patcher.load_device
+    frames_per_clip = frames.shape[1]
+    low, high = noise_augmentation
+    parts: dict[str, list[torch.Tensor]] = {}
+    for clip, number in enumerate(sample_numbers):
+        generator = torch.Generator().manual_seed(derived_seed(seed, "noise augmentation", number))
+        level = low + (high - low) * float(torch.rand((), generator=generator))
+        augmentation_seed = int(torch.randint(0, 2**62, (), generator=generator))
+        conditioned = SD_4XUpscale_Conditioning.execute(low_resolution(frames[clip]), [[None, {}]], [], float(SR_SCALE), level)
+        options = conditioned.args[0][0][1]  # {'concat_image': [F, 3, h, w], 'noise_augmentation': level}
+        clip_latents = x0[clip * frames_per_clip:(clip + 1) * frames_per_clip]
+        # The host's augmentation reseeds the global RNG (torch.manual_seed); keep ours as it was.
+        with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
+            conds = base.extra_conds(**options, noise=clip_latents, device=device, seed=augmentation_seed)
+        for name, cond in conds.items():
+            parts.setdefault(name, []).append(cond.process_cond(batch_size=frames_per_clip, area=None).cond)
+    return {name: torch.cat(tensors) for name, tensors in parts.items()}
 
 
 def sample_draws(seed: int, sample_numbers: list[int], latent_shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -404,6 +456,30 @@ def sample_clip(model_patcher, captions: CaptionEncoder, vae, prompt: str, frame
             model_patcher, noise, steps, cfg, "ddim", "ddim_uniform", positive, negative, latent, disable_pbar=True, seed=seed,
         )
         return vae.decode(samples).reshape(-1, height, width, 3).float().cpu()
+
+
+def sample_upscaled_clip(model_patcher, captions: CaptionEncoder, vae, frames: torch.Tensor, prompt: str, steps: int,
+                         cfg: float, noise_augmentation: float, seed: int) -> torch.Tensor:
+    """The x4 model being trained upscales a clip's frames ``[F, H, W, 3]`` from their 4x downscale,
+    as the Video Upscaler does for a clip in one piece (SD 4x Upscale Conditioning, the host's
+    sampler; DDIM, the empty prompt as negative). Returns ``[F, H, 3W, 3]``: the low-resolution
+    input (bilinear to full size) | the upscaled frames | the original frames, in 0..1."""
+    import comfy.sample
+    from comfy_extras.nodes_sdupscale import SD_4XUpscale_Conditioning
+
+    low = low_resolution(frames)
+    positive, negative, latent = SD_4XUpscale_Conditioning.execute(
+        low, [[captions(prompt), {}]], [[captions(""), {}]], float(SR_SCALE), noise_augmentation
+    ).args
+    noise = torch.randn(latent["samples"].shape, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        samples = comfy.sample.sample(
+            model_patcher, noise, steps, cfg, "ddim", "ddim_uniform", positive, negative, latent["samples"],
+            disable_pbar=True, seed=seed,
+        )
+        upscaled = vae.decode(samples).reshape(frames.shape).float().cpu()
+    shown_input = torch.nn.functional.interpolate(low.movedim(-1, 1), size=frames.shape[1:3], mode="bilinear").movedim(1, -1)
+    return torch.cat([shown_input, upscaled, frames.float()], dim=2)
 
 
 # -- the run -------------------------------------------------------------------------------------
@@ -448,18 +524,19 @@ def load_host_model(options: TrainingOptions):
     except RuntimeError as e:
         reason = " ".join(str(e).split()).removeprefix("ERROR: ")
         raise TrainingSetupError(
-            f"ComfyUI could not load '{options.checkpoint}' ({reason}); pass an SD1.x checkpoint with UNet, text encoder "
-            "and VAE in one file."
+            f"ComfyUI could not load '{options.checkpoint}' ({reason}); pass an SD1.x checkpoint (or the SD x4 upscaler) "
+            "with UNet, text encoder and VAE in one file."
         ) from None
     if model is None or clip is None or vae is None:
         raise TrainingSetupError(
-            f"'{Path(options.checkpoint).name}' lacks a UNet, text encoder or VAE; the trainer needs a full SD1.x checkpoint."
+            f"'{Path(options.checkpoint).name}' lacks a UNet, text encoder or VAE; the trainer needs a full SD1.x checkpoint "
+            "(or the full SD x4 upscaler, e.g. x4-upscaler-ema.safetensors)."
         )
     family = model_family(model)
     if family not in TRAINABLE_FAMILIES:
         raise TrainingSetupError(
             f"'{Path(options.checkpoint).name}' is a {family} checkpoint; SimDA adapters train on an SD1.x (or SD2.x) "
-            "UNet: pass an SD1.5 checkpoint."
+            "UNet, super-resolution adapters on the SD x4 upscaler: pass an SD1.5 checkpoint or x4-upscaler-ema.safetensors."
         )
     return model, clip, vae, family
 
@@ -530,6 +607,7 @@ def run(options: TrainingOptions, processes: Processes) -> Path:
     from tqdm import tqdm
 
     model, clip, vae, family = load_host_model(options)
+    super_resolution = family == SR_FAMILY
     training, adapters, trainer = prepare_training(model, family, options, state, processes)
     losses = [float(v) for v in state["losses"]][:start_step] if state else []
     del state
@@ -539,6 +617,10 @@ def run(options: TrainingOptions, processes: Processes) -> Path:
         output.mkdir(parents=True, exist_ok=True)
         log.info("SimDA trainer: %s UNet, %.1fM adapter parameters, output in %s", family,
                  adapters.trainable_parameters() / 1e6, output)
+        if super_resolution:
+            log.info("SimDA trainer: super-resolution: %dx%d frames from their %dx%d downscale, noise augmentation %g..%g",
+                     options.width, options.height, options.width // SR_SCALE, options.height // SR_SCALE,
+                     *options.noise_augmentation)
 
     dataset = VideoClipDataset(entries, sampling)
     plan = GlobalBatchPlan(len(entries), global_batch, options.seed)
@@ -558,6 +640,10 @@ def run(options: TrainingOptions, processes: Processes) -> Path:
         "frame_stride": str(options.stride),
         "resolution": f"{options.width}x{options.height}",
     }
+    if super_resolution:
+        extra_metadata["input_resolution"] = f"{options.width // SR_SCALE}x{options.height // SR_SCALE}"
+        extra_metadata["noise_augmentation"] = "{:g}..{:g}".format(*options.noise_augmentation)
+    sample_frames = None  # super-resolution samples: one fixed clip of the collection, loaded when first needed
 
     def save_checkpoint(step: int) -> None:
         save_state(output / STATE_NAME, step, adapters, trainer, losses, options, family, processes)
@@ -577,7 +663,10 @@ def run(options: TrainingOptions, processes: Processes) -> Path:
         timesteps, noise = sample_draws(options.seed, numbers, (options.frames, *x0.shape[1:]))
         comfy.model_management.load_models_gpu([training])  # no-op unless encoding moved it out
         make_base_trainable(training.model.diffusion_model)
-        loss = trainer.loss(x0, context, clips, timesteps=timesteps, noise=noise)
+        conds = None
+        if super_resolution:
+            conds = sr_conditioning(training, frames, x0, options.seed, numbers, options.noise_augmentation)
+        loss = trainer.loss(x0, context, clips, timesteps=timesteps, noise=noise, conds=conds)
         trainer.backward_and_update(loss, reduce_gradients=processes.average_gradients)
         value = processes.mean(loss)
         losses.append(value)
@@ -602,8 +691,16 @@ def run(options: TrainingOptions, processes: Processes) -> Path:
             if (options.checkpoint_every and done % options.checkpoint_every == 0) or last:
                 save_checkpoint(done)
             if options.sample_every and (done % options.sample_every == 0 or last):
-                clip_frames = sample_clip(training, captions, vae, sample_prompt, options.frames, options.width,
-                                          options.height, options.sample_steps, options.sample_cfg, options.seed)
+                if super_resolution:
+                    if sample_frames is None:
+                        sample_frames = dataset[(0, derived_seed(options.seed, "sample clip"))]
+                    clip_frames = sample_upscaled_clip(
+                        training, captions, vae, sample_frames["frames"], options.sample_prompt or sample_frames["caption"],
+                        options.sample_steps, options.sample_cfg, options.noise_augmentation[0], options.seed,
+                    )
+                else:
+                    clip_frames = sample_clip(training, captions, vae, sample_prompt, options.frames, options.width,
+                                              options.height, options.sample_steps, options.sample_cfg, options.seed)
                 path = write_animation(clip_frames, output / "samples" / f"step{done:06d}.webp")
                 progress.write(f"SimDA trainer: step {done}: sample clip {path.relative_to(output)}")
     progress.close()

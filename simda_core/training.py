@@ -80,15 +80,28 @@ def denoising_target(model_sampling, sigma: torch.Tensor, x_noisy: torch.Tensor,
     return (x0 - a_x) / b
 
 
-def unet_output(model_patcher, x_noisy: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor, groups: int) -> torch.Tensor:
-    """The host UNet's raw output for a noisy batch (the patcher must be loaded/patched)."""
+def unet_output(
+    model_patcher, x_noisy: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor, groups: int,
+    conds: dict[str, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """The host UNet's raw output for a noisy batch (the patcher must be loaded/patched).
+
+    ``conds``: the model's extra conditioning of the batch (``BaseModel.extra_conds`` processed to
+    the batch size, e.g. the x4 upscaler's ``c_concat`` and ``y``), applied as the host's
+    ``BaseModel._apply_model`` applies it: ``c_concat`` joins the input channels, the others go to
+    the UNet by name (floating-point ones in its dtype)."""
     base = model_patcher.model
     sampling = base.model_sampling
     dtype = getattr(base, "manual_cast_dtype", None) or base.get_dtype()
-    x_in = sampling.calculate_input(sigma, x_noisy).to(dtype)
+    extra = dict(conds or {})
+    x_in = sampling.calculate_input(sigma, x_noisy)
+    concat = extra.pop("c_concat", None)
+    if concat is not None:
+        x_in = torch.cat([x_in, concat.to(x_in)], dim=1)
+    extra = {k: v.to(x_in.device, dtype) if v.is_floating_point() else v.to(x_in.device) for k, v in extra.items()}
     timesteps = sampling.timestep(sigma).float()
     options = call_options(model_patcher, [0] * groups)
-    return base.diffusion_model(x_in, timesteps, context=context.to(dtype), transformer_options=options)
+    return base.diffusion_model(x_in.to(dtype), timesteps, context=context.to(dtype), transformer_options=options, **extra)
 
 
 class AdapterTrainer:
@@ -117,9 +130,11 @@ class AdapterTrainer:
         clips: int,
         timesteps: torch.Tensor | None = None,
         noise: torch.Tensor | None = None,
+        conds: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Denoising loss of ``clips`` clips: ``x0`` ``[clips * F, C, H, W]`` clean latents in the
-        model's space, ``context`` ``[clips * F, tokens, dim]``. One timestep per clip.
+        model's space, ``context`` ``[clips * F, tokens, dim]``, ``conds`` the model's extra
+        conditioning per frame (see :func:`unet_output`). One timestep per clip.
 
         ``timesteps`` ``[clips]`` and ``noise`` (shaped like ``x0``) are drawn from the trainer's
         generator unless given; a caller that must reproduce a clip's draw wherever it is computed
@@ -135,7 +150,7 @@ class AdapterTrainer:
         x0 = x0.to(self.device)
         x_noisy = sampling.noise_scaling(sigma, noise, x0)
         with torch.autocast("cuda", dtype=torch.float16, enabled=self.use_amp):
-            out = unet_output(self.model_patcher, x_noisy, sigma, context.to(self.device), clips)
+            out = unet_output(self.model_patcher, x_noisy, sigma, context.to(self.device), clips, conds)
         target = denoising_target(sampling, sigma, x_noisy, x0)
         return torch.nn.functional.mse_loss(out.float(), target.float())
 

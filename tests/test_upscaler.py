@@ -85,6 +85,43 @@ def random_x4_checkpoint(path: Path, seed: int = 0) -> Path:
     return path
 
 
+X4_CLIP_RECIPE = {"x4": RECIPE_KEY, "text_encoder": "host SD2ClipModel (OpenCLIP ViT-H), full size",
+                  "weights": "seeded, fan-in scaled, float16", "seed": 3, "version": 1}
+X4_CLIP_KEY = hashlib.sha256(json.dumps(X4_CLIP_RECIPE, sort_keys=True).encode()).hexdigest()[:12]
+X4_CLIP_CHECKPOINT = CACHE_DIR / f"simda_test_x4_upscaler_clip_{X4_CLIP_KEY}.safetensors"
+
+
+def x4_checkpoint_with_text_encoder() -> Path:
+    """The random x4 upscaler checkpoint plus a seeded random text encoder of its own kind (SD2's
+    OpenCLIP ViT-H, full size: the host builds it from a fixed config; 354M parameters, 708 MB in
+    fp16, built once in seconds), for what needs the x4 checkpoint's CLIP. Cached in .cache/."""
+    path = X4_CLIP_CHECKPOINT
+    if path.is_file():
+        return path
+    if not CHECKPOINT.is_file():
+        random_x4_checkpoint(CHECKPOINT)
+    state, metadata = comfy.utils.load_torch_file(str(CHECKPOINT), return_metadata=True)
+    model_config = comfy.supported_models.SD_X4Upscaler(dict(X4_TEST_UNET))
+    cpu = torch.device("cpu")
+    clip = comfy.sd.CLIP(
+        model_config.clip_target(),
+        model_options={"dtype": torch.float32, "load_device": cpu, "offload_device": cpu, "initial_device": cpu},
+    )
+    host.randomize_(clip.cond_stage_model, X4_CLIP_RECIPE["seed"])
+    clip_state = model_config.process_clip_state_dict_for_saving(clip.get_sd())
+    # The host's loader must find every text-encoder weight again under the names it reads.
+    wanted = {k for k in clip.get_sd() if not k.endswith((".logit_scale", ".text_projection.weight"))}
+    found = set(model_config.process_clip_state_dict(dict(clip_state)))
+    if wanted - found:
+        raise RuntimeError(f"the host would not load these text-encoder weights: {sorted(wanted - found)[:5]}")
+    state.update({k: v.to(torch.float16).contiguous() for k, v in clip_state.items()})
+    del clip
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    comfy.utils.save_torch_file(state, str(tmp), metadata={**(metadata or {}), "simda_test_x4_clip": json.dumps(X4_CLIP_RECIPE)})
+    os.replace(tmp, path)
+    return path
+
+
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     threads = torch.get_num_threads()
