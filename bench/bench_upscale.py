@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from bench_unet import seeded_weights_ as seeded_  # one weight recipe for every benchmark
+
 import torch
 
 PACK_DIR = Path(__file__).resolve().parents[1]
@@ -79,21 +81,6 @@ def import_pack(cpu: bool):
     import host  # noqa: F401
 
     return host
-
-
-def seeded_(module: torch.nn.Module, seed: int, scale: float = 1.0) -> None:
-    """Fan-in-scaled normal weights, norm scales near 1, small biases; drawn on the module's device."""
-    device = next(module.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad():
-        for name, param in module.named_parameters():
-            noise = torch.randn(param.shape, generator=generator, device=device)
-            if param.ndim >= 2:
-                param.copy_(scale * noise / param[0].numel() ** 0.5)
-            elif name.endswith("weight"):
-                param.copy_(1 + 0.1 * noise)
-            else:
-                param.copy_(0.1 * scale * noise)
 
 
 def full_size_x4(device: torch.device):
