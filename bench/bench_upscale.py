@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from bench_unet import device_name  # noqa: E402  (one device description for every benchmark)
 from bench_unet import seeded_weights_ as seeded_  # one weight recipe for every benchmark
 
 import torch
@@ -190,14 +191,6 @@ def run_row(name: str, call: Callable[[], torch.Tensor], mode: Mode, device: tor
         row["peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
     print(f"  {name}: {row['seconds']:.1f} s" + (f", peak {row['peak_mib']:.0f} MiB" if "peak_mib" in row else ""), flush=True)
     return row
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    names = [line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")]
-    return f"{names[0] if names else 'CPU'} ({os.cpu_count()} cores, torch using {torch.get_num_threads()} threads)"
 
 
 def markdown(rows: list[dict], mode: Mode, device: torch.device, seconds: float) -> str:
