@@ -79,13 +79,12 @@ def bench_t2v(base, adapters, setting: Setting, mode, device) -> list[str]:
 
 
 def bench_tune(base, setting: Setting, mode, device) -> list[str]:
-    import comfy.ops
     from simda_core.host_patch import LatentShiftSettings, SimDAConfig, apply_simda, model_sites
-    from simda_core.training import AdapterTrainer, TuningRecipe, initial_adapters, make_base_trainable
+    from simda_core.adapter_training import AdapterTrainer, TuningRecipe, initial_adapters, make_base_trainable
 
     rows = []
     for checkpointing in (True, False):
-        adapters = initial_adapters(model_sites(base), operations=comfy.ops.manual_cast, seed=0, device=device)
+        adapters = initial_adapters(model_sites(base), seed=0, device=device)
         clone = base.clone()
         apply_simda(clone, SimDAConfig(adapters=adapters, latent_shift=LatentShiftSettings(), gradient_checkpointing=checkpointing))
         make_base_trainable(clone.model.diffusion_model)

@@ -137,12 +137,11 @@ def build_unet(mode: Mode, device: torch.device):
 def random_adapters(patcher, device: torch.device):
     """Adapters for every site of the UNet, built as the Adapter Loader builds them (host casting
     layers, the UNet's dtype) and filled with seeded non-zero weights so every branch computes."""
-    import comfy.ops
     from simda_core.adapters import SimDAAdapters
     from simda_core.host_patch import adapter_storage_dtype, model_sites
 
     adapters = SimDAAdapters(
-        model_sites(patcher), operations=comfy.ops.manual_cast, dtype=adapter_storage_dtype(patcher), device=device
+        model_sites(patcher), dtype=adapter_storage_dtype(patcher), device=device
     )
     seeded_weights_(adapters, seed=1, scale=0.1)
     return adapters.requires_grad_(False)

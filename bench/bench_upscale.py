@@ -117,11 +117,10 @@ def reduced_x4():
 
 def sr_adapters(model):
     """Random super-resolution adapters on a clone of ``model``, registered as the Adapter Loader does."""
-    import comfy.ops
     from simda_pack.simda_core.adapters import SimDAAdapters
     from simda_pack.simda_core.host_patch import SimDAConfig, adapter_storage_dtype, apply_simda, model_sites
 
-    adapters = SimDAAdapters(model_sites(model), operations=comfy.ops.manual_cast, dtype=adapter_storage_dtype(model),
+    adapters = SimDAAdapters(model_sites(model), dtype=adapter_storage_dtype(model),
                              device=model.load_device)
     seeded_(adapters, seed=1, scale=0.1)
     adapters.requires_grad_(False)

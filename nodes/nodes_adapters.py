@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-import comfy.ops
 from comfy_api.latest import io
 
 from ..simda_core.formats import FAMILIES, AdapterFileError, build_adapters, read_adapter_file
@@ -73,7 +72,7 @@ class SimDAAdapterLoader(io.ComfyNode):
             adapter_file = read_adapter_file(path)
             check_family(model, adapter_file.family, f"SimDA adapter file '{adapter_file.name}'")
             adapters = build_adapters(
-                adapter_file, model_sites(model), operations=comfy.ops.manual_cast, dtype=adapter_storage_dtype(model)
+                adapter_file, model_sites(model), dtype=adapter_storage_dtype(model)
             )
         except AdapterFileError as e:
             raise ValueError(f"SimDA Adapter Loader: {e}") from None

@@ -6,7 +6,6 @@ import os
 from dataclasses import dataclass, replace
 
 import comfy.model_management
-import comfy.ops
 import comfy.samplers
 import comfy.utils
 import latent_preview
@@ -23,7 +22,7 @@ from ..simda_core.host_patch import (
     model_sites,
 )
 from ..simda_core.inversion import host_sampler_inversion
-from ..simda_core.training import AdapterTrainer, TuningRecipe, initial_adapters, make_base_trainable
+from ..simda_core.adapter_training import AdapterTrainer, TuningRecipe, initial_adapters, make_base_trainable
 from .folders import save_folder
 from .nodes_adapters import check_family
 from .nodes_sampler import INVERSION_KEY
@@ -68,10 +67,8 @@ def trainable_adapters(model, device, seed: int) -> SimDAAdapters:
     sites = model_sites(model)
     if existing is None:
         # The host's layers skip weight initialisation (their weights would be uninitialised memory).
-        return initial_adapters(sites, operations=comfy.ops.manual_cast, seed=seed, device=device)
-    adapters = SimDAAdapters(
-        sites, existing.spatial_ratio, existing.temporal_ratio, operations=comfy.ops.manual_cast, dtype=torch.float32, device=device
-    )
+        return initial_adapters(sites, seed=seed, device=device)
+    adapters = SimDAAdapters(sites, existing.spatial_ratio, existing.temporal_ratio, dtype=torch.float32, device=device)
     adapters.load_state_dict({k: v.detach().float() for k, v in existing.state_dict().items()})
     return adapters
 

@@ -1,4 +1,4 @@
-"""Writes the shared workflows in workflows/ (ComfyUI's UI format) from a short description of each
+"""Writes the shared workflows in example_workflows/ (ComfyUI's UI format) from a short description of each
 graph, with widget order and socket types taken from a running ComfyUI's /object_info.
 
     python scripts/build_workflows.py --server http://127.0.0.1:8188
@@ -12,7 +12,7 @@ from pathlib import Path
 
 from workflow_format import input_spec, is_widget, widget_slots
 
-WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
+WORKFLOWS = Path(__file__).resolve().parents[1] / "example_workflows"
 
 NEGATIVE = "blurry, low quality, watermark, text, deformed, flicker"
 CHECKPOINT = "v1-5-pruned-emaonly.safetensors"

@@ -1,5 +1,5 @@
 """Turns the frontend tests' screenshots of the workflows' graphs into the templates' thumbnails
-(workflows/<workflow>.jpg, shown by ComfyUI's template browser) and the README's pictures
+(example_workflows/<workflow>.jpg, shown by ComfyUI's template browser) and the README's pictures
 (docs/images/<workflow>.png).
 
     bash scripts/test.sh tests/test_frontend.py     # writes tests/output/frontend/<workflow>.png
@@ -14,7 +14,7 @@ from pathlib import Path
 from PIL import Image
 
 PACK_DIR = Path(__file__).resolve().parents[1]
-WORKFLOWS = PACK_DIR / "workflows"
+WORKFLOWS = PACK_DIR / "example_workflows"
 DOCS_IMAGES = PACK_DIR / "docs" / "images"
 
 THUMBNAIL_WIDTH, THUMBNAIL_QUALITY, THUMBNAIL_MAX_BYTES = 512, 80, 200_000

@@ -1,21 +1,22 @@
 """SimDA's trainable parts (SIMDA_SPEC.md sections 1 and 2): spatial adapters inside every
 transformer block and a depth-wise temporal adapter before every transformer.
 
-Modules take an ``operations`` namespace (``Linear``, ``Conv3d``) like the host's layers do, so
-the host can hand in its casting layers; plain ``torch.nn`` is the default.
+Every layer here is a plain ``torch.nn`` layer (never one of the host's ``comfy.ops`` classes), so
+no host setting can create them without weights or skip their initialisation. The layers cast
+their weights to the input's device and dtype when those differ: the host may keep the adapters
+in another dtype or on the offload device (low-VRAM loading, fp8 base weights with a manual-cast
+compute dtype, autocast during training).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
 from .layout import ClipLayout
-
-TORCH_OPS = SimpleNamespace(Linear=nn.Linear, Conv3d=nn.Conv3d)
 
 SPATIAL_RATIO = 0.25
 """Spatial adapter bottleneck: ``D -> D/4 -> D``."""
@@ -23,15 +24,36 @@ TEMPORAL_RATIO = 0.5
 """Temporal adapter bottleneck: ``C -> C/2 -> C``."""
 
 
-class SpatialAdapter(nn.Module):
-    """``fc2(GELU(fc1(x)))`` with ``fc2`` zero-initialised: a no-op until trained."""
+def _like(param: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+    if param is None or (param.device == x.device and param.dtype == x.dtype):
+        return param
+    return param.to(device=x.device, dtype=x.dtype)
 
-    def __init__(self, dim: int, ratio: float = SPATIAL_RATIO, operations=TORCH_OPS, dtype=None, device=None):
+
+class AdapterLinear(nn.Linear):
+    """``nn.Linear`` that follows its input's device and dtype (see the module docstring)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, _like(self.weight, x), _like(self.bias, x))
+
+
+class AdapterConv3d(nn.Conv3d):
+    """``nn.Conv3d`` that follows its input's device and dtype (see the module docstring)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, _like(self.weight, x), _like(self.bias, x))
+
+
+class SpatialAdapter(nn.Module):
+    """``fc2(GELU(fc1(x)))``: ``fc1`` with PyTorch's default initialisation and ``fc2`` zero, as the
+    authors' ``simda/models/attention.py`` has it: a no-op until trained."""
+
+    def __init__(self, dim: int, ratio: float = SPATIAL_RATIO, dtype=None, device=None):
         super().__init__()
         hidden = int(dim * ratio)
-        self.fc1 = operations.Linear(dim, hidden, dtype=dtype, device=device)
+        self.fc1 = AdapterLinear(dim, hidden, dtype=dtype, device=device)
         self.act = nn.GELU()
-        self.fc2 = operations.Linear(hidden, dim, dtype=dtype, device=device)
+        self.fc2 = AdapterLinear(hidden, dim, dtype=dtype, device=device)
         nn.init.zeros_(self.fc2.weight)
         nn.init.zeros_(self.fc2.bias)
 
@@ -41,16 +63,22 @@ class SpatialAdapter(nn.Module):
 
 class TemporalAdapter(nn.Module):
     """``x + up(dw(down(x)))`` over the frames of each clip: 1x1x1 down-projection, depth-wise
-    (3, 1, 1) convolution in time with zero padding, 1x1x1 zero-initialised up-projection."""
+    (3, 1, 1) convolution in time with zero padding, 1x1x1 up-projection.
 
-    def __init__(self, channels: int, ratio: float = TEMPORAL_RATIO, operations=TORCH_OPS, dtype=None, device=None):
+    Initialised as the authors' ``Temp_Adapter`` (``simda/models/unet_blocks.py``): kaiming-normal
+    weights on the down and depth-wise convolutions, PyTorch's default biases, the up-projection
+    zero (weights and bias)."""
+
+    def __init__(self, channels: int, ratio: float = TEMPORAL_RATIO, dtype=None, device=None):
         super().__init__()
         hidden = int(channels * ratio)
-        self.down = operations.Conv3d(channels, hidden, kernel_size=1, dtype=dtype, device=device)
-        self.depthwise = operations.Conv3d(
+        self.down = AdapterConv3d(channels, hidden, kernel_size=1, dtype=dtype, device=device)
+        self.depthwise = AdapterConv3d(
             hidden, hidden, kernel_size=(3, 1, 1), padding=(1, 0, 0), groups=hidden, dtype=dtype, device=device
         )
-        self.up = operations.Conv3d(hidden, channels, kernel_size=1, dtype=dtype, device=device)
+        self.up = AdapterConv3d(hidden, channels, kernel_size=1, dtype=dtype, device=device)
+        nn.init.kaiming_normal_(self.down.weight)
+        nn.init.kaiming_normal_(self.depthwise.weight)
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
 
@@ -98,7 +126,6 @@ class SimDAAdapters(nn.Module):
         sites: list[AdapterSite],
         spatial_ratio: float = SPATIAL_RATIO,
         temporal_ratio: float = TEMPORAL_RATIO,
-        operations=TORCH_OPS,
         dtype=None,
         device=None,
     ):
@@ -111,12 +138,12 @@ class SimDAAdapters(nn.Module):
         self.temporal = nn.ModuleDict()
         for site in self.sites:
             self.temporal[_module_key(site.path)] = TemporalAdapter(
-                site.channels, temporal_ratio, operations, dtype, device
+                site.channels, temporal_ratio, dtype, device
             )
             for index in range(site.depth):
                 key = _module_key(site.block_path(index))
-                self.attn[key] = SpatialAdapter(site.inner_dim, spatial_ratio, operations, dtype, device)
-                self.ffn[key] = SpatialAdapter(site.inner_dim, spatial_ratio, operations, dtype, device)
+                self.attn[key] = SpatialAdapter(site.inner_dim, spatial_ratio, dtype, device)
+                self.ffn[key] = SpatialAdapter(site.inner_dim, spatial_ratio, dtype, device)
 
     def temporal_adapter(self, site_path: str) -> TemporalAdapter:
         return self.temporal[_module_key(site_path)]

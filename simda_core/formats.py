@@ -261,11 +261,9 @@ def read_adapter_file(path: str | os.PathLike) -> AdapterFile:
     return adapter
 
 
-def build_adapters(adapter_file: AdapterFile, sites: list[AdapterSite], operations=None, dtype=None, device=None) -> SimDAAdapters:
+def build_adapters(adapter_file: AdapterFile, sites: list[AdapterSite], dtype=None, device=None) -> SimDAAdapters:
     """Adapters for a UNet with these ``sites``, filled from the file; a file made for another
     UNet layout gets an :class:`AdapterFileError` that names both."""
-    from .adapters import TORCH_OPS
-
     file_sites = {(s.path, s.channels) for s in adapter_file.sites} if adapter_file.sites else None
     model_sites = {(s.path, s.channels) for s in sites}
     if file_sites is not None and file_sites != model_sites:
@@ -275,7 +273,7 @@ def build_adapters(adapter_file: AdapterFile, sites: list[AdapterSite], operatio
             "use adapters trained for this model family."
         )
     adapters = SimDAAdapters(
-        sites, adapter_file.spatial_ratio, adapter_file.temporal_ratio, operations or TORCH_OPS, dtype=torch.float32, device="cpu"
+        sites, adapter_file.spatial_ratio, adapter_file.temporal_ratio, dtype=torch.float32, device="cpu"
     )
     expected = adapters.file_keys_to_module_keys()
     module_state = adapters.state_dict()

@@ -36,7 +36,7 @@ import torch.distributed as dist
 from .adapters import SimDAAdapters
 from .formats import AdapterFileError, save_adapters
 from .host_patch import LatentShiftSettings, SimDAConfig, apply_simda, model_family, model_sites
-from .training import NUM_TIMESTEPS, AdapterTrainer, TuningRecipe, initial_adapters, make_base_trainable
+from .adapter_training import NUM_TIMESTEPS, AdapterTrainer, TuningRecipe, initial_adapters, make_base_trainable
 from .video_data import (
     ClipSampling,
     GlobalBatchPlan,
@@ -545,10 +545,9 @@ def prepare_training(model, family: str, options: TrainingOptions, state: dict |
     """A SimDA-patched clone of ``model`` (latent shift on) with trainable adapters, fresh or from
     ``state``, the same in every process, loaded by the host and ready for backward; its trainer."""
     import comfy.model_management
-    import comfy.ops
 
     device = model.load_device
-    adapters = initial_adapters(model_sites(model), comfy.ops.manual_cast, derived_seed(options.seed, "adapters"), device)
+    adapters = initial_adapters(model_sites(model), derived_seed(options.seed, "adapters"), device)
     if state:
         try:
             adapters.load_file_state_dict({k: v.to(device) for k, v in state["adapters"].items()})

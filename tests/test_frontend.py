@@ -1,6 +1,6 @@
 """The shared workflows in the real ComfyUI web page, in headless Chromium.
 
-Each file in workflows/ is opened in the web frontend that the pinned host serves (its PyPI
+Each file in example_workflows/ is opened in the web frontend that the pinned host serves (its PyPI
 ``comfyui-frontend-package``), through the page's own ``app.loadGraphData``, in Debian's Chromium
 driven by Playwright (scripts/setup_browser.sh installs both). The page must know every node type
 of the file and show no widget error; a PNG of the graph is saved, then the page queues the graph
@@ -11,9 +11,9 @@ checkpoints of tests/live_server.py and tests/test_upscaler.py (the upscaled one
 
 The screenshots land in tests/output/frontend/ (git-ignored): ``<workflow>.png`` is the graph,
 ``<workflow>.page.png`` the whole page. ``scripts/make_thumbnails.py`` turns them into the
-templates' thumbnails (workflows/<workflow>.jpg) and the README's pictures (docs/images/).
+templates' thumbnails (example_workflows/<workflow>.jpg) and the README's pictures (docs/images/).
 
-The host also serves workflows/ as templates (/api/workflow_templates); the last tests check that
+The host also serves example_workflows/ as templates (/api/workflow_templates); the last tests check that
 each file is listed and fetchable there with its thumbnail, and that the page's template browser
 shows them.
 """
@@ -46,7 +46,7 @@ try:
 except ImportError as error:  # a failure, not a skip: the set-up installs it
     raise ImportError("Playwright is not installed: run scripts/setup_browser.sh") from error
 
-WORKFLOWS = PACK_DIR / "workflows"
+WORKFLOWS = PACK_DIR / "example_workflows"
 NAMES = ("text_to_video", "latent_shift_training_free", "video_edit", "text_to_video_upscaled")
 SCREENSHOTS = PACK_DIR / "tests" / "output" / "frontend"
 
@@ -89,7 +89,7 @@ def set_values(workflow: dict, info: dict, node_type: str, title: str | None = N
 
 
 def shrunk(name: str, server, info: dict) -> dict:
-    """``workflows/<name>.json`` with the test server's files picked and small sizes, frames and
+    """``example_workflows/<name>.json`` with the test server's files picked and small sizes, frames and
     steps; its Save nodes write under output/frontend/."""
     workflow = load_workflow(name)
     prefix = {"filename_prefix": f"frontend/{name}"}
@@ -400,7 +400,7 @@ def test_workflows_are_templates_with_thumbnails(comfy_server):
     status, templates = comfy_server.request("GET", "/api/workflow_templates")
     assert status == 200, status
     files = sorted(p.stem for p in WORKFLOWS.glob("*.json"))
-    assert files == sorted(NAMES), f"workflows/ holds {files}; the tests know {sorted(NAMES)}"
+    assert files == sorted(NAMES), f"example_workflows/ holds {files}; the tests know {sorted(NAMES)}"
     assert sorted(templates.get(pack, [])) == files, f"templates of {pack!r}: {templates.get(pack)}"
     for name in files:
         status, served = comfy_server.request("GET", f"/api/workflow_templates/{pack}/{name}.json")

@@ -68,9 +68,8 @@ def unload_host_models():
     comfy.model_management.unload_all_models()
 
 
-def random_adapters(patcher, seed: int, operations=None, dtype=None) -> SimDAAdapters:
-    kwargs = {"operations": operations} if operations is not None else {}
-    adapters = SimDAAdapters(model_sites(patcher), dtype=dtype, **kwargs)
+def random_adapters(patcher, seed: int, dtype=None) -> SimDAAdapters:
+    adapters = SimDAAdapters(model_sites(patcher), dtype=dtype)
     host.randomize_(adapters, seed)
     return adapters.requires_grad_(False)
 
@@ -557,7 +556,7 @@ def test_host_context_windows_on_frames_need_steps_plus_one_frames(base):
 # -- 7: memory management ------------------------------------------------------------------------------
 
 def test_adapters_are_an_additional_model_the_host_loads(base):
-    adapters = random_adapters(base, 14, operations=comfy.ops.manual_cast)
+    adapters = random_adapters(base, 14)
     clone = simda(base, adapters=adapters, latent_shift=LatentShiftSettings())
     extra = [m for m in clone.get_nested_additional_models() if m.model is adapters]
     assert len(extra) == 1
@@ -601,7 +600,7 @@ def run_loaded(patcher, batch, share: float | None, cond_or_uncond=(1, 0)):
 
 @pytest.mark.parametrize("share", [0.0, 0.35], ids=["all_offloaded", "partly_loaded"])
 def test_low_vram_loading_gives_the_full_load_outputs(base, share):
-    adapters = random_adapters(base, 15, operations=comfy.ops.manual_cast)
+    adapters = random_adapters(base, 15)
     clone = simda(base, adapters=adapters, latent_shift=LatentShiftSettings())
     clone, _ = comfy.sd.load_lora_for_models(clone, None, lora_state_dict(base), 1.0, 0.0)
     batch = video_batch(frames=4, groups=2, seed=15)

@@ -44,7 +44,7 @@ import torch
 from simda_pack.nodes.nodes_edit import invert_clip
 from simda_pack.simda_core.adapters import SimDAAdapters
 from simda_pack.simda_core.host_patch import LatentShiftSettings, SimDAConfig, apply_simda, model_sites
-from simda_pack.simda_core.training import (
+from simda_pack.simda_core.adapter_training import (
     AdapterTrainer,
     TuningRecipe,
     denoising_target,

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from simda_pack.simda_core.host_patch import LatentShiftSettings, SimDAConfig, apply_simda, model_sites
-from simda_pack.simda_core.training import AdapterTrainer, TuningRecipe, initial_adapters, make_base_trainable
+from simda_pack.simda_core.adapter_training import AdapterTrainer, TuningRecipe, initial_adapters, make_base_trainable
 
 FRAMES = 4
 

@@ -1,4 +1,4 @@
-"""The shared workflows in workflows/ run end to end in the real ComfyUI server.
+"""The shared workflows in example_workflows/ run end to end in the real ComfyUI server.
 
 Each test loads a workflow's JSON (the UI format the frontend saves), shrinks it by editing its
 widget values (a 64x64 clip of 4 frames in 2 steps instead of the real 512x512, 16 frames, 50
@@ -36,7 +36,7 @@ from simda_pack.simda_core.formats import read_adapter_file
 sys.path.insert(0, str(PACK_DIR / "scripts"))
 from workflow_format import BYPASSED, set_widget, widget_index, workflow_to_api  # noqa: E402
 
-WORKFLOWS = PACK_DIR / "workflows"
+WORKFLOWS = PACK_DIR / "example_workflows"
 TEXT_TO_VIDEO = ("text_to_video.json", "latent_shift_training_free.json")
 SIMDA_NODES = ("SimDAAdapterLoader", "SimDALatentShiftPatch", "SimDAVideoSampler", "SimDAEditTuner", "SimDASaveAdapters")
 
@@ -73,7 +73,7 @@ def set_widgets(workflow: dict, info: dict, node_type: str, **values) -> None:
 
 
 def small_text_to_video(server, info: dict, name: str, prefix: str, *, latent_shift: bool = True, **sampler) -> dict:
-    """``name`` from workflows/, shrunk to FRAMES frames of SIZE x SIZE in STEPS DDIM steps at FPS
+    """``name`` from example_workflows/, shrunk to FRAMES frames of SIZE x SIZE in STEPS DDIM steps at FPS
     frames per second, saving under ``prefix``; without ``latent_shift`` the Latent-Shift Patch
     node is bypassed (as a user does with Ctrl+B)."""
     workflow = load_workflow(name)
@@ -358,7 +358,7 @@ def source_clip(comfy_server) -> Fraction:
 
 
 def small_video_edit(server, info, prefix: str, save_as: str | None = None, **sampler) -> dict:
-    """workflows/video_edit.json on SOURCE_CLIP, tuned and sampled small; with ``save_as`` the
+    """example_workflows/video_edit.json on SOURCE_CLIP, tuned and sampled small; with ``save_as`` the
     (muted) Save SimDA Adapters node is switched on with that file name."""
     workflow = load_workflow("video_edit.json")
     set_widget(workflow, info, "LoadVideo", "file", SOURCE_CLIP)

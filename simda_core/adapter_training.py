@@ -32,18 +32,12 @@ class TuningRecipe:
     gradient_checkpointing: bool = False
 
 
-def initial_adapters(sites, operations=None, seed: int = 0, device=None) -> SimDAAdapters:
-    """Fresh fp32 adapters (outputs zero, as the spec's zero-initialised ``fc2``/``up`` make them)
-    built with ``operations`` (e.g. the host's ``comfy.ops.manual_cast``, which casts to the UNet's
-    dtype when sampling). The host's layers skip weight initialisation, so the weights are drawn
-    with plain ``torch.nn`` layers from ``seed`` (the global RNG is left as it was) and copied in."""
+def initial_adapters(sites, seed: int = 0, device=None) -> SimDAAdapters:
+    """Fresh fp32 adapters, initialised as the authors' (outputs zero until trained), drawn from
+    ``seed`` on the CPU whatever the device (the global RNG is left as it was)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        initialised = SimDAAdapters(sites, dtype=torch.float32, device="cpu")
-    if operations is None:
-        return initialised.to(device) if device is not None else initialised
-    adapters = SimDAAdapters(sites, operations=operations, dtype=torch.float32, device="cpu")
-    adapters.load_state_dict(initialised.state_dict())
+        adapters = SimDAAdapters(sites, dtype=torch.float32, device="cpu")
     return adapters.to(device) if device is not None else adapters
 
 
