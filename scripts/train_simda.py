@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
     setup_host()
-    from simda_core.trainer import TrainingOptions, main as train
+    from simda_core.collection_training import TrainingOptions, main as train
 
     return train(TrainingOptions(
         checkpoint=args.checkpoint, output=args.output, data=args.data, csv=args.csv,

@@ -1,0 +1,99 @@
+"""A training batch made into the UNet's inputs: captions to CLIP context, frames to latents, the
+x4 upscaler's low-resolution conditioning, and each sample's timestep and noise from its number."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..adapter_training import NUM_TIMESTEPS
+from ..video_data import derived_seed
+
+SR_SCALE = 4
+"""Output pixels per input pixel of the x4 upscaler (its latent has the input's size)."""
+
+
+class CaptionEncoder:
+    """Captions -> CLIP context ``[1, tokens, dim]`` on the CPU, the most recent ones cached."""
+
+    def __init__(self, clip, cache_size: int = 1024):
+        self.clip = clip
+        self.cache: dict[str, torch.Tensor] = {}
+        self.cache_size = cache_size
+
+    def __call__(self, caption: str) -> torch.Tensor:
+        cond = self.cache.pop(caption, None)
+        if cond is None:
+            with torch.no_grad():
+                cond = self.clip.encode_from_tokens_scheduled(self.clip.tokenize(caption))[0][0].float().cpu()
+        self.cache[caption] = cond
+        while len(self.cache) > self.cache_size:
+            self.cache.pop(next(iter(self.cache)))
+        return cond
+
+    def context(self, captions: list[str], frames: int) -> torch.Tensor:
+        """``[clips * frames, tokens, dim]``: each clip's caption for each of its frames. Captions
+        longer than one 77-token chunk are repeated to a common length, as the host concatenates
+        conditionings (attention over a key set repeated whole is unchanged)."""
+        conds = [self(c) for c in captions]
+        tokens = math.lcm(*(c.shape[1] for c in conds))
+        conds = [c.repeat(1, tokens // c.shape[1], 1) for c in conds]
+        return torch.cat([c.expand(frames, -1, -1) for c in conds])
+
+
+def encode_frames(vae, model_patcher, frames: torch.Tensor) -> torch.Tensor:
+    """``[clips, F, H, W, 3]`` 0..1 -> clean latents ``[clips * F, C, H/8, W/8]`` (the x4 upscaler's:
+    ``H/4, W/4``) in the UNet's space."""
+    with torch.no_grad():
+        latent = vae.encode(frames.reshape(-1, *frames.shape[2:]))
+        return model_patcher.model.process_latent_in(latent.float()).float()
+
+
+def low_resolution(frames: torch.Tensor) -> torch.Tensor:
+    """``[..., H, W, 3]`` -> ``[..., H/4, W/4, 3]``: the frames downscaled 4x (bicubic, antialiased)."""
+    pixels = frames.reshape(-1, *frames.shape[-3:]).movedim(-1, 1)
+    size = (frames.shape[-3] // SR_SCALE, frames.shape[-2] // SR_SCALE)
+    small = torch.nn.functional.interpolate(pixels, size=size, mode="bicubic", align_corners=False, antialias=True)
+    return small.clamp(0, 1).movedim(1, -1).reshape(*frames.shape[:-3], *size, frames.shape[-1])
+
+
+def sr_conditioning(model_patcher, frames: torch.Tensor, x0: torch.Tensor, seed: int, sample_numbers: list[int],
+                    noise_augmentation: tuple[float, float]) -> dict[str, torch.Tensor]:
+    """The x4 upscaler's extra conditioning of each clip, made by the host as when the Video Upscaler
+    samples: the clip's frames ``[clips, F, H, W, 3]`` downscaled 4x go through SD 4x Upscale
+    Conditioning (concat image in -1..1), then ``SD_X4Upscaler.extra_conds`` noise-augments them and
+    gives the noise level. Each clip's level is drawn uniformly from ``noise_augmentation`` and its
+    augmentation noise seeded, both from the sample's number only. ``x0``: the clips' latents
+    ``[clips * F, 4, H/4, W/4]``. Returns ``{'c_concat': [clips * F, 3, H/4, W/4], 'y': [clips * F]}``
+    for :meth:`AdapterTrainer.loss`."""
+    from comfy_extras.nodes_sdupscale import SD_4XUpscale_Conditioning
+
+    base, device = model_patcher.model, model_patcher.load_device
+    frames_per_clip = frames.shape[1]
+    low, high = noise_augmentation
+    parts: dict[str, list[torch.Tensor]] = {}
+    for clip, number in enumerate(sample_numbers):
+        generator = torch.Generator().manual_seed(derived_seed(seed, "noise augmentation", number))
+        level = low + (high - low) * float(torch.rand((), generator=generator))
+        augmentation_seed = int(torch.randint(0, 2**62, (), generator=generator))
+        conditioned = SD_4XUpscale_Conditioning.execute(low_resolution(frames[clip]), [[None, {}]], [], float(SR_SCALE), level)
+        options = conditioned.args[0][0][1]  # {'concat_image': [F, 3, h, w], 'noise_augmentation': level}
+        clip_latents = x0[clip * frames_per_clip:(clip + 1) * frames_per_clip]
+        # The host's augmentation reseeds the global RNG (torch.manual_seed); keep ours as it was.
+        with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
+            conds = base.extra_conds(**options, noise=clip_latents, device=device, seed=augmentation_seed)
+        for name, cond in conds.items():
+            parts.setdefault(name, []).append(cond.process_cond(batch_size=frames_per_clip, area=None).cond)
+    return {name: torch.cat(tensors) for name, tensors in parts.items()}
+
+
+def sample_draws(seed: int, sample_numbers: list[int], latent_shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Timestep and noise of each sample of a shard, from the sample's number only: ``[clips]``
+    and ``[clips * F, C, h, w]`` for per-clip latents ``latent_shape`` ``(F, C, h, w)``."""
+    timesteps, noise = [], []
+    for n in sample_numbers:
+        generator = torch.Generator().manual_seed(derived_seed(seed, "noise", n))
+        timesteps.append(torch.randint(0, NUM_TIMESTEPS, (1,), generator=generator))
+        noise.append(torch.randn(latent_shape, generator=generator))
+    return torch.cat(timesteps), torch.cat(noise)
+
