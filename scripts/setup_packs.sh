@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# Installs the two video packs SimDA is tested with into a ComfyUI's custom_nodes/, the way
+# ComfyUI-Manager does (the pack's source at a pinned commit, then its Python requirements):
+#   - ComfyUI-VideoHelperSuite     4ee72c065db22c9d96c2427954dc69e7b908444b (1.7.9)
+#   - ComfyUI-AnimateDiff-Evolved  d8d163cd90b1111f6227495e3467633676fbb346 (1.5.7)
+# The source comes from `git clone` + `git checkout <commit>` when GitHub can be reached, otherwise
+# from the release archives <name>-<short commit>.tar.gz in the folder SIMDA_PACKS_DIR names.
+#
+#   scripts/setup_packs.sh [COMFYUI_FOLDER]     (default: $COMFYUI_PATH, else .host/ComfyUI)
+#
+# Requirements go into .venv (VHS: opencv-python-headless and imageio-ffmpeg). Running it again
+# changes nothing once both packs sit at their commits.
+set -euo pipefail
+
+pack_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+host="${1:-${COMFYUI_PATH:-$pack_dir/.host/ComfyUI}}"
+py="$pack_dir/.venv/bin/python"
+[ -f "$host/main.py" ] || { echo "setup_packs.sh: $host is not a ComfyUI folder (no main.py); run scripts/setup_host.sh first." >&2; exit 1; }
+[ -x "$py" ] || { echo "setup_packs.sh: no virtual environment at $pack_dir/.venv; run scripts/setup_host.sh first." >&2; exit 1; }
+
+# name | repository | commit | requirements we install for it
+packs=(
+  "ComfyUI-VideoHelperSuite|https://github.com/Kosinkadink/ComfyUI-VideoHelperSuite|4ee72c065db22c9d96c2427954dc69e7b908444b|opencv-python-headless imageio-ffmpeg"
+  "ComfyUI-AnimateDiff-Evolved|https://github.com/Kosinkadink/ComfyUI-AnimateDiff-Evolved|d8d163cd90b1111f6227495e3467633676fbb346|"
+)
+stamp_name=".simda-pinned-commit"
+
+installed_commit() {  # the commit a pack folder holds, or nothing
+  local target=$1
+  if [ -f "$target/$stamp_name" ]; then
+    cat "$target/$stamp_name"
+  elif [ -d "$target/.git" ]; then
+    git -C "$target" rev-parse HEAD 2>/dev/null || true
+  fi
+}
+
+from_git() {  # clone + checkout; fails quietly when GitHub cannot be reached
+  local repo=$1 commit=$2 target=$3 tmp
+  command -v git >/dev/null || return 1
+  timeout 60 git ls-remote "$repo" HEAD >/dev/null 2>&1 || return 1
+  tmp=$(mktemp -d)
+  if git clone -q "$repo" "$tmp/src" && git -C "$tmp/src" checkout -q "$commit"; then
+    rm -rf "$target"
+    mv "$tmp/src" "$target"
+    rm -rf "$tmp"
+    return 0
+  fi
+  rm -rf "$tmp"
+  return 1
+}
+
+from_archive() {  # unpack <name>-<short commit>.tar.gz from SIMDA_PACKS_DIR
+  local name=$1 commit=$2 target=$3 archive tmp top
+  [ -n "${SIMDA_PACKS_DIR:-}" ] || return 1
+  archive="$SIMDA_PACKS_DIR/$name-${commit:0:7}.tar.gz"
+  [ -f "$archive" ] || return 1
+  tmp=$(mktemp -d)
+  tar -xzf "$archive" -C "$tmp"
+  top=$(find "$tmp" -mindepth 1 -maxdepth 1 -type d | head -n 1)
+  [ -n "$top" ] && [ -f "$top/__init__.py" ] || { rm -rf "$tmp"; echo "setup_packs.sh: $archive does not hold a ComfyUI pack folder." >&2; exit 1; }
+  echo "$commit" > "$top/$stamp_name"
+  rm -rf "$target"
+  mv "$top" "$target"
+  rm -rf "$tmp"
+}
+
+mkdir -p "$host/custom_nodes"
+for entry in "${packs[@]}"; do
+  IFS='|' read -r name repo commit requirements <<< "$entry"
+  target="$host/custom_nodes/$name"
+  if [ "$(installed_commit "$target")" != "$commit" ]; then
+    if from_git "$repo" "$commit" "$target"; then
+      echo "setup_packs.sh: $name cloned at ${commit:0:7}" >&2
+    elif from_archive "$name" "$commit" "$target"; then
+      echo "setup_packs.sh: $name unpacked at ${commit:0:7} from $SIMDA_PACKS_DIR" >&2
+    else
+      echo "setup_packs.sh: cannot install $name: GitHub ($repo) cannot be reached and SIMDA_PACKS_DIR does not name a folder holding $name-${commit:0:7}.tar.gz; give this machine network access or set SIMDA_PACKS_DIR to such a folder." >&2
+      exit 1
+    fi
+  fi
+  if [ -n "$requirements" ]; then
+    missing=()
+    for requirement in $requirements; do
+      "$py" -m pip show -q "$requirement" >/dev/null 2>&1 || missing+=("$requirement")
+    done
+    if [ ${#missing[@]} -gt 0 ]; then
+      "$py" -m pip install -q "${missing[@]}"
+    fi
+  fi
+done
+echo "$host/custom_nodes"
