@@ -14,13 +14,15 @@ from .nodes_latent_shift import SimDALatentShiftPatch  # noqa: E402
 from .nodes_sampler import SimDAVideoSampler  # noqa: E402
 from .nodes_edit import SimDAEditTuner, SimDASaveAdapters  # noqa: E402
 from .nodes_upscale import SimDAVideoUpscaler  # noqa: E402
+from .nodes_prompts import SimDAPromptTravel  # noqa: E402
+from .nodes_keyframes import SimDAKeyframes  # noqa: E402
 
 
 class SimDAExtension(ComfyExtension):
     @override
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         return [SimDAAdapterLoader, SimDALatentShiftPatch, SimDAVideoSampler, SimDAEditTuner, SimDASaveAdapters,
-                SimDAVideoUpscaler]
+                SimDAVideoUpscaler, SimDAPromptTravel, SimDAKeyframes]
 
 
 async def comfy_entrypoint() -> SimDAExtension:

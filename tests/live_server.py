@@ -272,8 +272,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def make_base_dir(base: Path, checkpoint: Path, adapters: Path) -> None:
-    """A ComfyUI base folder with only what the tests need; the pack is its one custom node."""
+def make_base_dir(base: Path, checkpoint: Path, adapters: Path, packs: tuple[Path, ...] = ()) -> None:
+    """A ComfyUI base folder with only what the tests need; the pack is its one custom node, next
+    to the third-party ``packs`` (folders installed by scripts/setup_packs.sh) when given."""
     for sub in ("models/checkpoints", "models/simda", "input", "output", "user", "custom_nodes"):
         (base / sub).mkdir(parents=True, exist_ok=True)
     for source, target in ((checkpoint, base / "models/checkpoints" / checkpoint.name), (adapters, base / "models/simda" / adapters.name)):
@@ -282,6 +283,25 @@ def make_base_dir(base: Path, checkpoint: Path, adapters: Path) -> None:
         except OSError:
             shutil.copy2(source, target)
     (base / "custom_nodes" / "simda").symlink_to(PACK_DIR, target_is_directory=True)
+    for pack in packs:
+        (base / "custom_nodes" / pack.name).symlink_to(pack, target_is_directory=True)
+
+
+VIDEO_PACKS = ("ComfyUI-VideoHelperSuite", "ComfyUI-AnimateDiff-Evolved")
+"""The third-party packs of the compatibility tests, at the commits scripts/setup_packs.sh pins."""
+
+
+def installed_video_packs() -> tuple[Path, ...]:
+    """VideoHelperSuite and AnimateDiff-Evolved in the host's custom_nodes/, installed there by
+    scripts/setup_packs.sh first (git clone at the pinned commits, or the archives in
+    SIMDA_PACKS_DIR; it does nothing when both are in place). Its one-sentence refusal fails the
+    test set-up."""
+    result = subprocess.run(
+        ["bash", str(PACK_DIR / "scripts" / "setup_packs.sh"), str(HOST_DIR)], capture_output=True, text=True
+    )
+    if result.returncode != 0:
+        pytest.fail(result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "scripts/setup_packs.sh failed", pytrace=False)
+    return tuple(HOST_DIR / "custom_nodes" / name for name in VIDEO_PACKS)
 
 
 def start_server(base: Path, timeout: float = STARTUP_TIMEOUT_S) -> ComfyServer:
@@ -320,6 +340,20 @@ def start_server(base: Path, timeout: float = STARTUP_TIMEOUT_S) -> ComfyServer:
     except BaseException:
         server.stop()
         raise
+
+
+@pytest.fixture(scope="session")
+def comfy_server_with_packs(tmp_path_factory):
+    """Like ``comfy_server``, with VideoHelperSuite and AnimateDiff-Evolved installed next to SimDA."""
+    packs = installed_video_packs()
+    checkpoint, adapters = cached_test_models()
+    base = tmp_path_factory.mktemp("comfyui_base_packs")
+    make_base_dir(base, checkpoint, adapters, packs)
+    server = start_server(base)
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="session")
