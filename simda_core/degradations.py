@@ -206,10 +206,19 @@ def apply_degradation(frames: torch.Tensor, degradation: ClipDegradation, scale:
         x = (x + noise).clamp(0, 1)
 
     if degradation.jpeg_quality is not None:
-        quality = torch.full((count,), degradation.jpeg_quality, device=x.device)
-        x = kornia.enhance.jpeg_codec_differentiable(x, quality).clamp(0, 1)
+        x = jpeg(x, degradation.jpeg_quality)
 
     return x.movedim(1, -1).to(frames.dtype)
+
+
+def jpeg(images: torch.Tensor, quality: float) -> torch.Tensor:
+    """``[B, 3, h, w]`` in 0..1 through kornia's JPEG codec at ``quality``. The image is padded
+    (edge pixels repeated) to whole 16x16 macroblocks and cropped back, as an encoder does;
+    kornia 0.7 refuses other sizes."""
+    height, width = images.shape[-2:]
+    padded = torch.nn.functional.pad(images, (0, -width % 16, 0, -height % 16), mode="replicate")
+    quality_per_image = torch.full((images.shape[0],), float(quality), device=images.device, dtype=images.dtype)
+    return kornia.enhance.jpeg_codec_differentiable(padded, quality_per_image)[..., :height, :width].clamp(0, 1)
 
 
 def degrade_clip(frames: torch.Tensor, config: DegradationConfig, seed: int, step: int, clip: int) -> torch.Tensor:
