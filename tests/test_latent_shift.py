@@ -8,6 +8,7 @@ import host  # noqa: F401  (registers the pack as simda_pack)
 import pytest
 import torch
 
+from simda_pack.simda_core import latent_shift
 from simda_pack.simda_core.latent_shift import (
     earlier_frame,
     latent_shift_attention,
@@ -24,14 +25,27 @@ FRAME_COUNTS = [1, 2, 3, 4, 5, 8]
 
 # -- the reference: loops over frames and grid positions, straight from the spec -------------------
 
-def reference_source_frame(positions, t, s):
+def reference_source_frame(positions, t, s, loop_length=0):
     """Frame whose token frame t takes at offset s: the latest frame at least s earlier in time,
-    or t itself when there is none (no wrap-around)."""
-    earlier = [u for u in range(len(positions)) if positions[u] <= positions[t] - s]
-    return max(earlier) if earlier else t
+    or t itself when there is none (no wrap-around).
+
+    In a loop of ``loop_length`` frames: walk back in time from s frames before frame t, round
+    the loop, until a frame of the clip is met. A time outside the stretch of the loop that the
+    clip's frames span (a window of a longer loop) has no source: t keeps its own token."""
+    if not loop_length:
+        earlier = [u for u in range(len(positions)) if positions[u] <= positions[t] - s]
+        return max(earlier) if earlier else t
+    spanned = {time % loop_length for time in range(positions[0], positions[-1] + 1)}
+    frame_at = {p % loop_length: u for u, p in enumerate(positions)}
+    time = positions[t] - s
+    if time % loop_length not in spanned:
+        return t
+    while time % loop_length not in frame_at:
+        time -= 1
+    return frame_at[time % loop_length]
 
 
-def reference_keys(x, clips, frames, h, w, positions=None):
+def reference_keys(x, clips, frames, h, w, positions=None, loop_length=0):
     """``x`` ``[clips * F, h * w, D]`` -> ``[clips * F, 2 * h * w, D]``."""
     positions = list(range(frames)) if positions is None else list(positions)
     dim = x.shape[-1]
@@ -43,9 +57,9 @@ def reference_keys(x, clips, frames, h, w, positions=None):
             for r in range(h):
                 for c in range(w):
                     s = PATTERN[r % 4][c % 4]
-                    shifted[t, r, c] = x[b, reference_source_frame(positions, t, s), r, c]
+                    shifted[t, r, c] = x[b, reference_source_frame(positions, t, s, loop_length), r, c]
         for t in range(frames):
-            previous = reference_source_frame(positions, t, 1)  # frame 0: itself
+            previous = reference_source_frame(positions, t, 1, loop_length)  # frame 0 of an open clip: itself
             out[b, t] = torch.cat([shifted[previous].reshape(h * w, dim), shifted[t].reshape(h * w, dim)])
     return out.reshape(clips * frames, 2 * h * w, dim)
 
@@ -257,3 +271,140 @@ def test_host_looped_windows_unwrap_to_real_time(num_frames):
         step = positions[1] - positions[0]
         assert step >= 1 and all(b - a == step for a, b in zip(positions, positions[1:])), (window, positions)
         assert [p % num_frames for p in positions] == window
+
+
+# -- loop mode --------------------------------------------------------------------------------------
+
+def test_looped_reference_matches_hand_worked_case():
+    # A looped clip of 5 frames on a 1x4 grid (offsets 4, 3, 2, 1): frame t takes (t - s) mod 5,
+    # and frame 0's previous frame is frame 4.
+    frames, h, w = 5, 1, 4
+    x = torch.arange(frames, dtype=torch.float32).repeat_interleave(h * w).reshape(frames, h * w, 1)
+    keys = reference_keys(x, 1, frames, h, w, loop_length=frames)[..., 0]
+    shifted = [[(t - s) % frames for s in (4, 3, 2, 1)] for t in range(frames)]
+    for t in range(frames):
+        assert keys[t].tolist() == shifted[(t - 1) % frames] + shifted[t]
+
+
+@pytest.mark.parametrize("h,w", [(4, 4), (5, 7)])
+@pytest.mark.parametrize("frames", [1, 2, 3, 5, 8])
+def test_looped_clip_equals_reference(h, w, frames):
+    clips, heads = 2, 4
+    q, k, v = random_qkv(clips, frames, h, w, seed=2000 + frames)
+    layout = ClipLayout.from_batch(clips * frames, groups=clips, loop=True)
+    assert layout.loop_length == frames and layout.closes_loop
+    k_shift, v_shift = latent_shift_keys_values(k, v, layout, h, w)
+    k_ref, v_ref = (reference_keys(t, clips, frames, h, w, loop_length=frames) for t in (k, v))
+    assert torch.equal(k_shift, k_ref) and torch.equal(v_shift, v_ref)
+    out = latent_shift_attention(q, k, v, heads, layout, h, w)
+    torch.testing.assert_close(out, reference_attention(q, k_ref, v_ref, heads), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "window,loop_length",
+    [
+        ([14, 15, 0, 1, 2, 3], 16),  # a window across the seam of a 16-frame loop
+        ([20, 21, 22, 23], 64),  # the middle of a longer loop: nothing wraps within reach
+        ([60, 61, 62, 63, 0, 1, 2, 3], 64),
+        ([12, 14, 0, 2, 4, 6, 8, 10], 16),  # every 2nd frame, all the way round the loop
+        ([10, 14, 2, 6], 16),  # every 4th frame, all the way round
+        ([0, 1, 2, 3, 4, 5], 8),  # the start of an 8-frame loop: frame 0 reaches back to nothing
+        ([2, 3, 4, 5, 6, 7, 0], 8),  # all but one frame of the loop: wraps, skips the missing one
+    ],
+)
+def test_looped_window_equals_reference(window, loop_length):
+    h, w = 5, 6
+    layout = ClipLayout.from_batch(2 * len(window), groups=2, window_indices=window, loop_length=loop_length)
+    assert [p % loop_length for p in layout.positions] == window
+    _, k, v = random_qkv(2, len(window), h, w, seed=len(window) + loop_length)
+    got = latent_shift_keys_values(k, v, layout, h, w)
+    for tensor, shifted in zip((k, v), got):
+        expected = reference_keys(tensor, 2, len(window), h, w, layout.positions, loop_length)
+        assert torch.equal(shifted, expected)
+    for t in range(len(window)):
+        for s in range(6):
+            assert earlier_frame(layout.positions, t, s, loop_length) == reference_source_frame(
+                layout.positions, t, s, loop_length
+            ), (t, s)
+
+
+def test_last_frame_reaches_frame_zero_only_in_a_loop():
+    clips, frames, h, w, heads = 1, 6, 8, 8, 4
+    q, k, v = random_qkv(clips, frames, h, w, seed=31)
+    k2, v2 = k.clone(), v.clone()
+    k2[-1] += 1.0
+    v2[-1] -= 1.0
+    for loop in (True, False):
+        layout = ClipLayout.contiguous(clips, frames, loop=loop)
+        before = latent_shift_attention(q, k, v, heads, layout, h, w)
+        after = latent_shift_attention(q, k2, v2, heads, layout, h, w)
+        assert (not torch.equal(before[0], after[0])) == loop, f"loop={loop}"
+        assert not torch.equal(before[-1], after[-1])
+
+
+def test_loop_layout_settings():
+    assert ClipLayout.from_batch(16, groups=2).loop_length == 0
+    layout = ClipLayout.from_batch(16, groups=2, frames_per_clip=4, loop=True)
+    assert (layout.clips, layout.frames, layout.loop_length, layout.closes_loop) == (4, 4, 4, True)
+    window = ClipLayout.from_batch(8, groups=2, window_indices=[30, 31, 0, 1], loop_length=32)
+    assert window.positions == (30, 31, 32, 33) and window.frame_offsets == (0, 1, 2, 3)
+    assert window.loop_length == 32 and not window.closes_loop
+    with pytest.raises(ClipLayoutError, match="pass loop_length"):
+        ClipLayout.from_batch(8, groups=2, window_indices=[30, 31, 0, 1], loop=True)
+    with pytest.raises(ClipLayoutError, match="loop of 3 frames"):
+        ClipLayout.from_batch(8, groups=2, window_indices=[0, 1, 2, 3], loop_length=3)
+
+
+# -- the gather index: one build per window shape ---------------------------------------------------
+
+def naive_index(positions, loop_length, h, w):
+    """The flat gather index, written out with the reference's loops."""
+    tokens = h * w
+
+    def shifted(t):
+        return [
+            reference_source_frame(positions, t, PATTERN[n // w % 4][n % w % 4], loop_length) * tokens + n
+            for n in range(tokens)
+        ]
+
+    index = []
+    for t in range(len(positions)):
+        index += shifted(reference_source_frame(positions, t, 1, loop_length)) + shifted(t)
+    return index
+
+
+@pytest.mark.parametrize(
+    "positions,loop_length,h,w",
+    [((0, 1, 2, 3, 4, 5, 6, 7), 0, 6, 5), ((0, 2, 4, 9), 0, 4, 4), ((0, 1, 2, 3), 4, 3, 7), ((5, 6, 7, 8, 9), 8, 4, 5)],
+)
+def test_index_equals_the_written_out_index(positions, loop_length, h, w):
+    layout = ClipLayout(1, len(positions), positions, loop_length)
+    index = latent_shift.key_value_index(layout, h, w, torch.device("cpu"))
+    assert index.tolist() == naive_index(positions, loop_length, h, w)
+    assert index.dtype == torch.int64 and not index.is_inference()
+
+
+def test_sliding_windows_share_one_index():
+    h, w = 6, 6
+    before = dict(latent_shift._index_cache)
+    indices = []
+    for start in range(100, 140):
+        layout = ClipLayout.from_batch(32, groups=2, window_indices=list(range(start, start + 16)))
+        indices.append(latent_shift.key_value_index(layout, h, w, torch.device("cpu")))
+    new_keys = set(latent_shift._index_cache) - set(before)
+    assert len(new_keys) == 1, new_keys
+    assert all(index is indices[0] for index in indices)
+    # a different shape (a strided window) is a different index
+    strided = ClipLayout.from_batch(32, groups=2, window_indices=list(range(100, 132, 2)))
+    assert not torch.equal(latent_shift.key_value_index(strided, h, w, torch.device("cpu")), indices[0])
+
+
+def test_index_made_in_inference_mode_serves_training():
+    layout = ClipLayout(1, 3, (0, 1, 2), 0)
+    latent_shift._index_cache.pop((layout.frame_offsets, 0, 3, 3, torch.device("cpu")), None)
+    with torch.inference_mode():
+        latent_shift.key_value_index(layout, 3, 3, torch.device("cpu"))
+    k = torch.randn(3, 9, 4, requires_grad=True)
+    k_shift, _ = latent_shift_keys_values(k, k, layout, 3, 3)
+    k_shift.sum().backward()  # would fail on an inference-mode index
+    assert k.grad is not None
