@@ -18,6 +18,18 @@ from pathlib import Path
 PACK_DIR = Path(__file__).resolve().parents[1]
 
 
+RESIZE_MODES = ("bilinear", "bicubic", "area", "nearest-exact")
+
+
+def degradation_defaults():
+    """``simda_core.degradations.DegradationConfig()``: the flags' defaults are the config's own."""
+    if str(PACK_DIR) not in sys.path:
+        sys.path.insert(0, str(PACK_DIR))
+    from simda_core.degradations import DegradationConfig
+
+    return DegradationConfig()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="train_simda.py",
@@ -56,6 +68,35 @@ def build_parser() -> argparse.ArgumentParser:
                        "Conditioning, 0..1) is drawn uniformly from MIN..MAX (default 0 0.2).")
     train.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
                        help="Recompute activations in backward: far less memory for about one extra forward pass per step (default on).")
+
+    sr = p.add_argument_group("super-resolution input (x4 upscaler only; docs/TRAINING.md)")
+    d = degradation_defaults()
+    sr.add_argument("--degradation", choices=("realistic", "bicubic"), default=d.kind,
+                    help="How each clip's low-resolution input is made: realistic = blur, random resize, noise and JPEG drawn "
+                    "once per clip (the same on all its frames); bicubic = the clean 4x downscale (default %(default)s).")
+    sr.add_argument("--blur-probability", type=float, default=d.blur_probability, help="Share of clips blurred before the downscale (default %(default)s).")
+    sr.add_argument("--blur-sigma", type=float, nargs=2, default=d.blur_sigma, metavar=("MIN", "MAX"),
+                    help="Gaussian blur sigma per axis, in pixels of the training frames (default %(default)s).")
+    sr.add_argument("--motion-blur-probability", type=float, default=d.motion_blur_probability,
+                    help="Share of blurred clips that get a motion streak instead of a Gaussian (default %(default)s).")
+    sr.add_argument("--motion-blur-length", type=int, nargs=2, default=d.motion_blur_length, metavar=("MIN", "MAX"),
+                    help="Motion streak length in pixels of the training frames (default %(default)s).")
+    sr.add_argument("--resize-modes", nargs="+", default=list(d.resize_modes), choices=RESIZE_MODES,
+                    help="Downscale methods, one drawn per clip (default: %(default)s).")
+    sr.add_argument("--noise-probability", type=float, default=d.noise_probability, help="Share of clips with added noise (default %(default)s).")
+    sr.add_argument("--poisson-probability", type=float, default=d.poisson_probability,
+                    help="Share of noisy clips whose noise is Poisson-like (follows the signal) instead of Gaussian (default %(default)s).")
+    sr.add_argument("--gaussian-sigma", type=float, nargs=2, default=d.gaussian_sigma, metavar=("MIN", "MAX"),
+                    help="Gaussian noise sigma on the 0..1 scale (default 1/255 15/255).")
+    sr.add_argument("--poisson-peak", type=float, nargs=2, default=d.poisson_peak, metavar=("MIN", "MAX"),
+                    help="Poisson-like noise: photon count of white, drawn log-uniformly; lower is noisier (default %(default)s).")
+    sr.add_argument("--gray-noise-probability", type=float, default=d.gray_noise_probability,
+                    help="Share of noisy clips whose noise is the same on all channels (default %(default)s).")
+    sr.add_argument("--jpeg-probability", type=float, default=d.jpeg_probability, help="Share of clips JPEG-compressed (default %(default)s).")
+    sr.add_argument("--jpeg-quality", type=float, nargs=2, default=d.jpeg_quality, metavar=("MIN", "MAX"),
+                    help="JPEG quality 1..100 (default %(default)s).")
+    sr.add_argument("--sample-clip", type=Path, help="A held-out video for the sample pictures (low-res | plain x4 | SimDA | ground "
+                    "truth, PNG and MP4); default: a fixed clip of the collection.")
 
     saves = p.add_argument_group("saving")
     saves.add_argument("--save-every", type=int, default=1000, help="Save adapters every N steps and at the end; 0: only at the end (default %(default)s).")
@@ -97,6 +138,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
     setup_host()
     from simda_core.collection_training import TrainingOptions, main as train
+    from simda_core.degradations import DegradationConfig
+
+    degradation = DegradationConfig(
+        kind=args.degradation, blur_probability=args.blur_probability, blur_sigma=tuple(args.blur_sigma),
+        motion_blur_probability=args.motion_blur_probability, motion_blur_length=tuple(args.motion_blur_length),
+        resize_modes=tuple(args.resize_modes), noise_probability=args.noise_probability,
+        poisson_probability=args.poisson_probability, gaussian_sigma=tuple(args.gaussian_sigma),
+        poisson_peak=tuple(args.poisson_peak), gray_noise_probability=args.gray_noise_probability,
+        jpeg_probability=args.jpeg_probability, jpeg_quality=tuple(args.jpeg_quality),
+    )
 
     return train(TrainingOptions(
         checkpoint=args.checkpoint, output=args.output, data=args.data, csv=args.csv,
@@ -106,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         save_every=args.save_every, checkpoint_every=args.checkpoint_every, sample_every=args.sample_every,
         sample_prompt=args.sample_prompt, sample_steps=args.sample_steps, sample_cfg=args.sample_cfg,
         workers=args.workers, resume=args.resume, noise_augmentation=tuple(args.noise_augmentation),
+        degradation=degradation, sample_clip=args.sample_clip,
     ))
 
 

@@ -7,6 +7,7 @@ import math
 import torch
 
 from ..adapter_training import NUM_TIMESTEPS
+from ..degradations import ClipDegradation, DegradationConfig, apply_degradation, draw_degradation
 from ..video_data import derived_seed
 
 SR_SCALE = 4
@@ -49,18 +50,27 @@ def encode_frames(vae, model_patcher, frames: torch.Tensor) -> torch.Tensor:
         return model_patcher.model.process_latent_in(latent.float()).float()
 
 
-def low_resolution(frames: torch.Tensor) -> torch.Tensor:
-    """``[..., H, W, 3]`` -> ``[..., H/4, W/4, 3]``: the frames downscaled 4x (bicubic, antialiased)."""
-    pixels = frames.reshape(-1, *frames.shape[-3:]).movedim(-1, 1)
-    size = (frames.shape[-3] // SR_SCALE, frames.shape[-2] // SR_SCALE)
-    small = torch.nn.functional.interpolate(pixels, size=size, mode="bicubic", align_corners=False, antialias=True)
-    return small.clamp(0, 1).movedim(1, -1).reshape(*frames.shape[:-3], *size, frames.shape[-1])
+def low_resolution(frames: torch.Tensor, degradation: ClipDegradation | None = None) -> torch.Tensor:
+    """``[..., H, W, 3]`` -> ``[..., H/4, W/4, 3]``: the frames downscaled 4x, clean (bicubic,
+    antialiased) or through ``degradation`` (one clip's draw, the same on every frame)."""
+    flat = frames.reshape(-1, *frames.shape[-3:])
+    small = apply_degradation(flat, degradation or ClipDegradation(), SR_SCALE)
+    return small.reshape(*frames.shape[:-3], *small.shape[1:])
+
+
+def clip_degradations(config: DegradationConfig, seed: int, step: int, slots) -> list[ClipDegradation]:
+    """The degradation of each clip of this process's shard: one draw per clip from the run's seed,
+    the step and the clip's slot in the global batch (``simda_core.degradations``), so a step's
+    inputs are the same on resume and on any number of processes."""
+    return [draw_degradation(config, seed, step, slot) for slot in slots]
 
 
 def sr_conditioning(model_patcher, frames: torch.Tensor, x0: torch.Tensor, seed: int, sample_numbers: list[int],
-                    noise_augmentation: tuple[float, float]) -> dict[str, torch.Tensor]:
+                    noise_augmentation: tuple[float, float],
+                    degradations: list[ClipDegradation] | None = None) -> dict[str, torch.Tensor]:
     """The x4 upscaler's extra conditioning of each clip, made by the host as when the Video Upscaler
-    samples: the clip's frames ``[clips, F, H, W, 3]`` downscaled 4x go through SD 4x Upscale
+    samples: the clip's frames ``[clips, F, H, W, 3]`` downscaled 4x (clean bicubic, or through the
+    clip's entry of ``degradations``: blur, resize, noise, JPEG) go through SD 4x Upscale
     Conditioning (concat image in -1..1), then ``SD_X4Upscaler.extra_conds`` noise-augments them and
     gives the noise level. Each clip's level is drawn uniformly from ``noise_augmentation`` and its
     augmentation noise seeded, both from the sample's number only. ``x0``: the clips' latents
@@ -71,12 +81,15 @@ def sr_conditioning(model_patcher, frames: torch.Tensor, x0: torch.Tensor, seed:
     base, device = model_patcher.model, model_patcher.load_device
     frames_per_clip = frames.shape[1]
     low, high = noise_augmentation
+    if degradations is not None and len(degradations) != len(sample_numbers):
+        raise ValueError(f"{len(degradations)} degradations for {len(sample_numbers)} clips")
     parts: dict[str, list[torch.Tensor]] = {}
     for clip, number in enumerate(sample_numbers):
         generator = torch.Generator().manual_seed(derived_seed(seed, "noise augmentation", number))
         level = low + (high - low) * float(torch.rand((), generator=generator))
         augmentation_seed = int(torch.randint(0, 2**62, (), generator=generator))
-        conditioned = SD_4XUpscale_Conditioning.execute(low_resolution(frames[clip]), [[None, {}]], [], float(SR_SCALE), level)
+        clip_input = low_resolution(frames[clip], degradations[clip] if degradations is not None else None)
+        conditioned = SD_4XUpscale_Conditioning.execute(clip_input, [[None, {}]], [], float(SR_SCALE), level)
         options = conditioned.args[0][0][1]  # {'concat_image': [F, 3, h, w], 'noise_augmentation': level}
         clip_latents = x0[clip * frames_per_clip:(clip + 1) * frames_per_clip]
         # The host's augmentation reseeds the global RNG (torch.manual_seed); keep ours as it was.

@@ -2,8 +2,10 @@
 the checks made on it before anything is loaded or written."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+
+from ..degradations import DegradationConfig
 
 TRAINABLE_FAMILIES = ("sd1", "sd2", "sd_x4_upscaler")
 SR_FAMILY = "sd_x4_upscaler"
@@ -42,6 +44,11 @@ class TrainingOptions:
     resume: bool = False
     noise_augmentation: tuple[float, float] = (0.0, 0.2)
     """x4 upscaler only: each clip's noise augmentation (SD 4x Upscale Conditioning's) is drawn uniformly from this range."""
+    degradation: DegradationConfig = field(default_factory=DegradationConfig)
+    """x4 upscaler only: how each clip's low-resolution input is made from its frames (realistic: blur,
+    random resize, noise, JPEG, one draw per clip; bicubic: the clean downscale)."""
+    sample_clip: Path | None = None
+    """x4 upscaler only: a held-out video for the sample pictures (default: a fixed clip of the collection)."""
 
     def check(self) -> None:
         if self.data is None and self.csv is None:
@@ -62,6 +69,15 @@ class TrainingOptions:
                 f"--noise-augmentation {low} {high}: give MIN MAX with 0 <= MIN <= MAX <= 1 "
                 "(the range of SD 4x Upscale Conditioning)."
             )
+        try:
+            self.degradation.check()
+        except ValueError as e:
+            # The flags are the settings' names: blur_probability -> --blur-probability.
+            name, rest = str(e).split(" ", 1)
+            flag = "--" + name.replace("_", "-") if name in {f.name for f in fields(DegradationConfig)} else name
+            raise TrainingSetupError(f"super-resolution input: {flag} {rest}.") from None
+        if self.sample_clip is not None and not Path(self.sample_clip).is_file():
+            raise TrainingSetupError(f"--sample-clip '{self.sample_clip}' does not exist; pass a video file (mp4, webm, ...).")
         if not Path(self.checkpoint).is_file():
             raise TrainingSetupError(f"the checkpoint '{self.checkpoint}' does not exist; pass the path of an SD1.x .safetensors/.ckpt file.")
 

@@ -25,10 +25,10 @@ from ..video_data import (
     find_clips,
     read_csv,
 )
-from .conditioning import SR_SCALE, CaptionEncoder, encode_frames, sample_draws, sr_conditioning
+from .conditioning import SR_SCALE, CaptionEncoder, clip_degradations, encode_frames, sample_draws, sr_conditioning
 from .data_parallel import Processes, init_processes
 from .options import SR_FAMILY, TRAINABLE_FAMILIES, TrainingOptions, TrainingSetupError
-from .reports import LOSS_CSV, LOSS_PNG, plot_loss, sample_clip, sample_upscaled_clip, write_animation, write_loss_csv
+from .reports import LOSS_CSV, LOSS_PNG, UpscalingSamples, plot_loss, sample_clip, write_animation, write_loss_csv
 from .state import (
     ADAPTER_PREFIX,
     STATE_NAME,
@@ -183,7 +183,8 @@ def run(options: TrainingOptions, processes: Processes) -> Path:
     if super_resolution:
         extra_metadata["input_resolution"] = f"{options.width // SR_SCALE}x{options.height // SR_SCALE}"
         extra_metadata["noise_augmentation"] = "{:g}..{:g}".format(*options.noise_augmentation)
-    sample_frames = None  # super-resolution samples: one fixed clip of the collection, loaded when first needed
+        extra_metadata["degradation"] = options.degradation.kind
+    upscaling_samples = UpscalingSamples(options, dataset, output) if super_resolution else None
 
     def save_checkpoint(step: int) -> None:
         save_state(output / STATE_NAME, step, adapters, trainer, losses, options, family, processes)
@@ -205,7 +206,8 @@ def run(options: TrainingOptions, processes: Processes) -> Path:
         make_base_trainable(training.model.diffusion_model)
         conds = None
         if super_resolution:
-            conds = sr_conditioning(training, frames, x0, options.seed, numbers, options.noise_augmentation)
+            conds = sr_conditioning(training, frames, x0, options.seed, numbers, options.noise_augmentation,
+                                    clip_degradations(options.degradation, options.seed, step, slots))
         loss = trainer.loss(x0, context, clips, timesteps=timesteps, noise=noise, conds=conds)
         trainer.backward_and_update(loss, reduce_gradients=processes.average_gradients)
         value = processes.mean(loss)
@@ -232,16 +234,11 @@ def run(options: TrainingOptions, processes: Processes) -> Path:
                 save_checkpoint(done)
             if options.sample_every and (done % options.sample_every == 0 or last):
                 if super_resolution:
-                    if sample_frames is None:
-                        sample_frames = dataset[(0, derived_seed(options.seed, "sample clip"))]
-                    clip_frames = sample_upscaled_clip(
-                        training, captions, vae, sample_frames["frames"], options.sample_prompt or sample_frames["caption"],
-                        options.sample_steps, options.sample_cfg, options.noise_augmentation[0], options.seed,
-                    )
+                    path = upscaling_samples.write(model, training, captions, vae, done)
                 else:
                     clip_frames = sample_clip(training, captions, vae, sample_prompt, options.frames, options.width,
                                               options.height, options.sample_steps, options.sample_cfg, options.seed)
-                path = write_animation(clip_frames, output / "samples" / f"step{done:06d}.webp")
+                    path = write_animation(clip_frames, output / "samples" / f"step{done:06d}.webp")
                 progress.write(f"SimDA trainer: step {done}: sample clip {path.relative_to(output)}")
     progress.close()
     processes.barrier()
