@@ -56,26 +56,31 @@ def _shared_statistics_norm(
     eps: float,
 ) -> torch.Tensor:
     """``x`` ``[clips * F, C, *spatial]``: each clip's group statistics over (F, C/groups, spatial),
-    computed in float32 (as torch's own GroupNorm does for half inputs), output in ``x``'s dtype."""
+    accumulated in float32 at least (as torch's own GroupNorm does for half inputs), output in
+    ``x``'s dtype. One temporary of ``x``'s size (the centred rows) besides the output."""
     channels = x.shape[1]
     if channels % groups != 0:
         raise ValueError(f"GroupNorm of {groups} groups cannot split {channels} channels")
-    view = x.reshape(clips, -1, groups, channels // groups, x[0, 0].numel())  # [b, f, g, c/g, hw]
-    dims = (1, 3, 4)
-    if x.dtype in (torch.float32, torch.float64):
-        var, mean = torch.var_mean(view, dim=dims, correction=0, keepdim=True)
-    else:  # float32 accumulation without a float32 copy of x
-        count = view[:, :, 0].numel() // clips
-        mean = view.mean(dim=dims, keepdim=True, dtype=torch.float32)
-        square = torch.linalg.vector_norm(view, 2, dim=dims, keepdim=True, dtype=torch.float32).square_() / count
-        var = (square - mean.square()).clamp_(min=0)
-    scale = torch.rsqrt(var + eps)  # [b, 1, g, 1, 1]
-    stat_dtype = scale.dtype
-    per_channel = (1, 1, groups, channels // groups, 1)
+    per_group = channels // groups
+    accumulate = torch.float64 if x.dtype == torch.float64 else torch.float32
+    rows = x.reshape(clips, -1, groups, per_group * x[0, 0].numel())  # [b, f, g, c/g * hw]
+    # Each frame's group statistics from contiguous rows, in two passes (mean, then the mean
+    # square around it: no cancellation whatever the mean), accumulated in float32 at least;
+    # then the frames' statistics combined into the clip's (small tensors, float64).
+    frame_mean = rows.mean(dim=-1, keepdim=True, dtype=accumulate)  # [b, f, g, 1]
+    pivot = frame_mean.to(x.dtype)  # what is subtracted (the mean, rounded for half inputs)
+    spread = torch.linalg.vector_norm(rows - pivot, 2, dim=-1, dtype=accumulate).double()
+    frame_mean, pivot = frame_mean[..., 0].double(), pivot[..., 0].double()
+    frame_var = spread.square() / rows.shape[-1] - (frame_mean - pivot).square()  # [b, f, g]
+    mean = frame_mean.mean(dim=1)  # [b, g]
+    var = (frame_var.mean(dim=1) + (frame_mean - mean[:, None]).square().mean(dim=1)).clamp_(min=0)
+    scale = torch.rsqrt(var + eps).to(accumulate)[:, None, :, None, None]  # [b, 1, g, 1, 1]
+    mean = mean.to(accumulate)[:, None, :, None, None]
+    per_channel = (1, 1, groups, per_group, 1)
     if weight is not None:
-        scale = scale * weight.to(device=x.device, dtype=stat_dtype).reshape(per_channel)
+        scale = scale * weight.to(device=x.device, dtype=accumulate).reshape(per_channel)
     shift = -mean * scale
     if bias is not None:
-        shift = shift + bias.to(device=x.device, dtype=stat_dtype).reshape(per_channel)
-    out = torch.addcmul(shift.to(x.dtype), view, scale.to(x.dtype))
-    return out.reshape(x.shape)
+        shift = shift + bias.to(device=x.device, dtype=accumulate).reshape(per_channel)
+    view = x.reshape(clips, -1, groups, per_group, x[0, 0].numel())  # [b, f, g, c/g, hw]
+    return torch.addcmul(shift.to(x.dtype), view, scale.to(x.dtype)).reshape(x.shape)

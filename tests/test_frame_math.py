@@ -66,6 +66,16 @@ def test_group_norm_equals_torch_on_the_clip_tensor(clips, frames, channels, gro
     assert relative_error(per_frame, expected) > 1e-2
 
 
+def test_group_norm_keeps_precision_when_means_dwarf_the_spread():
+    # mean 30x the standard deviation: E[x^2] - E[x]^2 in float32 would lose the variance
+    x = torch.randn(2 * 8, 32, 8, 8, generator=torch.Generator().manual_seed(12)) + 30.0
+    norm = seeded_norm(8, 32, seed=5)
+    exact = from_clips(F.group_norm(to_clips(x.double(), 8), 8, norm.weight.double(), norm.bias.double(), norm.eps))
+    with torch.no_grad():
+        got = frame_shared_group_norm(x, ClipLayout.contiguous(2, 8), norm)
+    assert relative_error(got, exact) <= 1e-6
+
+
 def test_group_norm_without_affine_and_of_one_frame():
     x = activations(2, 4, 16, 4, 4, seed=5)
     norm = seeded_norm(4, 16, seed=1, affine=False)
