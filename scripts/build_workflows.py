@@ -205,6 +205,135 @@ def video_edit(info: dict) -> dict:
     return g.to_json()
 
 
+def simda_model(g: Graph, ckpt: int, pos: tuple[int, int], loop: bool = False) -> int:
+    """Adapter Loader -> Latent-Shift Patch on the checkpoint's MODEL; the patch node's id."""
+    loader = g.add("SimDAAdapterLoader", pos, adapter_name=ADAPTERS, strength=1.0, size=(320, 110))
+    g.link(ckpt, 0, loader, "model")
+    extra = {"loop": True} if loop else {}
+    shift = g.add("SimDALatentShiftPatch", (pos[0], pos[1] + 140), size=(320, 270), **extra)
+    g.link(loader, 0, shift, "model")
+    return shift
+
+
+def save_clip(g: Graph, sampler: int, ckpt: int, prefix: str, x: int = 1200, fps: float = 8.0) -> None:
+    decode = g.add("VAEDecode", (x, 100), size=(220, 50))
+    g.link(sampler, 0, decode, "samples")
+    g.link(ckpt, 2, decode, "vae")
+    rate = g.add("PrimitiveFloat", (x, 200), title="Frame rate", value=fps, size=(220, 60))
+    create = g.add("CreateVideo", (x + 260, 0), size=(260, 80))
+    g.link(decode, 0, create, "images")
+    g.link(rate, 0, create, "fps")
+    save = g.add("SaveVideo", (x + 560, 0), filename_prefix=prefix, format="mp4", codec="h264", size=(360, 360))
+    g.link(create, 0, save, "video")
+
+
+def prompt_travel(info: dict) -> dict:
+    """Per-frame prompts: a cat turns into a tiger over 16 frames (SimDA Prompt Travel as positive)."""
+    g = Graph(info)
+    ckpt = g.add("CheckpointLoaderSimple", (0, 200), ckpt_name=CHECKPOINT, size=(320, 100))
+    travel = g.add("SimDAPromptTravel", (380, 0), title="Prompt travel (frame: prompt)", size=(420, 200), frames=16,
+                   prompts="0: a cat walking through a sunny garden, detailed\n"
+                           "8: a lynx walking through a sunny garden, detailed\n"
+                           "15: a (tiger:1.2) walking through a sunny garden, detailed")
+    neg = g.add("CLIPTextEncode", (380, 240), title="Negative prompt", size=(420, 140), text=NEGATIVE)
+    g.link(ckpt, 1, travel, "clip")
+    g.link(ckpt, 1, neg, "clip")
+    shift = simda_model(g, ckpt, (380, 420))
+    sampler = g.add("SimDAVideoSampler", (840, 100), size=(320, 380), frames=16, width=512, height=512, steps=50,
+                    cfg=7.5, sampler_name="ddim", scheduler="ddim_uniform", seed=42)
+    g.link(shift, 0, sampler, "model")
+    g.link(travel, 0, sampler, "positive")
+    g.link(neg, 0, sampler, "negative")
+    save_clip(g, sampler, ckpt, "simda/prompt_travel")
+    return g.to_json()
+
+
+def image_to_video(info: dict) -> dict:
+    """One image fixed as frame 0 of a 16-frame clip (SimDA Keyframes); latent shift carries it on."""
+    g = Graph(info)
+    ckpt = g.add("CheckpointLoaderSimple", (0, 200), ckpt_name=CHECKPOINT, size=(320, 100))
+    image = g.add("LoadImage", (0, 360), title="First frame", image="first_frame.png", size=(320, 320))
+    scale = g.add("ImageScale", (0, 720), upscale_method="lanczos", width=512, height=512, crop="center", size=(320, 130))
+    g.link(image, 0, scale, "image")
+    pos = g.add("CLIPTextEncode", (380, 0), title="Prompt (describes the image and the motion)", size=(400, 160),
+                text="a sailing boat on a calm sea, gentle waves, cinematic")
+    neg = g.add("CLIPTextEncode", (380, 200), title="Negative prompt", size=(400, 140), text=NEGATIVE)
+    g.link(ckpt, 1, pos, "clip")
+    g.link(ckpt, 1, neg, "clip")
+    shift = simda_model(g, ckpt, (380, 380))
+    keys = g.add("SimDAKeyframes", (380, 820), title="SimDA Keyframes (image at frame 0)", frames=16, keyframe_frames="0",
+                 size=(320, 160))
+    g.link(ckpt, 2, keys, "vae")
+    g.link(scale, 0, keys, "images")
+    sampler = g.add("SimDAVideoSampler", (840, 100), size=(320, 420), steps=50, cfg=7.5, sampler_name="ddim",
+                    scheduler="ddim_uniform", seed=42)
+    g.link(shift, 0, sampler, "model")
+    g.link(pos, 0, sampler, "positive")
+    g.link(neg, 0, sampler, "negative")
+    g.link(keys, 0, sampler, "latent")
+    save_clip(g, sampler, ckpt, "simda/image_to_video")
+    return g.to_json()
+
+
+def loop(info: dict) -> dict:
+    """A seamless loop: the Latent-Shift Patch's loop mode (the last frame leads into the first)."""
+    g = Graph(info)
+    ckpt = g.add("CheckpointLoaderSimple", (0, 200), ckpt_name=CHECKPOINT, size=(320, 100))
+    pos = g.add("CLIPTextEncode", (380, 0), title="Prompt", size=(400, 160),
+                text="a campfire burning at night, sparks rising, loopable, detailed")
+    neg = g.add("CLIPTextEncode", (380, 200), title="Negative prompt", size=(400, 140), text=NEGATIVE)
+    g.link(ckpt, 1, pos, "clip")
+    g.link(ckpt, 1, neg, "clip")
+    shift = simda_model(g, ckpt, (380, 380), loop=True)
+    sampler = g.add("SimDAVideoSampler", (840, 100), size=(320, 380), frames=16, width=512, height=512, steps=50,
+                    cfg=7.5, sampler_name="ddim", scheduler="ddim_uniform", seed=42)
+    g.link(shift, 0, sampler, "model")
+    g.link(pos, 0, sampler, "positive")
+    g.link(neg, 0, sampler, "negative")
+    save_clip(g, sampler, ckpt, "simda/loop")
+    return g.to_json()
+
+
+def vhs_video_edit(info: dict) -> dict:
+    """The video edit with VideoHelperSuite (needs VHS): VHS Load Video (every 2nd frame) -> Edit Tuner
+    (stride 1, source_fps = VHS's loaded fps) -> Video Sampler -> VHS Video Combine at the tuner's
+    frame_rate (loaded fps / stride: the edit plays at the source's speed)."""
+    g = Graph(info)
+    video = g.add("VHS_LoadVideo", (0, 0), video="source_clip.mp4", select_every_nth=2, frame_load_cap=48,
+                  format="None", size=(320, 480))
+    video_info = g.add("VHS_VideoInfoLoaded", (0, 520), size=(260, 130))
+    g.link(video, 3, video_info, "video_info")
+    ckpt = g.add("CheckpointLoaderSimple", (0, 700), ckpt_name=CHECKPOINT, size=(320, 100))
+    source = g.add("CLIPTextEncode", (360, 0), title="Source prompt (describes the clip)", size=(400, 140),
+                   text="a rabbit walking in a green meadow")
+    edited = g.add("CLIPTextEncode", (360, 180), title="Edited prompt", size=(400, 140),
+                   text="a tiger walking in a green meadow")
+    empty = g.add("CLIPTextEncode", (360, 360), title="Negative prompt (empty, as in the paper)", size=(400, 100), text="")
+    for node in (source, edited, empty):
+        g.link(ckpt, 1, node, "clip")
+    tuner = g.add("SimDAEditTuner", (800, 0), size=(340, 520), stride=1)
+    g.link(ckpt, 0, tuner, "model")
+    g.link(ckpt, 2, tuner, "vae")
+    g.link(video, 0, tuner, "source_frames")
+    g.link(source, 0, tuner, "source_prompt")
+    g.link(ckpt, 1, tuner, "clip")
+    g.link(video_info, 0, tuner, "source_fps")
+    sampler = g.add("SimDAVideoSampler", (1180, 0), size=(320, 420), steps=50, cfg=12.5, sampler_name="ddim",
+                    scheduler="ddim_uniform", frames=24, seed=0)
+    g.link(tuner, 0, sampler, "model")
+    g.link(edited, 0, sampler, "positive")
+    g.link(empty, 0, sampler, "negative")
+    g.link(tuner, 1, sampler, "start_latent")
+    decode = g.add("VAEDecode", (1540, 0), size=(220, 50))
+    g.link(sampler, 0, decode, "samples")
+    g.link(ckpt, 2, decode, "vae")
+    combine = g.add("VHS_VideoCombine", (1800, 0), filename_prefix="simda/vhs_video_edit", format="video/h264-mp4",
+                    size=(360, 480))
+    g.link(decode, 0, combine, "images")
+    g.link(tuner, 3, combine, "frame_rate")
+    return g.to_json()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--server", default="http://127.0.0.1:8188")
@@ -220,7 +349,13 @@ def main() -> None:
         "latent_shift_training_free.json": text_to_video(info, with_adapters=False),
         "video_edit.json": video_edit(info),
         "text_to_video_upscaled.json": text_to_video_upscaled(info),
+        "prompt_travel.json": prompt_travel(info),
+        "image_to_video.json": image_to_video(info),
     }
+    if "loop" in info["SimDALatentShiftPatch"]["input"].get("optional", {}) | info["SimDALatentShiftPatch"]["input"]["required"]:
+        builds["loop.json"] = loop(info)
+    if "VHS_LoadVideo" in info:  # a server with VideoHelperSuite installed (scripts/setup_packs.sh)
+        builds["vhs_video_edit.json"] = vhs_video_edit(info)
     WORKFLOWS.mkdir(exist_ok=True)
     for name, workflow in builds.items():
         (WORKFLOWS / name).write_text(json.dumps(workflow, indent=1) + "\n")
