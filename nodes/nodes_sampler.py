@@ -12,7 +12,9 @@ import latent_preview
 import torch
 from comfy_api.latest import io
 
+from ..simda_core.frame_windows import window_conds
 from ..simda_core.host_patch import get_config
+from ..simda_core.keyframes import paste_fixed
 from .nodes_adapters import check_family
 
 log = logging.getLogger("SimDA")
@@ -36,6 +38,12 @@ class FrameBatchContextHandler(comfy.context_windows.IndexListContextHandler):
 
     def set_step(self, timestep, model_options):
         return super().set_step(timestep[:1], model_options)
+
+    def get_resized_cond(self, cond_in, x_in, window, device=None):
+        """The host's resized conds, with per-frame conditioning cut to the window's frames (the
+        host keeps the first frames' rows for every window on 0.3.75)."""
+        resized = super().get_resized_cond(cond_in, x_in, window, device)
+        return window_conds(resized, x_in.size(0), list(window.index_list), device)
 
 
 def with_frame_windows(model):
@@ -113,7 +121,7 @@ class SimDAVideoSampler(io.ComfyNode):
                 io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="ddim_uniform", tooltip="The host's noise schedule."),
                 io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01, tooltip="1 samples from pure noise; below 1 re-noises the connected latent (video-to-video)."),
                 io.Float.Input("noise_shared", default=0.0, min=0.0, max=1.0, step=0.05, tooltip="Part of the noise common to all frames: 0 independent, 1 identical. A little steadies a clip."),
-                io.Latent.Input("latent", optional=True, tooltip="Frames to start from (video-to-video with denoise < 1). Wins over frames/width/height."),
+                io.Latent.Input("latent", optional=True, tooltip="Frames to start from (video-to-video with denoise < 1), or SimDA Keyframes' clip (image-to-video at denoise 1): frames its noise mask fixes come out as given. Wins over frames/width/height."),
                 io.Latent.Input("start_latent", optional=True, tooltip="DDIM-inverted noise of a source clip (from SimDA Edit Tuner): sampling starts from it; steps and scheduler must match the inversion."),
             ],
             outputs=[io.Latent.Output(display_name="LATENT", tooltip="The clip's F frame latents, in order (VAE Decode turns them into frames).")],
@@ -151,6 +159,12 @@ class SimDAVideoSampler(io.ComfyNode):
             channels = model.get_model_object("latent_format").latent_channels
             latent_image = torch.zeros([frames, channels, height // 8, width // 8], device=comfy.model_management.intermediate_device())
         frames = latent_image.shape[0]
+        noise_mask = latent.get("noise_mask") if latent is not None else None
+        if noise_mask is not None and start_latent is not None:
+            raise ValueError(
+                "SimDA Video Sampler: the latent carries a noise mask (keyframes) and start_latent is inverted noise; "
+                "sampling from inverted noise regenerates every frame: connect one of the two."
+            )
 
         if start_latent is not None:
             latent_image = check_start_latent(start_latent, frames, latent_image.shape[2], latent_image.shape[3], steps, scheduler, denoise)
@@ -167,7 +181,12 @@ class SimDAVideoSampler(io.ComfyNode):
         callback = latent_preview.prepare_callback(model, steps)
         samples = comfy.sample.sample(
             model, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
-            denoise=denoise, disable_noise=disable_noise, callback=callback,
+            denoise=denoise, disable_noise=disable_noise, noise_mask=noise_mask, callback=callback,
             disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed,
         )
-        return io.NodeOutput({"samples": samples})
+        if noise_mask is None:
+            return io.NodeOutput({"samples": samples})
+        # The host keeps masked-out latents on their noised originals during sampling but returns its
+        # last estimate of them: the fixed frames are written back as given.
+        samples = paste_fixed(samples, latent_image, comfy.utils.reshape_mask(noise_mask, samples.shape))
+        return io.NodeOutput({"samples": samples, "noise_mask": noise_mask})
