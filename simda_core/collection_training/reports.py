@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import math
+import textwrap
 from pathlib import Path
 
 import torch
@@ -149,13 +150,20 @@ def side_by_side_png(panels: list[torch.Tensor], labels: list[str], caption: str
 
     count, height, width = panels[0].shape[:3]
     picked = sorted({round(i * (count - 1) / max(1, rows - 1)) for i in range(min(rows, count))})
-    gap, top = 4, 34
-    image = Image.new("RGB", (len(panels) * (width + gap) - gap, top + len(picked) * (height + gap) - gap), "white")
+    gap, line = 4, 14
+    total_width = len(panels) * (width + gap) - gap
+    columns = max(20, total_width // 6)  # PIL's default font: about 6 pixels a character
+    lines = textwrap.wrap(caption, columns) + [""]
+    label_lines = [textwrap.wrap(label, max(4, width // 6)) for label in labels]
+    top = line * (len(lines) + max(len(w) for w in label_lines)) + 2
+    image = Image.new("RGB", (total_width, top + len(picked) * (height + gap) - gap), "white")
     draw = ImageDraw.Draw(image)
-    draw.text((2, 2), caption, fill=(0, 0, 0))
-    for column, (panel, label) in enumerate(zip(panels, labels)):
+    for k, text in enumerate(lines):
+        draw.text((2, 2 + k * line), text, fill=(0, 0, 0))
+    for column, (panel, wrapped) in enumerate(zip(panels, label_lines)):
         x = column * (width + gap)
-        draw.text((x + 2, 18), label, fill=(0, 0, 0))
+        for k, text in enumerate(wrapped):
+            draw.text((x + 2, 2 + (len(lines) + k) * line), text, fill=(0, 0, 0))
         for row, frame in enumerate(picked):
             pixels = (panel[frame].clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
             image.paste(Image.fromarray(pixels), (x, top + row * (height + gap)))
@@ -235,8 +243,8 @@ class UpscalingSamples:
         def shown(scores: dict[str, float]) -> str:
             return "PSNR {psnr:.2f} dB, SSIM {ssim:.3f}, temporal {temporal_consistency:.3f}".format(**scores)
 
-        caption = (f"step {step}, {self.source}, input: {options.degradation.kind}; plain x4 {shown(plain_scores)}; "
-                   f"SimDA {shown(our_scores)}")
+        caption = (f"step {step}, {self.source}, input: {options.degradation.kind}. Plain x4: {shown(plain_scores)}. "
+                   f"SimDA: {shown(our_scores)}.")
         samples = self.output / "samples"
         png, mp4 = samples / f"step{step:06d}.png", samples / f"step{step:06d}.mp4"
         side_by_side_png(panels, list(SR_PANELS), caption, png)
