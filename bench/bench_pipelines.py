@@ -79,15 +79,15 @@ def bench_t2v(base, adapters, setting: Setting, mode, device) -> list[str]:
 
 
 def bench_tune(base, setting: Setting, mode, device) -> list[str]:
-    from simda_core.host_patch import LatentShiftSettings, SimDAConfig, apply_simda, model_sites
-    from simda_core.adapter_training import AdapterTrainer, TuningRecipe, initial_adapters, make_base_trainable
+    from simda_core.config import LatentShiftSettings, SimDAConfig
+    from simda_core.host_patch import apply_simda, model_sites
+    from simda_core.adapter_training import AdapterTrainer, TuningRecipe, initial_adapters, training_patcher
 
     rows = []
     for checkpointing in (True, False):
         adapters = initial_adapters(model_sites(base), seed=0, device=device)
-        clone = base.clone()
+        clone = training_patcher(base)
         apply_simda(clone, SimDAConfig(adapters=adapters, latent_shift=LatentShiftSettings(), gradient_checkpointing=checkpointing))
-        make_base_trainable(clone.model.diffusion_model)
         trainer = AdapterTrainer(clone, adapters, TuningRecipe(gradient_checkpointing=checkpointing), seed=0)
         latent = setting.tune_size // 8
         x0 = torch.randn(setting.tune_frames, 4, latent, latent, device=device)

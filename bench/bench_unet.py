@@ -138,7 +138,8 @@ def random_adapters(patcher, device: torch.device):
     """Adapters for every site of the UNet, built as the Adapter Loader builds them (host casting
     layers, the UNet's dtype) and filled with seeded non-zero weights so every branch computes."""
     from simda_core.adapters import SimDAAdapters
-    from simda_core.host_patch import adapter_storage_dtype, model_sites
+    from simda_core.model_info import adapter_storage_dtype
+    from simda_core.host_patch import model_sites
 
     adapters = SimDAAdapters(
         model_sites(patcher), dtype=adapter_storage_dtype(patcher), device=device
@@ -149,7 +150,8 @@ def random_adapters(patcher, device: torch.device):
 
 def variant_patcher(base, spec: dict | None, adapters):
     """A clone of ``base`` carrying what ``spec`` asks for, registered by the pack's apply_simda."""
-    from simda_core.host_patch import LatentShiftSettings, SimDAConfig, apply_simda
+    from simda_core.config import LatentShiftSettings, SimDAConfig
+    from simda_core.host_patch import apply_simda
 
     patcher = base.clone()
     if spec is None:
@@ -182,7 +184,7 @@ def make_inputs(mode: Mode, size: int, frames: int, device: torch.device) -> Inp
 
 def unet_call(patcher, inputs: Inputs) -> torch.Tensor:
     """The diffusion model called the way the host's sampler calls it (options, wrappers, groups)."""
-    from simda_core.host_patch import call_options
+    from simda_core.model_info import call_options
 
     options = call_options(patcher, list(COND_OR_UNCOND))
     return patcher.model.diffusion_model(

@@ -1,38 +1,21 @@
 """SimDA Adapter Loader: trained SimDA adapters onto an SD UNet."""
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 
 from comfy_api.latest import io
 
-from ..simda_core.formats import FAMILIES, AdapterFileError, build_adapters, read_adapter_file
-from ..simda_core.host_patch import (
-    SimDAConfig,
-    adapter_storage_dtype,
-    apply_simda,
-    get_config,
-    model_family,
-    model_sites,
-)
+from ..simda_core.config import SimDAConfig
+from ..simda_core.formats import AdapterFileError, build_adapters, read_adapter_file
+from ..simda_core.host_patch import get_config, model_sites
+from ..simda_core.model_info import adapter_storage_dtype
+from .common import check_family, simda_clone
 from .folders import adapter_files, adapter_path
 
+log = logging.getLogger("SimDA")
+
 STRENGTH_RANGE = (0.0, 2.0)
-
-
-def check_family(model, wanted: str, what: str) -> str:
-    """The MODEL's family, or a clear error when it is not the family ``what`` was made for."""
-    family = model_family(model)
-    if family not in FAMILIES:
-        raise ValueError(
-            f"{what} needs an SD1.x or SD2.x model (or the SD x4 upscaler); the connected MODEL is {family}. "
-            "Connect a Load Checkpoint with an SD1.5/SD2.x checkpoint."
-        )
-    if wanted and family != wanted:
-        raise ValueError(
-            f"{what} was made for {FAMILIES[wanted]}, but the connected MODEL is {FAMILIES[family]}; "
-            "load adapters trained for this model, or connect the matching checkpoint."
-        )
-    return family
 
 
 class SimDAAdapterLoader(io.ComfyNode):
@@ -45,7 +28,8 @@ class SimDAAdapterLoader(io.ComfyNode):
             description=(
                 "Turns an SD1.x/SD2.x image model into a video model with trained SimDA adapters "
                 "(spatial, temporal and frame-shared GroupNorm). Reads our .safetensors files and the "
-                "authors' training output from models/simda. Follow it with SimDA Latent-Shift Patch."
+                "authors' training output from models/simda. Follow it with SimDA Latent-Shift Patch. "
+                "A second Adapter Loader on the same MODEL replaces the first one's adapters."
             ),
             inputs=[
                 io.Model.Input("model", tooltip="An SD1.x or SD2.x MODEL (from Load Checkpoint). It is not changed; a patched copy comes out."),
@@ -56,7 +40,7 @@ class SimDAAdapterLoader(io.ComfyNode):
                 ),
                 io.Float.Input(
                     "strength", default=1.0, min=STRENGTH_RANGE[0], max=STRENGTH_RANGE[1], step=0.05,
-                    tooltip="Scale of every adapter's contribution: 1 as trained, 0 turns the adapters off.",
+                    tooltip="Scale of every adapter's contribution: 1 as trained, 0 turns the adapters off (frame-shared GroupNorm included).",
                 ),
             ],
             outputs=[io.Model.Output(display_name="MODEL", tooltip="The model with SimDA adapters, for the Latent-Shift Patch and Video Sampler.")],
@@ -77,10 +61,11 @@ class SimDAAdapterLoader(io.ComfyNode):
         except AdapterFileError as e:
             raise ValueError(f"SimDA Adapter Loader: {e}") from None
         adapters.requires_grad_(False)
-        patched = model.clone()
         config = get_config(model) or SimDAConfig()
-        apply_simda(
-            patched,
-            replace(config, adapters=adapters, adapter_name=adapter_file.name, family=adapter_file.family, strength=strength),
-        )
-        return io.NodeOutput(patched)
+        if config.adapters is not None:
+            log.info(
+                "SimDA Adapter Loader: the MODEL already carries adapters ('%s'); '%s' replaces them.",
+                config.adapter_name or "tuned", adapter_file.name,
+            )
+        config = replace(config, adapters=adapters, adapter_name=adapter_file.name, family=adapter_file.family, strength=strength)
+        return io.NodeOutput(simda_clone(model, config))

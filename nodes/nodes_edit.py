@@ -14,18 +14,19 @@ from comfy_api.latest import io
 
 from ..simda_core.adapters import SimDAAdapters
 from ..simda_core.formats import AdapterFileError, save_adapters
-from ..simda_core.host_patch import (
-    LatentShiftSettings,
-    SimDAConfig,
-    apply_simda,
-    get_config,
-    model_sites,
+from ..simda_core.adapter_training import (
+    AdapterTrainer,
+    TuningRecipe,
+    host_training_mode,
+    initial_adapters,
+    release_training_wrappers,
+    training_patcher,
 )
-from ..simda_core.inversion import host_sampler_inversion
-from ..simda_core.adapter_training import AdapterTrainer, TuningRecipe, initial_adapters, make_base_trainable
+from ..simda_core.config import LatentShiftSettings, SimDAConfig
+from ..simda_core.host_patch import apply_simda, get_config, model_sites
+from ..simda_core.inversion import host_sampler_inversion, inversion_record
+from .common import INVERSION_KEY, check_family
 from .folders import save_folder
-from .nodes_adapters import check_family
-from .nodes_sampler import INVERSION_KEY
 
 log = logging.getLogger("SimDA")
 
@@ -154,12 +155,11 @@ class SimDAEditTuner(io.ComfyNode):
         device = model.load_device
         recipe = TuningRecipe(steps=steps, learning_rate=learning_rate, gradient_checkpointing=gradient_checkpointing)
 
-        with torch.inference_mode(False), torch.enable_grad():
+        with torch.inference_mode(False), torch.enable_grad(), host_training_mode():
             adapters = trainable_adapters(model, device, seed)
-            training = model.clone()
-            apply_simda(training, replace(config, adapters=adapters, gradient_checkpointing=gradient_checkpointing))
+            training = training_patcher(model)
+            apply_simda(training, replace(config, adapters=adapters, strength=1.0, gradient_checkpointing=gradient_checkpointing))
             comfy.model_management.load_models_gpu([training])
-            make_base_trainable(training.model.diffusion_model)
             x0 = training.model.process_latent_in(latent.to(device).float())
             context = source_prompt[0][0].to(device).repeat(x0.shape[0], 1, 1)
             trainer = AdapterTrainer(training, adapters, recipe, seed=seed)
@@ -171,12 +171,13 @@ class SimDAEditTuner(io.ComfyNode):
                 if step == 0 or (step + 1) % max(1, steps // 10) == 0:
                     log.info("SimDA Edit Tuner: step %d/%d, loss %.5f", step + 1, steps, loss)
             adapters.requires_grad_(False)
+            release_training_wrappers(training)
 
         tuned = model.clone()
-        apply_simda(tuned, replace(config, adapters=adapters, gradient_checkpointing=False))
+        apply_simda(tuned, replace(config, adapters=adapters, strength=1.0, gradient_checkpointing=False))
         inverted = invert_clip(tuned, latent, inversion_conditioning, inversion_steps, inversion_scheduler)
         result = TrainedAdapters(adapters, family, frames_trained=int(x0.shape[0]), steps=steps)
-        start = {"samples": inverted, INVERSION_KEY: {"steps": inversion_steps, "scheduler": inversion_scheduler}}
+        start = {"samples": inverted, INVERSION_KEY: inversion_record(inversion_steps, inversion_scheduler)}
         return io.NodeOutput(tuned, start, result, source_fps / stride)
 
 

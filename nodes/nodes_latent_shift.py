@@ -1,12 +1,14 @@
 """SimDA Latent-Shift Patch: training-free temporal consistency for any SD1.x/SD2.x checkpoint."""
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 from comfy_api.latest import io
 
-from ..simda_core.host_patch import LatentShiftSettings, SimDAConfig, SimDAPatchError, apply_simda, get_config
-from .nodes_adapters import check_family
+from ..simda_core.config import LatentShiftSettings, SimDAConfig
+from ..simda_core.host_patch import get_config
+from .common import check_family, simda_clone
 
 LEVELS = (
     ("full_resolution", "the latent's own size (64x64 for 512x512)"),
@@ -44,13 +46,17 @@ class SimDALatentShiftPatch(io.ComfyNode):
                     "frame_group_norm", default=False,
                     tooltip="Share ResBlock GroupNorm statistics over the frames of a clip. Always on with SimDA adapters (they were trained with it).",
                 ),
+                io.Boolean.Input(
+                    "loop", default=False,
+                    tooltip="Seamless loop: the first frame also sees the last ones (latent shift and the temporal adapter wrap around), so the clip can repeat without a seam.",
+                ),
             ],
             outputs=[io.Model.Output(display_name="MODEL", tooltip="The model with latent-shift attention, for the Video Sampler.")],
         )
 
     @classmethod
     def execute(cls, model, frames_per_clip, full_resolution, half_resolution, quarter_resolution, eighth_resolution,
-                start_percent, end_percent, frame_group_norm) -> io.NodeOutput:
+                start_percent, end_percent, frame_group_norm, loop=False) -> io.NodeOutput:
         if not 0.0 <= start_percent <= end_percent <= 1.0:
             raise ValueError(
                 f"SimDA Latent-Shift Patch: start_percent {start_percent} must not be above end_percent {end_percent} (both 0..1)."
@@ -65,13 +71,9 @@ class SimDALatentShiftPatch(io.ComfyNode):
         sampling = model.get_model_object("model_sampling")
         shift = LatentShiftSettings(
             levels=None if len(levels) == len(chosen) else levels,
-            sigma_start=float(sampling.percent_to_sigma(start_percent)),
-            sigma_end=float(sampling.percent_to_sigma(end_percent)),
+            sigma_start=math.inf if start_percent <= 0.0 else float(sampling.percent_to_sigma(start_percent)),
+            sigma_end=0.0 if end_percent >= 1.0 else float(sampling.percent_to_sigma(end_percent)),
         )
         config = get_config(model) or SimDAConfig()
-        patched = model.clone()
-        try:
-            apply_simda(patched, replace(config, latent_shift=shift, frame_group_norm=frame_group_norm, frames_per_clip=frames_per_clip))
-        except SimDAPatchError as e:
-            raise ValueError(str(e)) from None
-        return io.NodeOutput(patched)
+        config = replace(config, latent_shift=shift, frame_group_norm=frame_group_norm, frames_per_clip=frames_per_clip, loop=loop)
+        return io.NodeOutput(simda_clone(model, config))

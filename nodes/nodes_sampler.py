@@ -15,12 +15,10 @@ from comfy_api.latest import io
 from ..simda_core.frame_windows import window_conds
 from ..simda_core.host_patch import get_config
 from ..simda_core.keyframes import paste_fixed
-from .nodes_adapters import check_family
+from ..simda_core.inversion import INVERSION_SAMPLER, NOISE_FREE_SAMPLERS
+from .common import INVERSION_KEY, check_family, clip_noise
 
 log = logging.getLogger("SimDA")
-
-INVERSION_KEY = "simda_inversion"
-"""LATENT entry that marks DDIM-inverted noise: ``{"steps", "scheduler", "sampler"}`` it was made with."""
 
 
 class FrameBatchContextHandler(comfy.context_windows.IndexListContextHandler):
@@ -55,20 +53,12 @@ def with_frame_windows(model):
     return model
 
 
-def clip_noise(shape: tuple[int, ...], seed: int, shared: float) -> torch.Tensor:
-    """Noise for the F frames of a clip, reproducible per frame: frame i's noise depends on the
-    seed and i only (a longer clip keeps the frames of a shorter one). ``shared`` mixes in one
-    noise map common to all frames, keeping unit variance (0 = independent, 1 = identical)."""
-    frames, *frame_shape = shape
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    common = torch.randn(frame_shape, generator=generator)
-    own = torch.stack([torch.randn(frame_shape, generator=generator) for _ in range(frames)])
-    if shared <= 0:
-        return own
-    return (1.0 - shared) ** 0.5 * own + shared**0.5 * common
-
-
-def check_start_latent(start: dict, frames: int, height: int, width: int, steps: int, scheduler: str, denoise: float) -> torch.Tensor:
+def check_start_latent(
+    start: dict, frames: int, height: int, width: int, steps: int, scheduler: str, denoise: float, *, sampler_name: str
+) -> torch.Tensor:
+    """The samples of an inverted ``start_latent``, after checking that this sampling walks the
+    inversion back: same frames and size, same steps and schedule, denoise 1, and a sampler that
+    adds no fresh noise (``inversion.NOISE_FREE_SAMPLERS``)."""
     samples = start["samples"]
     if samples.ndim != 4:
         raise ValueError(f"SimDA Video Sampler: start_latent must be a batch of frame latents [F, C, H, W], got shape {list(samples.shape)}.")
@@ -83,11 +73,22 @@ def check_start_latent(start: dict, frames: int, height: int, width: int, steps:
             "SimDA Video Sampler: start_latent is not inverted noise (it carries no inversion settings); connect the "
             "inversion output of SimDA Edit Tuner, or connect the clip to 'latent' instead."
         )
+    if not isinstance(made_with, dict) or not {"steps", "scheduler"} <= set(made_with):
+        raise ValueError(
+            "SimDA Video Sampler: start_latent carries unreadable inversion settings; connect the inversion output of "
+            "SimDA Edit Tuner directly."
+        )
     if made_with["steps"] != steps or made_with["scheduler"] != scheduler:
         raise ValueError(
             f"SimDA Video Sampler: start_latent was inverted with {made_with['steps']} steps of the "
             f"'{made_with['scheduler']}' schedule, but this sampler runs {steps} steps of '{scheduler}'; use the same "
             "steps and scheduler as the inversion."
+        )
+    if sampler_name not in NOISE_FREE_SAMPLERS:
+        raise ValueError(
+            f"SimDA Video Sampler: the sampler '{sampler_name}' adds fresh noise at every step, which undoes the inverted "
+            f"start_latent; pick one that adds none: {', '.join(NOISE_FREE_SAMPLERS)} "
+            f"(the inversion walked '{made_with.get('sampler', INVERSION_SAMPLER)}')."
         )
     if denoise != 1.0:
         raise ValueError("SimDA Video Sampler: sampling from inverted noise starts at the first step; set denoise to 1.0.")
@@ -167,7 +168,8 @@ class SimDAVideoSampler(io.ComfyNode):
             )
 
         if start_latent is not None:
-            latent_image = check_start_latent(start_latent, frames, latent_image.shape[2], latent_image.shape[3], steps, scheduler, denoise)
+            latent_image = check_start_latent(start_latent, frames, latent_image.shape[2], latent_image.shape[3], steps, scheduler, denoise,
+                                              sampler_name=sampler_name)
             noise = torch.zeros_like(latent_image, device="cpu")
             disable_noise = True
         else:

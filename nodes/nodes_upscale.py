@@ -22,7 +22,9 @@ from comfy_api.latest import io
 from comfy_extras.nodes_sdupscale import SD_4XUpscale_Conditioning
 
 from ..simda_core.formats import FAMILIES
-from ..simda_core.host_patch import LatentShiftSettings, SimDAConfig, SimDAPatchError, apply_simda, get_config
+from ..simda_core.config import LatentShiftSettings, SimDAConfig
+from ..simda_core.host_patch import get_config
+from ..simda_core.model_info import compute_dtype, free_device_memory, resident_weight_bytes
 from ..simda_core.tiling import (
     FrameGroup,
     PieceSizes,
@@ -33,8 +35,7 @@ from ..simda_core.tiling import (
     piece_mask,
     spatial_tiles,
 )
-from .nodes_adapters import check_family
-from .nodes_sampler import clip_noise
+from .common import check_family, clip_noise, simda_clone
 
 log = logging.getLogger("SimDA")
 
@@ -175,12 +176,7 @@ def upscaler_model(model, latent_shift: bool):
         if get_config(model) is None:
             log.info("%s: no SimDA adapters and latent shift off: the frames are upscaled independently.", NODE)
         return model
-    patched = model.clone()
-    try:
-        apply_simda(patched, replace(wanted, family=wanted.family or FAMILY))
-    except SimDAPatchError as e:
-        raise ValueError(str(e)) from None
-    return patched
+    return simda_clone(model, replace(wanted, family=wanted.family or FAMILY))
 
 
 # -- sizes ---------------------------------------------------------------------------------------
@@ -188,27 +184,21 @@ def upscaler_model(model, latent_shift: bool):
 def sampling_budget(model) -> float:
     """Bytes one sampling call may use for activations: the device's free memory once the host has
     made room for this MODEL alone (other models' weights are unloaded when sampling starts), minus
-    this MODEL's weights and the host's inference reserve. Honors a per-process memory fraction."""
+    this MODEL's resident weights and the host's inference reserve (see model_info)."""
     mm = comfy.model_management
     device = model.load_device
-    free = float(mm.get_free_memory(device))
-    if getattr(device, "type", "") == "cuda":
-        fraction = torch.cuda.get_per_process_memory_fraction(device)
-        if fraction < 1.0:
-            capped = fraction * torch.cuda.get_device_properties(device).total_memory - torch.cuda.memory_allocated(device)
-            free = min(free, capped)
+    free = free_device_memory(model, device)
     held = 0.0
     for loaded in list(mm.current_loaded_models):
         if loaded.device == device and loaded.model is not None:
             held += loaded.model_loaded_memory()
-    weights = model.model_size() + sum(m.model_size() for m in model.get_nested_additional_models())
+    weights = resident_weight_bytes(model)
     return MEMORY_SAFETY * max(0.0, free + held - weights - mm.minimum_inference_memory())
 
 
 def bytes_per_pixel(model, cfg: float) -> float:
     """Sampling memory per latent pixel of one frame, cond and uncond batched when cfg != 1."""
-    base = model.model
-    dtype = getattr(base, "manual_cast_dtype", None) or base.get_dtype()
+    dtype = compute_dtype(model)
     groups = 1 if cfg == 1.0 else 2
     return SAMPLING_FLOATS_PER_PIXEL * comfy.model_management.dtype_size(dtype) * groups
 

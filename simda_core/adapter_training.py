@@ -6,13 +6,14 @@ host's, called with the SimDA patches of a ModelPatcher clone; only adapter para
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from .adapters import SimDAAdapters
-from .host_patch import call_options
+from .model_info import call_options, compute_dtype, is_dynamic
 
 NUM_TIMESTEPS = 1000
 
@@ -41,27 +42,69 @@ def initial_adapters(sites, seed: int = 0, device=None) -> SimDAAdapters:
     return adapters.to(device) if device is not None else adapters
 
 
-def make_base_trainable(unet: torch.nn.Module) -> int:
-    """Give backward usable copies of the frozen weights.
+def _fresh(weight: torch.Tensor) -> torch.Tensor:
+    """Weight wrapper: the layer's weight as a tensor autograd may save for backward. The host
+    already hands a wrapped layer a per-call copy; an inference tensor is copied here otherwise."""
+    return weight.clone() if weight.is_inference() else weight
 
-    The host creates and moves weights under ``torch.inference_mode``; autograd cannot save such
-    "inference tensors" for backward. Each one is replaced once by an ordinary tensor with the same
-    values (so the model's outputs do not change) and frozen. Returns how many were replaced."""
-    replaced = 0
-    with torch.inference_mode(False):
-        for module in unet.modules():
-            for name, param in list(module._parameters.items()):
-                if param is None:
-                    continue
-                if param.is_inference():
-                    module._parameters[name] = torch.nn.Parameter(param.clone(), requires_grad=False)
-                    replaced += 1
-                else:
-                    param.requires_grad_(False)
-            for name, buffer in list(module._buffers.items()):
-                if buffer is not None and buffer.is_inference():
-                    module._buffers[name] = buffer.clone()
-    return replaced
+
+_fresh.simda_patch = True
+
+
+def training_patcher(model_patcher):
+    """A clone of ``model_patcher`` to train adapters through, leaving the host's UNet as it is.
+
+    - A MODEL whose weights the host streams (the newest host's Dynamic VRAM: ``is_dynamic()``) is
+      trained through the host's non-dynamic delegate: streamed weights share reused buffers, and a
+      tensor saved for backward could be overwritten by the next layer's cast.
+    - The host loads weights as inference tensors, which backward cannot save. Every weight and bias
+      of the host's layers gets a weight wrapper on this clone (the mechanism the host's own LoRA
+      training uses), so each layer computes with a per-call copy; the shared UNet's parameter
+      objects, their values and the host's pinned-memory bookkeeping are never touched.
+    """
+    patcher = model_patcher
+    if is_dynamic(patcher):
+        delegate = getattr(patcher, "get_non_dynamic_delegate", None)
+        if delegate is None:
+            raise RuntimeError(
+                "SimDA: this ComfyUI streams the model's weights (Dynamic VRAM) but offers no non-dynamic copy to train "
+                "through; start ComfyUI with --disable-dynamic-vram to tune SimDA adapters."
+            )
+        patcher = delegate()
+    patcher = patcher.clone()
+    for name, module in patcher.model.named_modules():
+        if not hasattr(module, "weight_function"):
+            continue
+        for param in ("weight", "bias"):
+            if getattr(module, param, None) is not None:
+                patcher.add_weight_wrapper(f"{name}.{param}", _fresh)
+    return patcher
+
+
+def release_training_wrappers(model_patcher) -> None:
+    """Take :func:`training_patcher`'s weight wrappers off the host's layers once training is done
+    (the host leaves wrappers of a fully loaded model on its layers until the next load)."""
+    for module in model_patcher.model.modules():
+        for attribute in ("weight_function", "bias_function"):
+            functions = getattr(module, attribute, None)
+            if functions:
+                setattr(module, attribute, [f for f in functions if f is not _fresh])
+
+
+@contextlib.contextmanager
+def host_training_mode():
+    """The host's ``in_training`` flag on while adapters train (newest host; feature-detected)."""
+    import comfy.model_management as mm
+
+    if not hasattr(mm, "in_training"):
+        yield
+        return
+    saved = mm.in_training
+    mm.in_training = True
+    try:
+        yield
+    finally:
+        mm.in_training = saved
 
 
 def denoising_target(model_sampling, sigma: torch.Tensor, x_noisy: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
@@ -86,7 +129,7 @@ def unet_output(
     the UNet by name (floating-point ones in its dtype)."""
     base = model_patcher.model
     sampling = base.model_sampling
-    dtype = getattr(base, "manual_cast_dtype", None) or base.get_dtype()
+    dtype = compute_dtype(model_patcher)
     extra = dict(conds or {})
     x_in = sampling.calculate_input(sigma, x_noisy)
     concat = extra.pop("c_concat", None)
@@ -94,14 +137,21 @@ def unet_output(
         x_in = torch.cat([x_in, concat.to(x_in)], dim=1)
     extra = {k: v.to(x_in.device, dtype) if v.is_floating_point() else v.to(x_in.device) for k, v in extra.items()}
     timesteps = sampling.timestep(sigma).float()
-    options = call_options(model_patcher, [0] * groups)
+    options = call_options(model_patcher, [0] * groups, training=torch.is_grad_enabled())
     return base.diffusion_model(x_in.to(dtype), timesteps, context=context.to(dtype), transformer_options=options, **extra)
 
 
 class AdapterTrainer:
     """Optimises the adapters of a SimDA-patched ModelPatcher clone on clips of latents."""
 
-    def __init__(self, model_patcher, adapters: SimDAAdapters, recipe: TuningRecipe, seed: int = 0):
+    MAX_SKIPPED_IN_A_ROW = 10
+    """Loss-scaler skips in a row after which training stops: the loss diverged, it did not overflow."""
+
+    def __init__(
+        self, model_patcher, adapters: SimDAAdapters, recipe: TuningRecipe, seed: int = 0, loss_scaling: str | None = None
+    ):
+        """``loss_scaling``: the device type of a ``GradScaler`` to use whatever the precision (e.g.
+        ``"cpu"``); by default the scaler runs with fp16 mixed precision on CUDA and is off otherwise."""
         self.model_patcher = model_patcher
         self.adapters = adapters
         self.recipe = recipe
@@ -114,8 +164,14 @@ class AdapterTrainer:
         self.device = model_patcher.load_device
         self.generator = torch.Generator(device="cpu").manual_seed(seed)
         self.use_amp = recipe.mixed_precision and torch.device(self.device).type == "cuda"
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        if loss_scaling is not None:
+            self.scaler = torch.amp.GradScaler(loss_scaling, enabled=True)
+        else:
+            self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
         self.steps_done = 0
+        self.skipped_steps = 0
+        """Steps the loss scaler skipped (non-finite gradients: the adapters were left as they were)."""
+        self.skipped_in_a_row = 0
 
     def loss(
         self,
@@ -155,18 +211,43 @@ class AdapterTrainer:
 
     def backward_and_update(
         self, loss: torch.Tensor, reduce_gradients: Callable[[list[torch.nn.Parameter]], None] | None = None
-    ) -> None:
+    ) -> bool:
         """Backward, then (optionally) ``reduce_gradients(parameters)`` on the still-scaled gradients,
-        e.g. averaging them across data-parallel processes, then unscale, clip and step."""
+        e.g. averaging them across data-parallel processes, then unscale, clip and step.
+
+        Returns whether the adapters were updated. With loss scaling, non-finite gradients make the
+        scaler skip the step and lower its scale: the step is counted in ``skipped_steps`` and
+        training goes on, unless it is the ``MAX_SKIPPED_IN_A_ROW``-th skip in a row. Without loss
+        scaling non-finite gradients stop training at once. Both stops raise ``FloatingPointError``
+        before the adapters change (the same in every process: the gradients are reduced first)."""
         self.scaler.scale(loss).backward()
         if reduce_gradients is not None:
             reduce_gradients(self.parameters)
         self.scaler.unscale_(self.optimizer)
-        torch.nn.utils.clip_grad_norm_(self.parameters, self.recipe.max_grad_norm)
+        norm = torch.nn.utils.clip_grad_norm_(self.parameters, self.recipe.max_grad_norm)
+        if not self.scaler.is_enabled() and not bool(torch.isfinite(norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise FloatingPointError(
+                f"the gradients became non-finite (loss {float(loss.detach()):.4g}) without loss scaling, so training "
+                "stopped before the adapters changed; lower the learning rate."
+            )
+        scale = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.steps_done += 1
+        if self.scaler.is_enabled() and self.scaler.get_scale() < scale:
+            self.skipped_steps += 1
+            self.skipped_in_a_row += 1
+            if self.skipped_in_a_row >= self.MAX_SKIPPED_IN_A_ROW:
+                raise FloatingPointError(
+                    f"the loss scaler skipped {self.skipped_in_a_row} steps in a row (non-finite gradients down to loss "
+                    f"scale {self.scaler.get_scale():g}, loss {float(loss.detach()):.4g}): the training diverged; lower the "
+                    "learning rate or train without mixed precision."
+                )
+            return False
+        self.skipped_in_a_row = 0
+        return True
 
     def state_dict(self) -> dict:
         """Optimizer, loss scaler, step count and noise generator, for resuming (adapters apart)."""
@@ -174,6 +255,8 @@ class AdapterTrainer:
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "steps_done": self.steps_done,
+            "skipped_steps": self.skipped_steps,
+            "skipped_in_a_row": self.skipped_in_a_row,
             "generator": self.generator.get_state(),
         }
 
@@ -182,4 +265,6 @@ class AdapterTrainer:
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.steps_done = int(state["steps_done"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.skipped_in_a_row = int(state.get("skipped_in_a_row", 0))
         self.generator.set_state(state["generator"])

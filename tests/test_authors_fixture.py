@@ -7,11 +7,12 @@ import pytest
 import torch
 
 import comfy.utils
-from simda_pack.simda_core import formats, host_patch
-from simda_pack.simda_core.host_patch import LatentShiftSettings, SimDAConfig
+from simda_pack.simda_core import formats
+from simda_pack.simda_core.host_patch import apply_simda, model_sites
+from simda_pack.simda_core.config import LatentShiftSettings, SimDAConfig
 
 FIXTURE = host.FIXTURES / "simda_authors_tiny"
-CASES = ["io_f6_16x16", "io_f3_16x16", "io_f8_12x12"]
+CASES = ["io_f6_16x16", "io_f3_16x16", "io_f8_12x12", "io_f1_16x16", "io_f2_12x12"]
 TOLERANCE = 1e-4
 GROUP_NORM_PATCHES = ("in_layers.0.forward", "out_layers.0.forward", ".out.0.forward")
 
@@ -43,8 +44,8 @@ def io_cases():
 
 def simda(base, adapter_path, latent_shift=LatentShiftSettings()):
     adapter_file = formats.read_adapter_file(adapter_path)
-    adapters = formats.build_adapters(adapter_file, host_patch.model_sites(base))
-    return host_patch.apply_simda(base.clone(), SimDAConfig(adapters=adapters, latent_shift=latent_shift))
+    adapters = formats.build_adapters(adapter_file, model_sites(base))
+    return apply_simda(base.clone(), SimDAConfig(adapters=adapters, latent_shift=latent_shift))
 
 
 def run(patcher, case):
@@ -94,7 +95,11 @@ def test_without_frame_group_norm_the_error_is_large(base, io_cases):
     for name, case in io_cases.items():
         error = relative_error(run(patcher, case), case["output"])
         print(f"{name} without frame GroupNorm: relative error {error:.3g}")
-        assert error > 0.05, name
+        if name == "io_f1_16x16":
+            # GroupNorm over a one-frame clip is the per-frame GroupNorm.
+            assert error <= TOLERANCE, name
+        else:
+            assert error > 0.05, name
 
 
 def test_without_latent_shift_the_error_is_large(base, io_cases):
@@ -106,7 +111,7 @@ def test_without_latent_shift_the_error_is_large(base, io_cases):
 
 
 def test_our_format_round_trip_gives_identical_outputs(base, io_cases, authors_outputs, tmp_path):
-    adapters = formats.build_adapters(formats.read_adapter_file(FIXTURE), host_patch.model_sites(base))
+    adapters = formats.build_adapters(formats.read_adapter_file(FIXTURE), model_sites(base))
     path = formats.save_adapters(adapters, tmp_path / "tiny.safetensors", family="sd1")
     reread = formats.read_adapter_file(path)
     assert reread.source == "simda" and reread.family == "sd1"

@@ -43,12 +43,12 @@ import torch
 
 from simda_pack.nodes.nodes_edit import invert_clip
 from simda_pack.simda_core.adapters import SimDAAdapters
-from simda_pack.simda_core.host_patch import LatentShiftSettings, SimDAConfig, apply_simda, model_sites
+from simda_pack.simda_core.config import LatentShiftSettings, SimDAConfig
+from simda_pack.simda_core.host_patch import apply_simda, model_sites
 from simda_pack.simda_core.adapter_training import (
     AdapterTrainer,
     TuningRecipe,
     denoising_target,
-    make_base_trainable,
     unet_output,
 )
 
@@ -182,7 +182,6 @@ def pretrain_image_base(seed: int = 0) -> ImageBase:
 
     base = host.build_model(host.TINY_UNET, seed=seed)
     unet = base.model.diffusion_model
-    make_base_trainable(unet)
     synthetic = moving_square_clips(64, seed=100 + seed).flatten(0, 1)
     video = base.model.process_latent_in(other_latent)
     g = torch.Generator().manual_seed(seed)

@@ -7,8 +7,10 @@ import host  # noqa: F401  (puts the host on sys.path, imports the pack as simda
 import pytest
 import torch
 
-from simda_pack.simda_core.host_patch import LatentShiftSettings, SimDAConfig, apply_simda, model_sites
-from simda_pack.simda_core.adapter_training import AdapterTrainer, TuningRecipe, initial_adapters, make_base_trainable
+from simda_pack.simda_core.config import LatentShiftSettings, SimDAConfig
+
+from simda_pack.simda_core.host_patch import apply_simda, model_sites
+from simda_pack.simda_core.adapter_training import AdapterTrainer, TuningRecipe, initial_adapters, training_patcher
 
 FRAMES = 4
 
@@ -21,9 +23,8 @@ def clip_batch(seed: int = 0):
 
 
 def trainer_for(base, adapters, checkpointing: bool, lr: float = 1e-3) -> tuple[AdapterTrainer, object]:
-    clone = base.clone()
+    clone = training_patcher(base)
     apply_simda(clone, SimDAConfig(adapters=adapters, latent_shift=LatentShiftSettings(), gradient_checkpointing=checkpointing))
-    make_base_trainable(clone.model.diffusion_model)
     recipe = TuningRecipe(learning_rate=lr, gradient_checkpointing=checkpointing, mixed_precision=False)
     return AdapterTrainer(clone, adapters, recipe, seed=3), clone
 

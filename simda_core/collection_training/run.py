@@ -3,7 +3,6 @@ adapters made (or resumed), then the step loop with its saves, checkpoints and s
 from __future__ import annotations
 
 import logging
-import math
 import sys
 import time
 from pathlib import Path
@@ -11,9 +10,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..adapter_training import AdapterTrainer, TuningRecipe, initial_adapters, make_base_trainable
+from ..adapter_training import AdapterTrainer, TuningRecipe, initial_adapters, training_patcher
 from ..formats import AdapterFileError, save_adapters
-from ..host_patch import LatentShiftSettings, SimDAConfig, apply_simda, model_family, model_sites
+from ..config import LatentShiftSettings, SimDAConfig
+from ..host_patch import apply_simda, model_sites
+from ..model_info import model_family
 from ..video_data import (
     ClipSampling,
     GlobalBatchPlan,
@@ -98,13 +99,12 @@ def prepare_training(model, family: str, options: TrainingOptions, state: dict |
                 "the run started from."
             ) from None
     processes.broadcast_(adapters)
-    training = model.clone()
+    training = training_patcher(model)
     apply_simda(training, SimDAConfig(
         adapters=adapters, family=family, latent_shift=LatentShiftSettings(),
         gradient_checkpointing=options.gradient_checkpointing,
     ))
     comfy.model_management.load_models_gpu([training])
-    make_base_trainable(training.model.diffusion_model)
     recipe = TuningRecipe(
         steps=options.steps, learning_rate=options.learning_rate, mixed_precision=options.mixed_precision,
         gradient_checkpointing=options.gradient_checkpointing,
@@ -203,23 +203,26 @@ def run(options: TrainingOptions, processes: Processes) -> Path:
         numbers = [plan.sample_number(step, slot) for slot in slots]
         timesteps, noise = sample_draws(options.seed, numbers, (options.frames, *x0.shape[1:]))
         comfy.model_management.load_models_gpu([training])  # no-op unless encoding moved it out
-        make_base_trainable(training.model.diffusion_model)
         conds = None
         if super_resolution:
             conds = sr_conditioning(training, frames, x0, options.seed, numbers, options.noise_augmentation,
                                     clip_degradations(options.degradation, options.seed, step, slots))
         loss = trainer.loss(x0, context, clips, timesteps=timesteps, noise=noise, conds=conds)
-        trainer.backward_and_update(loss, reduce_gradients=processes.average_gradients)
+        done = step + 1
+        try:
+            updated = trainer.backward_and_update(loss, reduce_gradients=processes.average_gradients)
+        except FloatingPointError as e:
+            raise FloatingPointError(
+                f"step {done}: {e} Continue from the last checkpoint with --resume and a lower --lr"
+                f"{' or --no-mixed-precision' if options.mixed_precision else ''}."
+            ) from None
         value = processes.mean(loss)
         losses.append(value)
-        done = step + 1
-        if not math.isfinite(value):
-            raise FloatingPointError(
-                f"the loss became {value} at step {done}; lower --lr or resume from the last checkpoint "
-                "with mixed precision off (--no-mixed-precision)."
-            )
+        if not updated and processes.is_main:
+            progress.write(f"SimDA trainer: step {done}: loss {value:.4g}, the loss scaler skipped the update "
+                           f"({trainer.skipped_steps} skipped so far).")
         if processes.is_main:
-            progress.set_postfix(loss=f"{value:.4f}", refresh=False)
+            progress.set_postfix(loss=f"{value:.4f}", skipped=trainer.skipped_steps, refresh=False)
             progress.update(1)
             last = done == options.steps
             if (options.save_every and done % options.save_every == 0) or last:
@@ -245,8 +248,9 @@ def run(options: TrainingOptions, processes: Processes) -> Path:
     if processes.is_main:
         elapsed = time.monotonic() - started
         trained = max(0, step + 1 - start_step)
-        log.info("SimDA trainer: %d steps in %.1f s (%.2f s/step), final loss %.5f; output in %s", trained, elapsed,
-                 elapsed / max(1, trained), losses[-1] if losses else float("nan"), output)
+        log.info("SimDA trainer: %d steps in %.1f s (%.2f s/step), final loss %.5f, %d update(s) skipped by the loss "
+                 "scaler; output in %s", trained, elapsed, elapsed / max(1, trained), losses[-1] if losses else float("nan"),
+                 trainer.skipped_steps, output)
     return output
 
 
