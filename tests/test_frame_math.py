@@ -267,3 +267,41 @@ def test_last_frame_reaches_frame_zero_only_in_a_loop():
         frame0_moves = not torch.equal(before[0], after[0])
         assert frame0_moves == loop, f"loop={loop}"
         assert not torch.equal(before[-2], after[-2])  # the neighbour in time always sees it
+
+
+# -- torch.compile ----------------------------------------------------------------------------------
+
+def test_frame_math_compiles_in_one_graph_and_once_for_all_window_positions():
+    from torch._dynamo.utils import counters
+
+    from simda_pack.simda_core.latent_shift import latent_shift_attention
+
+    clips, frames, channels, h, w, heads = 2, 4, 16, 4, 4, 2
+    adapter = seeded_adapter(channels, seed=8)
+    norm = seeded_norm(4, channels, seed=8)
+
+    def step(x, layout):
+        x = frame_shared_group_norm(x, layout, norm)
+        x = adapter(x, layout)
+        tokens = x.flatten(2).transpose(1, 2)  # [b, h * w, C]
+        return latent_shift_attention(tokens, tokens, tokens, heads, layout, h, w)
+
+    def window(start):
+        return ClipLayout.from_batch(clips * frames, groups=clips, window_indices=list(range(start, start + frames)))
+
+    x = activations(clips, frames, channels, h, w, seed=8)
+    with torch.no_grad():
+        eager = step(x, window(0))  # fills the gather-index cache, as the first eager call does
+        torch._dynamo.reset()
+        explanation = torch._dynamo.explain(step)(x, window(0))
+        assert explanation.graph_break_count == 0, [str(r.reason) for r in explanation.break_reasons]
+        assert explanation.graph_count == 1
+        torch._dynamo.reset()
+        compiled = torch.compile(step, backend="eager")
+        graphs = []
+        for start in range(6):
+            before = counters["stats"]["unique_graphs"]
+            out = compiled(x, window(start))
+            graphs.append(counters["stats"]["unique_graphs"] - before)
+            torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-6)
+    assert graphs == [1, 0, 0, 0, 0, 0], graphs
