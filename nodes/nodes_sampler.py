@@ -16,7 +16,7 @@ from ..simda_core.frame_windows import window_conds
 from ..simda_core.host_patch import get_config
 from ..simda_core.keyframes import paste_fixed
 from ..simda_core.inversion import INVERSION_SAMPLER, NOISE_FREE_SAMPLERS
-from .common import INVERSION_KEY, check_family, clip_noise
+from .common import INVERSION_KEY, check_family, clip_noise, with_size_conditioning
 
 log = logging.getLogger("SimDA")
 
@@ -160,6 +160,7 @@ class SimDAVideoSampler(io.ComfyNode):
             channels = model.get_model_object("latent_format").latent_channels
             latent_image = torch.zeros([frames, channels, height // 8, width // 8], device=comfy.model_management.intermediate_device())
         frames = latent_image.shape[0]
+        positive, negative = (with_size_conditioning(model, c, latent_image.shape[3] * 8, latent_image.shape[2] * 8) for c in (positive, negative))
         noise_mask = latent.get("noise_mask") if latent is not None else None
         if noise_mask is not None and start_latent is not None:
             raise ValueError(
