@@ -23,6 +23,7 @@ FAMILIES = {
     "sd1": "an SD1.x UNet",
     "sd2": "an SD2.x UNet",
     "sd_x4_upscaler": "the SD x4 upscaler",
+    "sdxl": "an SDXL UNet",
 }
 
 

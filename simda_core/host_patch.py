@@ -197,8 +197,8 @@ def apply_simda(model_patcher, config: SimDAConfig):
     sites = find_adapter_sites(unet)
     if not sites:
         raise SimDAPatchError(
-            "SimDA: the connected MODEL has no spatial transformers (it is not an SD1.x/SD2.x-style UNet); "
-            "connect an SD1.x or SD2.x checkpoint."
+            "SimDA: the connected MODEL has no spatial transformers (it is not an SD1.x/SD2.x/SDXL-style UNet); "
+            "connect an SD1.x, SD2.x or SDXL checkpoint."
         )
     shift_keys = [shift_block_key(s, i) for s, i in shift_sites(sites, config.latent_shift.levels)] if config.latent_shift else []
     previous = get_config(model_patcher)

@@ -11,13 +11,20 @@ log = logging.getLogger("SimDA")
 
 
 def model_family(model_patcher) -> str:
-    """``sd1``, ``sd2``, ``sd_x4_upscaler``, or the host's name of another model type. Decided by
-    the host's class hierarchy (subclasses count as their family), never by class names."""
+    """``sd1``, ``sd2``, ``sd_x4_upscaler``, ``sdxl``, or the host's name of another model type.
+    Decided by the host's class hierarchy (subclasses count as their family), never by class names.
+
+    ``sdxl`` is the host's ``SDXL`` and every subclass of it (SSD-1B, Segmind Vega, KOALA,
+    SDXL InstructPix2Pix). The SDXL refiner is not one of them, in the host's hierarchy or here: it
+    is another UNet (384 channels, a 1280-wide context, an aesthetic score in its ADM) that only
+    finishes the last steps of an SDXL image, so SDXL adapters cannot fit it."""
     import comfy.supported_models as supported
 
     model_config = getattr(model_patcher.model, "model_config", None)
     if isinstance(model_config, supported.SD_X4Upscaler):
         return "sd_x4_upscaler"
+    if isinstance(model_config, supported.SDXL):
+        return "sdxl"
     if isinstance(model_config, supported.SD20):
         return "sd2"
     if isinstance(model_config, supported.SD15):
