@@ -86,22 +86,27 @@ class TemporalAdapter(nn.Module):
         """The adapter's contribution for ``x`` ``[clips * F, C, H, W]`` (without the skip).
 
         Computed in the host's frame-major layout, with no permuted copies: the 1x1x1 convolutions
-        are per-pixel linear maps (1x1 convolutions of each frame), and the depth-wise (3, 1, 1)
-        convolution in time is three per-channel multiply-adds of neighbouring frames. Time is
-        padded with zeros, or circularly when the layout's frames close a loop."""
+        are per-pixel linear maps (one matrix product over each frame's pixels), and the depth-wise
+        (3, 1, 1) convolution in time is three per-channel multiply-adds of neighbouring frames.
+        Time is padded with zeros, or circularly when the layout's frames close a loop."""
         down_w, down_b = _like(self.down.weight, x), _like(self.down.bias, x)
         dw_w, dw_b = _like(self.depthwise.weight, x), _like(self.depthwise.bias, x)
         up_w, up_b = _like(self.up.weight, x), _like(self.up.bias, x)
-        hidden = F.conv2d(x, down_w[:, :, 0], down_b)  # [(b f), C/2, H, W]
-        frames = hidden.unflatten(0, (layout.clips, layout.frames))  # [b, f, C/2, H, W] (a view)
-        before, now, after = (dw_w[:, 0, i] for i in range(3))  # [C/2, 1, 1] taps for t-1, t, t+1
-        mixed = torch.addcmul(dw_b[:, None, None], frames, now) if dw_b is not None else frames * now
+        hidden = torch.matmul(down_w.flatten(1), x.flatten(2))  # [(b f), C/2, H * W]
+        if down_b is not None:
+            hidden.add_(down_b[:, None])
+        frames = hidden.unflatten(0, (layout.clips, layout.frames))  # [b, f, C/2, H * W] (a view)
+        before, now, after = (dw_w[:, 0, i, 0] for i in range(3))  # [C/2, 1] taps for t-1, t, t+1
+        mixed = torch.addcmul(dw_b[:, None], frames, now) if dw_b is not None else frames * now
         mixed[:, 1:].addcmul_(frames[:, :-1], before)
         mixed[:, :-1].addcmul_(frames[:, 1:], after)
         if layout.closes_loop:
             mixed[:, :1].addcmul_(frames[:, -1:], before)
             mixed[:, -1:].addcmul_(frames[:, :1], after)
-        return F.conv2d(mixed.flatten(0, 1), up_w[:, :, 0], up_b)
+        out = torch.matmul(up_w.flatten(1), mixed.flatten(0, 1))  # [(b f), C, H * W]
+        if up_b is not None:
+            out.add_(up_b[:, None])
+        return out.view(x.shape)
 
     def forward(self, x: torch.Tensor, layout: ClipLayout) -> torch.Tensor:
         return x + self.delta(x, layout)
