@@ -47,7 +47,7 @@ class SimDALatentShiftPatch(io.ComfyNode):
                     tooltip="Share ResBlock GroupNorm statistics over the frames of a clip. Always on with SimDA adapters (they were trained with it).",
                 ),
                 io.Boolean.Input(
-                    "loop", default=False,
+                    "loop", default=False, optional=True,
                     tooltip="Seamless loop: the first frame also sees the last ones (latent shift and the temporal adapter wrap around), so the clip can repeat without a seam.",
                 ),
             ],

@@ -1,0 +1,228 @@
+"""Every check that needs an NVIDIA GPU, in one run (a few minutes on an H100/H200).
+
+    python bench/gpu_check.py            # on the GPU machine; writes $OUT/gpu_check.json (or bench/out/)
+    python bench/gpu_check.py --cpu      # the same code on the CPU at tiny sizes: proves the script runs
+
+It installs nothing. The lent GPU machines have torch + CUDA and no internet: carry the pinned host
+(``.host/``) and the pure-Python packages the host's sampling code imports (``pip install --target
+.gpu_deps torchsde trampoline einops safetensors``; ``PYTHONPATH=.gpu_deps``). Checks that need a
+missing package report it instead of failing the run.
+
+Checks (each a row of the printed table):
+- the authors' tiny fixture on CUDA in fp16 and bf16 against its fp32 CPU reference outputs;
+- adapter training on host-loaded (inference-tensor) weights, gradient checkpointing on and off:
+  finite losses, gradient cosine similarity >= 0.999, every adapter tensor changes, the UNet's
+  parameter objects and the host's pinned-memory bookkeeping unchanged;
+- the Video Sampler and the Video Upscaler's automatic-size path;
+- SimDA's per-call work without device synchronisation (``torch.cuda.set_sync_debug_mode("error")``),
+  and ``bench/bench_unet.py``, ``bench/bench_windows.py`` and ``bench/bench_longclip.py``'s ratios.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+BENCH_DIR = Path(__file__).resolve().parent
+PACK_DIR = BENCH_DIR.parent
+sys.path.insert(0, str(BENCH_DIR))
+
+import bench_unet  # noqa: E402  (puts the host and the pack on sys.path)
+
+FIXTURE = PACK_DIR / "tests" / "fixtures" / "simda_authors_tiny"
+FIXTURE_CASES = ("io_f6_16x16", "io_f3_16x16", "io_f8_12x12", "io_f1_16x16", "io_f2_12x12")
+TINY_UNET = dict(
+    model_channels=32, channel_mult=[1, 1, 1, 1], num_res_blocks=[2, 2, 2, 2],
+    transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], transformer_depth_middle=1,
+    transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], context_dim=32, num_heads=8,
+    use_linear_in_transformer=False, in_channels=4, out_channels=4, use_spatial_transformer=True,
+    legacy=False, adm_in_channels=None, use_temporal_attention=False, use_temporal_resblock=False, image_size=32,
+)
+"""The authors' tiny fixture UNet in the host's terms (as tests/host.py has it)."""
+
+
+def tiny_patcher(device: torch.device, dtype: torch.dtype = torch.float32, inference: bool = False):
+    import comfy.model_base
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    config = comfy.supported_models.SD15(dict(TINY_UNET))
+    config.set_inference_dtype(dtype, None)
+    with torch.inference_mode(inference):
+        model = comfy.model_base.BaseModel(config, device=device)
+        bench_unet.seeded_weights_(model.diffusion_model, 0)
+    return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=torch.device("cpu"))
+
+
+def unet_call(patcher, x, timesteps, context):
+    from simda_core.model_info import call_options
+
+    patcher.patch_model()
+    try:
+        with torch.inference_mode():
+            return patcher.model.diffusion_model(x, timesteps, context=context, transformer_options=call_options(patcher, [0]))
+    finally:
+        patcher.unpatch_model()
+
+
+def fixture_precision(device: torch.device) -> dict:
+    import comfy.utils
+    from simda_core import formats
+    from simda_core.config import LatentShiftSettings, SimDAConfig
+    from simda_core.host_patch import apply_simda, model_sites
+
+    state = torch.load(FIXTURE / "unet" / "diffusion_pytorch_model.bin", map_location="cpu", weights_only=True)
+    mapping = comfy.utils.unet_to_diffusers(dict(TINY_UNET))
+    result = {}
+    for dtype in (torch.float16, torch.bfloat16):
+        base = tiny_patcher(device, dtype)
+        base.model.diffusion_model.load_state_dict(
+            {ldm: state[key].to(dtype) for key, ldm in mapping.items() if key in state}, strict=True
+        )
+        adapters = formats.build_adapters(formats.read_adapter_file(FIXTURE), model_sites(base), dtype=dtype, device=device)
+        patched = apply_simda(base.clone(), SimDAConfig(adapters=adapters, latent_shift=LatentShiftSettings()))
+        errors = {}
+        for name in FIXTURE_CASES:
+            case = torch.load(FIXTURE / f"{name}.pt", map_location="cpu", weights_only=True)
+            frames = case["frames"]
+            x = case["sample"][0].permute(1, 0, 2, 3).contiguous().to(device, dtype)
+            y = unet_call(patched, x, case["timestep"].repeat(frames).to(device), case["context"].repeat(frames, 1, 1).to(device, dtype))
+            y = y.float().cpu().permute(1, 0, 2, 3).unsqueeze(0)
+            errors[name] = float((y - case["output"]).norm() / case["output"].norm())
+        result[str(dtype).removeprefix("torch.")] = errors
+    return result
+
+
+def tuning(device: torch.device, steps: int = 3) -> dict:
+    """Adapter training on inference-tensor weights (as the host loads them) with and without
+    gradient checkpointing, from the same adapters and batch."""
+    import comfy.model_management as mm
+    from simda_core.adapter_training import AdapterTrainer, TuningRecipe, initial_adapters, training_patcher
+    from simda_core.config import LatentShiftSettings, SimDAConfig
+    from simda_core.host_patch import apply_simda, model_sites
+
+    base = tiny_patcher(device, inference=True)
+    params_before = {n: p for n, p in base.model.diffusion_model.named_parameters()}
+    pinned_before = (set(base.pinned), mm.TOTAL_PINNED_MEMORY, len(mm.PINNED_MEMORY))
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(8, 4, 32, 32, generator=g)
+    context = torch.randn(8, 8, TINY_UNET["context_dim"], generator=g)
+    runs = {}
+    for checkpointing in (False, True):
+        adapters = initial_adapters(model_sites(base), seed=1, device=device)
+        with torch.no_grad():  # make every output layer non-zero, so every tensor has a gradient on step 1
+            for name, p in adapters.named_parameters():
+                if ".up." in name or ".fc2." in name:
+                    p.normal_(0, 1e-3, generator=torch.Generator(device=device).manual_seed(2))
+        start = {k: v.detach().clone() for k, v in adapters.state_dict().items()}
+        training = training_patcher(base)
+        apply_simda(training, SimDAConfig(adapters=adapters, latent_shift=LatentShiftSettings(), gradient_checkpointing=checkpointing))
+        mm.load_models_gpu([training])
+        trainer = AdapterTrainer(training, adapters, TuningRecipe(learning_rate=1e-3, gradient_checkpointing=checkpointing), seed=3)
+        with torch.inference_mode(False), torch.enable_grad():
+            loss = trainer.loss(x0, context, clips=1, timesteps=torch.tensor([500]), noise=torch.randn(x0.shape, generator=g.manual_seed(4)))
+            loss.backward()
+            grad = torch.cat([p.grad.float().flatten() for p in adapters.parameters()])
+            trainer.optimizer.zero_grad(set_to_none=True)
+            losses = [trainer.step(x0, context) for _ in range(steps)]
+        changed = sum(not torch.equal(start[k], v) for k, v in adapters.state_dict().items())
+        runs[checkpointing] = {"grad": grad, "losses": losses, "changed": changed, "tensors": len(start)}
+        mm.unload_all_models()
+    cosine = float(torch.nn.functional.cosine_similarity(runs[False]["grad"], runs[True]["grad"], dim=0))
+    params_after = dict(base.model.diffusion_model.named_parameters())
+    return {
+        "gradient_cosine": cosine,
+        "losses_finite": all(torch.isfinite(torch.tensor(r["losses"])).all() for r in runs.values()),
+        "adapters_changed": {str(k): f"{r['changed']}/{r['tensors']}" for k, r in runs.items()},
+        "unet_parameters_unchanged": all(params_after[n] is p for n, p in params_before.items()),
+        "pinned_unchanged": (set(base.pinned), mm.TOTAL_PINNED_MEMORY, len(mm.PINNED_MEMORY)) == pinned_before,
+    }
+
+
+def sampler_and_upscaler(device: torch.device) -> dict:
+    """One short clip through the Video Sampler, and the Upscaler's memory budget for it."""
+    import importlib.util
+
+    import comfy.sample  # noqa: F401  (needs the host's sampling dependencies)
+
+    if "simda_pack" not in sys.modules:  # the pack as the host imports it (its nodes/ next to the host's nodes.py)
+        spec = importlib.util.spec_from_file_location("simda_pack", PACK_DIR / "__init__.py", submodule_search_locations=[str(PACK_DIR)])
+        sys.modules["simda_pack"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules["simda_pack"])
+    from simda_pack.nodes.nodes_sampler import SimDAVideoSampler
+    from simda_pack.nodes.nodes_upscale import sampling_budget
+    from simda_pack.simda_core.config import LatentShiftSettings, SimDAConfig
+    from simda_pack.simda_core.host_patch import apply_simda
+
+    base = tiny_patcher(device)
+    patched = apply_simda(base.clone(), SimDAConfig(latent_shift=LatentShiftSettings(), frame_group_norm=True))
+    cond = [[torch.randn(1, 8, TINY_UNET["context_dim"]), {}]]
+    (latent,) = SimDAVideoSampler.execute(patched, cond, cond, 8, 128, 128, 0, 4, 5.0, "ddim", "ddim_uniform", 1.0, 0.0).result
+    samples = latent["samples"]
+    return {"sampled": list(samples.shape), "finite": bool(torch.isfinite(samples).all()),
+            "upscaler_budget_gib": sampling_budget(patched) / 2**30}
+
+
+def no_device_sync(device: torch.device) -> dict:
+    import bench_windows
+
+    return bench_windows.no_sync_check(device)
+
+
+def bench_scripts(device: torch.device, out: Path, cpu: bool) -> dict:
+    rows = {}
+    unet_json = out / "bench_unet.json"
+    command = [sys.executable, str(BENCH_DIR / "bench_unet.py"), "--mode", "cpu" if cpu else "gpu", "--out", str(unet_json)]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=240)
+    rows["bench_unet"] = json.loads(unet_json.read_text())["rows"] if completed.returncode == 0 else completed.stderr[-2000:]
+    import bench_longclip
+    import bench_windows
+
+    rows["bench_windows"] = bench_windows.run(device)
+    rows["bench_longclip"] = bench_longclip.run(device, mode="cpu" if cpu else "gpu")
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--cpu", action="store_true", help="run on the CPU at tiny sizes (proves the script, measures nothing)")
+    parser.add_argument("--skip-bench", action="store_true", help="only the correctness checks")
+    args = parser.parse_args()
+    if not args.cpu and not torch.cuda.is_available():
+        sys.exit("gpu_check needs a CUDA device; use --cpu to run the same code on the CPU")
+    bench_unet.import_host(force_cpu=args.cpu)
+    device = torch.device("cpu") if args.cpu else torch.device("cuda")
+    out = Path(os.environ.get("OUT") or BENCH_DIR / "out")
+    out.mkdir(parents=True, exist_ok=True)
+    checks = [("fixture fp16/bf16", fixture_precision), ("tuning", tuning), ("sampler + upscaler size", sampler_and_upscaler)]
+    if not args.cpu:
+        checks.append(("no device sync", no_device_sync))
+    report = {"device": bench_unet.device_name(device), "torch": torch.__version__}
+    started = time.perf_counter()
+    for name, check in checks:
+        began = time.perf_counter()
+        try:
+            report[name] = check(device)
+        except Exception as e:  # a missing package or a failed check: reported, the run goes on
+            report[name] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc(limit=3)}
+        print(f"| {name} | {time.perf_counter() - began:.1f} s | {json.dumps(report[name], default=str)[:300]} |", flush=True)
+    if not args.skip_bench:
+        try:
+            report["bench"] = bench_scripts(device, out, args.cpu)
+        except Exception as e:
+            report["bench"] = {"error": f"{type(e).__name__}: {e}"}
+        print(f"| bench | {json.dumps(report['bench'], default=str)[:600]} |")
+    report["seconds"] = time.perf_counter() - started
+    (out / "gpu_check.json").write_text(json.dumps(report, indent=1, default=str))
+    print(f"written {out / 'gpu_check.json'} in {report['seconds']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
