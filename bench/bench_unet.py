@@ -6,6 +6,8 @@ Variants run in one process on the same inputs and the same host model; ratios a
 
     python bench/bench_unet.py --mode gpu   # SD1.5 UNet (seeded random weights), fp16, 16 frames, 256 and 512 px
     python bench/bench_unet.py --mode cpu   # reduced-width UNet at small sizes: runs anywhere, NOT the GPU targets
+    python bench/bench_unet.py --mode sdxl-gpu   # SDXL UNet (model_base.SDXL with its ADM), fp16, 16 frames, 1024 px
+    python bench/bench_unet.py --mode sdxl-cpu   # SDXL layout at reduced width, small sizes (CPU ratios only)
 
 GPU targets (issue): SimDA <= 1.15x at 256x256, <= 1.22x at 512x512, peak memory <= 1.05x.
 Only the host's model code is imported (HOST_MODULES) and ``simda_core`` as a top-level package;
@@ -50,6 +52,17 @@ SD15_UNET = dict(
 )
 """The host's SD1.5 UNet (model_detection's SD15 layout): 16 transformers, 860M parameters."""
 
+SDXL_UNET = dict(
+    in_channels=4, out_channels=4, model_channels=320, channel_mult=[1, 2, 4], num_res_blocks=[2, 2, 2],
+    transformer_depth=[0, 0, 2, 2, 10, 10], transformer_depth_middle=10,
+    transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10],
+    context_dim=2048, num_head_channels=64, use_linear_in_transformer=True, use_spatial_transformer=True, legacy=False,
+    num_classes="sequential", adm_in_channels=2816, use_temporal_attention=False, use_temporal_resblock=False,
+    image_size=32, use_checkpoint=False,
+)
+"""The host's SDXL base UNet (model_detection's SDXL layout): no transformer at the top level, 2 then
+10 blocks per transformer below, linear projections, a 2048 context and a 2816-wide ADM; 2.6B parameters."""
+
 
 @dataclass(frozen=True)
 class Mode:
@@ -65,6 +78,8 @@ class Mode:
     """GPU: wall time after a synchronize. CPU: the process's CPU time, so other load on a shared
     machine does not enter the ratios (one thread: no spinning workers counted)."""
     note: str
+    config_class: str = "SD15"
+    """The host's ``comfy.supported_models`` class; its ``get_model`` makes the model (SDXL: with its ADM)."""
 
 
 MODES = {
@@ -73,6 +88,12 @@ MODES = {
         {**SD15_UNET, "model_channels": 32}, torch.float32, (64, 128), 8, 5, 1, 1, time.process_time,
         "CPU smoke run: SD1.5 layout at 1/10 width (32 channels), fp32, 1 thread, CPU time per call; "
         "NOT comparable with the GPU targets",
+    ),
+    "sdxl-gpu": Mode(SDXL_UNET, torch.float16, (1024,), 16, 5, 2, None, time.perf_counter, "full-size SDXL UNet, fp16", "SDXL"),
+    "sdxl-cpu": Mode(
+        {**SDXL_UNET, "model_channels": 32, "num_head_channels": 32}, torch.float32, (64, 128), 8, 3, 1, 1, time.process_time,
+        "CPU smoke run: SDXL layout (depths 2/10, linear proj, 2048 context, ADM) at 1/10 width (32 channels), fp32, "
+        "1 thread, CPU time per call; NOT comparable with the GPU runs", "SDXL",
     ),
 }
 
@@ -127,9 +148,12 @@ def build_unet(mode: Mode, device: torch.device):
     import comfy.model_patcher
     import comfy.supported_models
 
-    model_config = comfy.supported_models.SD15(dict(mode.unet))
+    model_config = getattr(comfy.supported_models, mode.config_class)(dict(mode.unet))
     model_config.set_inference_dtype(mode.dtype, None)
-    model = comfy.model_base.BaseModel(model_config, device=device)
+    if mode.config_class == "SD15":
+        model = comfy.model_base.BaseModel(model_config, device=device)
+    else:
+        model = model_config.get_model({}, device=device)
     seeded_weights_(model.diffusion_model, seed=0)
     return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=device)
 
@@ -169,6 +193,7 @@ class Inputs:
     x: torch.Tensor  # [groups * F, 4, h, w] latents
     timesteps: torch.Tensor  # [groups * F]
     context: torch.Tensor  # [groups * F, 77, context_dim] text tokens
+    y: torch.Tensor | None = None  # [groups * F, adm_in_channels] ADM vector (SDXL: pooled text + size)
 
 
 def make_inputs(mode: Mode, size: int, frames: int, device: torch.device) -> Inputs:
@@ -179,7 +204,9 @@ def make_inputs(mode: Mode, size: int, frames: int, device: torch.device) -> Inp
         return torch.randn(shape, generator=generator, device=device).to(mode.dtype)
 
     timesteps = torch.full((batch,), 500.0, device=device)
-    return Inputs(randn(batch, 4, latent, latent), timesteps, randn(batch, TEXT_TOKENS, mode.unet["context_dim"]))
+    adm = mode.unet.get("adm_in_channels")
+    return Inputs(randn(batch, 4, latent, latent), timesteps, randn(batch, TEXT_TOKENS, mode.unet["context_dim"]),
+                  randn(batch, adm) if adm else None)
 
 
 def unet_call(patcher, inputs: Inputs) -> torch.Tensor:
@@ -187,8 +214,9 @@ def unet_call(patcher, inputs: Inputs) -> torch.Tensor:
     from simda_core.model_info import call_options
 
     options = call_options(patcher, list(COND_OR_UNCOND))
+    extra = {} if inputs.y is None else {"y": inputs.y}
     return patcher.model.diffusion_model(
-        inputs.x, timesteps=inputs.timesteps, context=inputs.context, transformer_options=options
+        inputs.x, timesteps=inputs.timesteps, context=inputs.context, transformer_options=options, **extra
     )
 
 
@@ -345,10 +373,10 @@ def main() -> None:
     args.sizes, args.frames = args.sizes or mode.sizes, args.frames or mode.frames
     args.repeats = args.repeats or mode.repeats
     args.variants = ["plain"] + [name for name in dict.fromkeys(args.variants) if name != "plain"]
-    if args.mode == "gpu" and not torch.cuda.is_available():
+    if args.mode.endswith("gpu") and not torch.cuda.is_available():
         sys.exit("--mode gpu needs a CUDA device; use --mode cpu here")
 
-    import_host(force_cpu=args.mode == "cpu")
+    import_host(force_cpu=args.mode.endswith("cpu"))
     if mode.threads:
         torch.set_num_threads(mode.threads)
     import comfy.model_management
