@@ -1,9 +1,21 @@
-"""DDIM inversion of a clip (the starting noise for editing, SIMDA_SPEC.md section 5).
+"""DDIM inversion of a clip (the starting noise for editing, SIMDA_SPEC.md section 5), and which
+of the host's samplers may start from it.
 
-The deterministic DDIM step is, in the sigma parametrisation the host samples in,
-``x <- x + (sigma_next - sigma) * eps``. Inversion walks the same sigmas upwards, from the clean
-latents to the largest sigma, taking each step's noise estimate at the level it moves to (as
-Tune-A-Video and SimDA do), so that sampling with the same steps and schedule walks back.
+Tune-A-Video and SimDA invert in the VP parametrisation ``x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps``:
+each step asks the UNet for the noise of the CURRENT latent (at level ``t``) while telling it the
+NEXT timestep ``t'``, then moves the clean estimate to the next level::
+
+    eps = unet(x_t, t')
+    x0  = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t)
+    x_t' = sqrt(a_t') x0 + sqrt(1 - a_t') eps
+
+The host samples in ``x = x_vp / sqrt(a)``, ``sigma = sqrt((1 - a) / a)``, and its model scales its
+input itself (``calculate_input``: ``x / sqrt(1 + sigma^2)`` for SD's eps and v models). To hand the
+UNet the current latent unchanged at the next level, the latent is rescaled by
+``scale(sigma) / scale(sigma')`` before the call. The update then reads
+``x0 = x - sigma eps``, ``x' = x0 + sigma' eps``. Both start from sigma 0 (the clean latents);
+Tune-A-Video starts from the alpha-bar of timestep 0 (0.99915 on the SD schedule), which moves the
+inverted latent by under 1% of its spread (tests/test_inversion.py).
 """
 from __future__ import annotations
 
@@ -14,41 +26,84 @@ import torch
 DenoiseFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """``denoised = fn(x, sigma)``: the model's clean-latent estimate at noise level ``sigma``."""
 
+StepReport = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
+"""``report(index, x, sigma, clean)``: after step ``index`` the latent ``x`` lies at ``sigma``;
+``clean`` is the clean-latent estimate the step moved."""
+
+INVERSION_SAMPLER = "ddim"
+"""The host sampler whose step the inversion walks backwards (the record's ``sampler``)."""
+
+NOISE_FREE_SAMPLERS = (
+    "ddim", "euler", "euler_cfg_pp", "heun", "heunpp2", "dpm_2", "lms", "dpm_fast", "dpm_adaptive",
+    "dpmpp_2m", "dpmpp_2m_cfg_pp", "ipndm", "ipndm_v", "deis", "res_multistep", "res_multistep_cfg_pp",
+    "gradient_estimation", "gradient_estimation_cfg_pp", "uni_pc", "uni_pc_bh2",
+)
+"""The host's samplers (ComfyUI 0.3.75, ``comfy/k_diffusion/sampling.py``, ``comfy/samplers.py``) that
+add no fresh noise with their default settings, so an inverted start walks back deterministically.
+All others (ancestral, SDE, ``ddpm``, ``lcm``, ``er_sde``, ``seeds_*``, ``sa_solver*``) add noise at
+every step, which undoes an inversion."""
+
+
+def inversion_record(steps: int, scheduler: str) -> dict:
+    """What a sampler needs to walk an inversion back (the LATENT's ``simda_inversion`` entry): the
+    same ``steps`` and ``scheduler``, and the sampler whose step was inverted."""
+    return {"steps": int(steps), "scheduler": str(scheduler), "sampler": INVERSION_SAMPLER}
+
+
+def vp_input_scale(sigma: torch.Tensor) -> torch.Tensor:
+    """The input scaling of SD's eps and v models: ``1 / sqrt(1 + sigma^2)`` (= sqrt(alpha-bar))."""
+    return (1 + sigma**2).rsqrt()
+
 
 def ddim_invert(
-    denoise: DenoiseFn, x0: torch.Tensor, sigmas: torch.Tensor, callback: Callable[[int, torch.Tensor], None] | None = None
+    denoise: DenoiseFn,
+    x0: torch.Tensor,
+    sigmas: torch.Tensor,
+    callback: StepReport | None = None,
+    input_scale: Callable[[torch.Tensor], torch.Tensor] = vp_input_scale,
 ) -> torch.Tensor:
-    """``x0`` -> the latent at ``sigmas.max()``. ``sigmas``: the sampling schedule, either order,
-    its trailing 0 included or not."""
+    """``x0`` -> the latent at ``sigmas.max()``, in the host's parametrisation. ``sigmas``: the
+    sampling schedule, either order, its trailing 0 included or not. ``input_scale(sigma)``: the
+    factor the model applies to its input at ``sigma`` (the host's ``calculate_input`` of ones)."""
     levels = torch.sort(sigmas[sigmas > 0]).values
     x = x0
     previous = torch.zeros((), dtype=levels.dtype, device=levels.device)
     for index, sigma in enumerate(levels):
-        eps = (x - denoise(x, sigma)) / sigma
-        x = x + (sigma - previous) * eps
+        x_in = x * (input_scale(previous) / input_scale(sigma))  # the UNet sees x as it is, told sigma
+        eps = (x_in - denoise(x_in, sigma)) / sigma
+        clean = x - previous * eps
+        x = clean + sigma * eps
         previous = sigma
         if callback is not None:
-            callback(index, x)
+            callback(index, x, sigma, clean)
     return x
 
 
-def host_sampler_inversion(sigmas_hint=None):
+def host_sampler_inversion():
     """A host ``KSAMPLER`` that runs :func:`ddim_invert` instead of sampling, so the inversion
     goes through the host's guider (conditioning, patches, wrappers, model loading). Give it the
-    ascending schedule ``[0, s1, ..., s_max]`` and zero noise; it returns the latent at ``s_max``."""
+    ascending schedule ``[0, s1, ..., s_max]`` and zero noise; it returns the latent at ``s_max``.
+    Its callback reports, per step, the latent, the sigma it now lies at, and the step's clean
+    estimate as ``denoised``."""
     import comfy.samplers
 
     def invert(model, x, sigmas, extra_args=None, callback=None, disable=None):
         extra_args = extra_args or {}
         s_in = x.new_ones([x.shape[0]])
+        sampling = model.inner_model.inner_model.model_sampling if hasattr(model, "inner_model") else None
 
         def denoise(x_, sigma):
             return model(x_, sigma * s_in, **extra_args)
 
-        def report(index, current):
-            if callback is not None:
-                callback({"i": index, "x": current, "sigma": sigmas[index], "sigma_hat": sigmas[index], "denoised": current})
+        def input_scale(sigma):
+            if sampling is None:
+                return vp_input_scale(sigma)
+            return sampling.calculate_input(sigma.reshape(1), torch.ones((1,), dtype=x.dtype, device=x.device))[0]
 
-        return ddim_invert(denoise, x, sigmas, report)
+        def report(index, current, sigma, clean):
+            if callback is not None:
+                callback({"i": index, "x": current, "sigma": sigma, "sigma_hat": sigma, "denoised": clean})
+
+        return ddim_invert(denoise, x, sigmas, report, input_scale)
 
     return comfy.samplers.KSAMPLER(invert)
