@@ -257,3 +257,31 @@ def test_the_host_sees_no_leaked_simda_model(comfy_server):
     assert execution_error(entry) is None, execution_error(entry)
     log = comfy_server.log_path.read_text(errors="replace")[log_start:]
     assert "memory leak with model SimDAAdapters" not in log, log
+
+
+def test_plain_sampling_is_bit_identical_after_a_tuning_run(comfy_server, plain_baseline):
+    """An Edit Tuner run trains through the cached checkpoint's UNet; the plain checkpoint
+    afterwards gives exactly the frames it gave before (the tuner trains on a clone through weight
+    wrappers and never replaces or changes the shared UNet's weights)."""
+    tuner = "20"
+    prompt = {
+        CHECKPOINT: {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": comfy_server.checkpoint_name}},
+        POSITIVE: {"class_type": "CLIPTextEncode", "inputs": {"text": "a grey clip", "clip": [CHECKPOINT, 1]}},
+        "21": {"class_type": "EmptyImage", "inputs": {"width": SIZE, "height": SIZE, "batch_size": FRAMES, "color": 0x808080}},
+        tuner: {"class_type": "SimDAEditTuner", "inputs": {
+            "model": [CHECKPOINT, 0], "vae": [CHECKPOINT, 2], "source_frames": ["21", 0], "source_prompt": [POSITIVE, 0],
+            "clip": [CHECKPOINT, 1], "steps": 2, "learning_rate": 1e-3, "seed": 0, "frames": FRAMES, "start_frame": 0,
+            "stride": 1, "width": SIZE, "height": SIZE, "gradient_checkpointing": True, "inversion_steps": 2,
+            "inversion_scheduler": "ddim_uniform", "source_fps": 8.0,
+        }},
+        DECODE: {"class_type": "VAEDecode", "inputs": {"samples": [tuner, 1], "vae": [CHECKPOINT, 2]}},
+        SAVE: {"class_type": "SaveImage", "inputs": {"images": [DECODE, 0], "filename_prefix": "tuned_inversion"}},
+    }
+    entry = comfy_server.run_prompt(prompt, timeout=300)
+    assert execution_error(entry) is None, execution_error(entry)
+    assert tuner not in cached_nodes(entry), "the tuner did not run"
+    entry = comfy_server.run_prompt(video_prompt(comfy_server, seed=0, prefix="plain_after_tuning", latent_shift=False))
+    assert execution_error(entry) is None, execution_error(entry)
+    assert CHECKPOINT in cached_nodes(entry), "the checkpoint was loaded again, so this compares nothing"
+    assert SAMPLER not in cached_nodes(entry), "the host answered the sampler from its cache, so this compares nothing"
+    np.testing.assert_array_equal(frames_of(comfy_server, entry), plain_baseline)
