@@ -5,6 +5,8 @@ import os
 
 import folder_paths
 
+from ..simda_core.formats import is_adapter_candidate
+
 FOLDER = "simda"
 EXTENSIONS = {".safetensors", ".bin"}
 
@@ -25,7 +27,9 @@ def register_simda_folder() -> None:
 
 
 def adapter_files() -> list[str]:
-    return folder_paths.get_filename_list(FOLDER)
+    """The Adapter Loader's choices: adapter files in models/simda, and of an authors' training output
+    only its ``unet/`` weights (not its text encoder, VAE or optimizer state)."""
+    return [name for name in folder_paths.get_filename_list(FOLDER) if is_adapter_candidate(name)]
 
 
 def adapter_path(name: str) -> str:

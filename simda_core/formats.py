@@ -2,6 +2,8 @@
 ``UNet3DConditionModel``, ``.bin`` or ``.safetensors``, of which only the adapter keys are used).
 
 Nothing here executes pickle code: ``.bin`` files go through ``torch.load(weights_only=True)``.
+Of an authors' UNet only the adapter keys are read: per key from ``.safetensors``, from a memory map
+of ``.bin`` (``bench/bench_authors_load.py`` measures the peak memory on a full-size SD1.5 run).
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import math
 import os
 import re
 import tempfile
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -112,11 +115,60 @@ def save_adapters(
     return path
 
 
-def _sites_from_metadata(meta: dict[str, str]) -> list[AdapterSite] | None:
+def _metadata_error(name: str, key: str, what: str) -> AdapterFileError:
+    return AdapterFileError(
+        f"'{name}' has broken metadata: '{key}' {what}; the file was not written by this pack's Save SimDA Adapters "
+        "or was edited: save the adapters again from training."
+    )
+
+
+def _metadata_number(meta: dict[str, str], key: str, default: float, name: str) -> float:
+    raw = meta.get(key)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        raise _metadata_error(name, key, f"is {raw!r}, not a number") from None
+    if not (math.isfinite(value) and value > 0):
+        raise _metadata_error(name, key, f"is {raw!r}, not a positive number")
+    return value
+
+
+def _metadata_count(meta: dict[str, str], key: str, default: int, name: str) -> int:
+    raw = meta.get(key)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except (TypeError, ValueError):
+        raise _metadata_error(name, key, f"is {raw!r}, not a whole number") from None
+    if value < 0:
+        raise _metadata_error(name, key, f"is {raw!r}, below 0")
+    return value
+
+
+def _sites_from_metadata(meta: dict[str, str], name: str) -> list[AdapterSite] | None:
     raw = meta.get("sites")
     if not raw:
         return None
-    return [AdapterSite(**{**d, "self_attention": tuple(d.get("self_attention", ()))}) for d in json.loads(raw)]
+    try:
+        entries = json.loads(raw)
+    except (TypeError, ValueError):
+        raise _metadata_error(name, "sites", "is not valid JSON") from None
+    if not isinstance(entries, list):
+        raise _metadata_error(name, "sites", "is not a list of transformer places")
+    sites = []
+    for entry in entries:
+        try:
+            site = AdapterSite(**{**entry, "self_attention": tuple(entry.get("self_attention", ()))})
+        except (TypeError, AttributeError, ValueError):
+            raise _metadata_error(name, "sites", f"has an entry that is not a transformer place ({str(entry)[:80]})") from None
+        if not (isinstance(site.path, str) and all(isinstance(getattr(site, f), int) and not isinstance(getattr(site, f), bool)
+                                                   for f in ("channels", "inner_dim", "depth", "level"))):
+            raise _metadata_error(name, "sites", f"has an entry with fields of the wrong type ({str(entry)[:80]})")
+        sites.append(site)
+    return sites
 
 
 # -- the authors' format ------------------------------------------------------------------------
@@ -134,11 +186,6 @@ _TEMPORAL_LAYER = {"stadapt_down_1": "down", "stadapt_conv3d_1": "depthwise", "s
 _SPATIAL_KIND = {"adapter_s": "attn_adapter", "adapter_ffn": "ffn_adapter"}
 
 
-def _layers_per_block(state: dict[str, torch.Tensor]) -> int:
-    resnets = {int(m.group(1)) for k in state if (m := re.match(r"down_blocks\.0\.resnets\.(\d+)\.", k))}
-    return max(resnets) + 1 if resnets else 2
-
-
 def _authors_site_path(match: re.Match, layers_per_block: int) -> str:
     j = int(match.group("j"))
     if match.group("down") is not None:
@@ -148,9 +195,15 @@ def _authors_site_path(match: re.Match, layers_per_block: int) -> str:
     return "middle_block.1"
 
 
-def convert_authors_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The adapter tensors of an authors' UNet3DConditionModel state dict, under our keys."""
-    layers = _layers_per_block(state)
+def is_authors_adapter_key(key: str) -> bool:
+    return bool(_AUTHORS_SPATIAL.match(key) or _AUTHORS_TEMPORAL.match(key))
+
+
+def convert_authors_state_dict(state: dict[str, torch.Tensor], layers_per_block: int | None = None) -> dict[str, torch.Tensor]:
+    """The adapter tensors of an authors' UNet3DConditionModel state dict, under our keys.
+    ``layers_per_block``: ResNets per down block, found from the keys of ``state`` unless given
+    (when ``state`` holds only the adapter keys)."""
+    layers = layers_per_block or _keys_layers_per_block(state)
     out = {}
     for key, tensor in state.items():
         if m := _AUTHORS_SPATIAL.match(key):
@@ -176,40 +229,114 @@ def _authors_weights_file(path: Path) -> Path:
     )
 
 
-def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    name = path.name
-    if path.suffix == ".safetensors":
-        from safetensors import SafetensorError, safe_open
+AUTHORS_CONFIG = "config.json"
+SD2_CONTEXT_DIM = 1024
+"""The cross-attention width of SD2.x (OpenCLIP ViT-H); SD1.x has 768."""
+_CONTEXT_PROBE = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight"
+"""An authors' UNet key whose shape ``[inner, context_dim]`` tells the text width when there is no config."""
+NON_ADAPTER_FOLDERS = frozenset({
+    "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae", "scheduler", "safety_checker",
+    "feature_extractor", "image_encoder", "inv_latents", "samples",
+})
+"""Folders of an authors' training output (a diffusers pipeline) that hold no adapters."""
+TRAINING_STATE_FILES = frozenset({"optimizer.bin", "scheduler.bin", "scaler.pt"})
+"""What ``accelerate`` saves next to a checkpoint's weights (``checkpoint-N/``)."""
+ADAPTER_SUFFIXES = (".safetensors", ".bin")
 
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                meta = dict(f.metadata() or {})
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+
+def is_adapter_candidate(relative_path: str) -> bool:
+    """Whether a file under ``models/simda`` may hold SimDA adapters: ours, or an authors' run's
+    ``unet/`` weights, but not its text encoder, VAE, tokenizer or optimizer state."""
+    parts = Path(relative_path.replace("\\", "/")).parts
+    if not parts or not parts[-1].endswith(ADAPTER_SUFFIXES):
+        return False
+    return not any(part in NON_ADAPTER_FOLDERS for part in parts[:-1]) and parts[-1] not in TRAINING_STATE_FILES
+
+
+@dataclass
+class _FileContents:
+    tensors: dict[str, torch.Tensor]
+    """Ours: every tensor. The authors': the adapter tensors only, under their keys."""
+    metadata: dict[str, str]
+    layers_per_block: int = 2
+    context_dim: int | None = None
+    """The authors' UNet's cross-attention width, where its weights tell it."""
+
+
+def _keys_layers_per_block(keys) -> int:
+    resnets = {int(m.group(1)) for k in keys if (m := re.match(r"down_blocks\.0\.resnets\.(\d+)\.", k))}
+    return max(resnets) + 1 if resnets else 2
+
+
+def _read_safetensors(path: Path, name: str) -> _FileContents:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = dict(f.metadata() or {})
+            keys = list(f.keys())
+            wanted = keys if meta.get("format") == FORMAT_NAME else [k for k in keys if is_authors_adapter_key(k)]
+            tensors = {k: f.get_tensor(k) for k in wanted}
+            context = f.get_slice(_CONTEXT_PROBE).get_shape() if _CONTEXT_PROBE in keys else None
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise AdapterFileError(
+            f"'{name}' is not a readable safetensors file (truncated or corrupt: {e}); download or export it again."
+        ) from None
+    return _FileContents(tensors, meta, _keys_layers_per_block(keys), context[1] if context and len(context) == 2 else None)
+
+
+def _read_pickle(path: Path, name: str) -> _FileContents:
+    try:
+        # A zip-format file (torch.save since 1.6) is memory-mapped: only the adapter tensors are read from disk.
+        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except Exception as e:  # weights_only refuses code; a cut file fails to unpickle
+        text = str(e)
+        if "Weights only load failed" in text or "weights_only" in text:
             raise AdapterFileError(
-                f"'{name}' is not a readable safetensors file (truncated or corrupt: {e}); download or export it again."
+                f"'{name}' is a pickle that holds more than tensors (it would run code when loaded), so it is refused; "
+                "convert it to .safetensors with a tool you trust, or re-export it from training."
             ) from None
-        return tensors, meta
+        raise AdapterFileError(
+            f"'{name}' could not be read as a PyTorch weights file (truncated or corrupt: {type(e).__name__}); "
+            "download or export it again."
+        ) from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise AdapterFileError(f"'{name}' does not hold a dictionary of tensors; it is not an adapter or UNet checkpoint.")
+    tensors = {k: v for k, v in state.items() if isinstance(k, str) and is_authors_adapter_key(k)}  # still mapped: only these pages are read
+    probe = state.get(_CONTEXT_PROBE)
+    return _FileContents(tensors, {}, _keys_layers_per_block(state), probe.shape[1] if probe is not None and probe.ndim == 2 else None)
+
+
+def _read_tensors(path: Path, name: str) -> _FileContents:
+    if path.suffix == ".safetensors":
+        return _read_safetensors(path, name)
     if path.suffix in (".bin", ".pt", ".pth", ".ckpt"):
-        try:
-            state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=False)
-        except Exception as e:  # weights_only refuses code; a cut file fails to unpickle
-            text = str(e)
-            if "Weights only load failed" in text or "weights_only" in text:
-                raise AdapterFileError(
-                    f"'{name}' is a pickle that holds more than tensors (it would run code when loaded), so it is refused; "
-                    "convert it to .safetensors with a tool you trust, or re-export it from training."
-                ) from None
-            raise AdapterFileError(
-                f"'{name}' could not be read as a PyTorch weights file (truncated or corrupt: {type(e).__name__}); "
-                "download or export it again."
-            ) from None
-        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-            state = state["state_dict"]
-        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise AdapterFileError(f"'{name}' does not hold a dictionary of tensors; it is not an adapter or UNet checkpoint.")
-        return state, {}
+        return _read_pickle(path, name)
     raise AdapterFileError(f"'{name}': unknown adapter file type '{path.suffix}'; use .safetensors (or the authors' .bin).")
+
+
+def _authors_family(weights: Path, context_dim: int | None, name: str) -> str:
+    """SD2.x when the run's ``unet/config.json`` (else its attn2 weights) has a 1024-wide text context."""
+    config_path = weights.parent / AUTHORS_CONFIG
+    if config_path.is_file():
+        label = f"{config_path.parent.name}/{AUTHORS_CONFIG}"
+        try:
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            raise AdapterFileError(
+                f"'{name}': its {label} is not readable JSON; restore it from the training output (or delete it)."
+            ) from None
+        if not isinstance(config, dict):
+            raise AdapterFileError(f"'{name}': its {label} is not a UNet configuration; restore it from the training output.")
+        dim = config.get("cross_attention_dim", context_dim)
+        if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int)):
+            raise AdapterFileError(
+                f"'{name}': its {label} gives cross_attention_dim {dim!r}, not a whole number; restore it from the training output."
+            )
+        context_dim = dim
+    return "sd2" if context_dim == SD2_CONTEXT_DIM else "sd1"
 
 
 def _check_finite(tensors: dict[str, torch.Tensor], name: str) -> None:
@@ -228,34 +355,36 @@ def read_adapter_file(path: str | os.PathLike) -> AdapterFile:
         path = _authors_weights_file(path)
     if not path.is_file():
         raise AdapterFileError(f"'{path}' does not exist; put adapter files in the models/simda folder.")
-    tensors, meta = _read_tensors(path)
     name = path.name if path.parent.name != "unet" else f"{path.parent.parent.name}/unet/{path.name}"
+    contents = _read_tensors(path, name)
+    meta = contents.metadata
 
     if meta.get("format") == FORMAT_NAME:
-        version = int(meta.get("format_version", "0"))
+        version = _metadata_count(meta, "format_version", 0, name)
         if version > FORMAT_VERSION:
             raise AdapterFileError(
                 f"'{name}' uses SimDA adapter format {version}, newer than this pack reads ({FORMAT_VERSION}); update the pack."
             )
         adapter = AdapterFile(
-            tensors=tensors,
+            tensors=contents.tensors,
             family=meta.get("base_family", "sd1"),
             source="simda",
             name=name,
-            sites=_sites_from_metadata(meta),
-            spatial_ratio=float(meta.get("spatial_ratio", SPATIAL_RATIO)),
-            temporal_ratio=float(meta.get("temporal_ratio", TEMPORAL_RATIO)),
-            frames_trained=int(meta.get("frames_trained", "0")),
+            sites=_sites_from_metadata(meta, name),
+            spatial_ratio=_metadata_number(meta, "spatial_ratio", SPATIAL_RATIO, name),
+            temporal_ratio=_metadata_number(meta, "temporal_ratio", TEMPORAL_RATIO, name),
+            frames_trained=_metadata_count(meta, "frames_trained", 0, name),
             metadata=meta,
         )
     else:
-        converted = convert_authors_state_dict(tensors)
+        converted = convert_authors_state_dict(contents.tensors, contents.layers_per_block)
         if not converted:
             raise AdapterFileError(
                 f"'{name}' holds no SimDA adapter weights (no adapter_s / adapter_ffn / temp_adapter keys); "
                 "it is not a SimDA checkpoint: pick a file trained with SimDA."
             )
-        adapter = AdapterFile(tensors=converted, family="sd1", source="authors", name=name, metadata=meta)
+        family = _authors_family(path, contents.context_dim, name)
+        adapter = AdapterFile(tensors=converted, family=family, source="authors", name=name, metadata=meta)
     if not adapter.tensors:
         raise AdapterFileError(f"'{name}' holds no adapter tensors; pick a file saved by SimDA training.")
     _check_finite(adapter.tensors, name)

@@ -268,3 +268,133 @@ def test_metadata_round_trip(tmp_path, other_sites):
     assert all(torch.equal(adapter_file.tensors[k], expected[k]) for k in expected)
     rebuilt = formats.build_adapters(adapter_file, other_sites)
     assert all(torch.equal(a, b) for a, b in zip(rebuilt.state_dict().values(), adapters.state_dict().values()))
+
+
+# -- broken metadata in our format ------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "key, value, words",
+    [
+        ("sites", "[{'path': ", "'sites' is not valid JSON"),
+        ("sites", '{"path": "input_blocks.1.1"}', "'sites' is not a list"),
+        ("sites", '[{"path": "input_blocks.1.1", "channels": 32}]', "'sites' has an entry that is not a transformer place"),
+        ("sites", '[7]', "'sites' has an entry that is not a transformer place"),
+        ("sites", '[{"path": "a", "channels": "32", "inner_dim": 32, "depth": 1, "level": 0}]', "fields of the wrong type"),
+        ("spatial_ratio", "a quarter", "'spatial_ratio' is 'a quarter', not a number"),
+        ("temporal_ratio", "-0.5", "'temporal_ratio' is '-0.5', not a positive number"),
+        ("temporal_ratio", "nan", "not a positive number"),
+        ("frames_trained", "24.5", "'frames_trained' is '24.5', not a whole number"),
+        ("frames_trained", "-3", "below 0"),
+        ("format_version", "one", "'format_version' is 'one', not a whole number"),
+    ],
+    ids=["sites-json", "sites-dict", "sites-fields", "sites-number", "sites-types", "ratio-text", "ratio-negative",
+         "ratio-nan", "frames-float", "frames-negative", "version-text"],
+)
+def test_broken_metadata_gets_a_clear_error(tmp_path, tiny_sites, key, value, words):
+    path = formats.save_adapters(trained_adapters(tiny_sites), tmp_path / "edited.safetensors", family="sd1",
+                                 extra_metadata={key: value})
+    message = read_error(path)
+    assert words in message and "broken metadata" in message, message
+
+
+# -- the authors' run folders -----------------------------------------------------------------------
+
+def authors_run(tmp_path, config_changes: dict | None = None, config_text: str | None = None, legacy: bool = False):
+    """A copy of the authors' fixture run (``run/unet/``) with its config changed or replaced."""
+    unet = tmp_path / "run" / "unet"
+    unet.mkdir(parents=True)
+    state = torch.load(AUTHORS_FIXTURE / "unet" / "diffusion_pytorch_model.bin", weights_only=True)
+    torch.save(state, unet / "diffusion_pytorch_model.bin", _use_new_zipfile_serialization=not legacy)
+    config = json.loads((AUTHORS_FIXTURE / "unet" / "config.json").read_text())
+    config.update(config_changes or {})
+    (unet / "config.json").write_text(config_text if config_text is not None else json.dumps(config))
+    return unet / "diffusion_pytorch_model.bin"
+
+
+def test_authors_run_family_comes_from_its_config(tmp_path):
+    assert formats.read_adapter_file(AUTHORS_FIXTURE).family == "sd1"  # cross_attention_dim 32: not SD2
+    sd2 = authors_run(tmp_path, {"cross_attention_dim": 1024, "attention_head_dim": [5, 10, 20, 20], "use_linear_projection": True})
+    adapter_file = formats.read_adapter_file(sd2.parent.parent)
+    assert adapter_file.family == "sd2" and adapter_file.family_label() == "an SD2.x UNet"
+    sd1 = formats.read_adapter_file(authors_run(tmp_path / "sd1", {"cross_attention_dim": 768}))
+    assert sd1.family == "sd1"
+
+
+def test_authors_run_without_config_is_told_by_its_text_width(tmp_path):
+    state = torch.load(AUTHORS_FIXTURE / "unet" / "diffusion_pytorch_model.bin", weights_only=True)
+    key = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight"
+    assert state[key].shape[1] == 32
+    state[key] = torch.zeros(state[key].shape[0], 1024)
+    for suffix, write in ((".bin", lambda p: torch.save(state, p)), (".safetensors", lambda p: save_file(state, str(p)))):
+        path = tmp_path / suffix[1:] / "unet" / f"diffusion_pytorch_model{suffix}"
+        path.parent.mkdir(parents=True)
+        write(path)
+        assert formats.read_adapter_file(path).family == "sd2", suffix
+
+
+@pytest.mark.parametrize(
+    "config_text, words",
+    [("{not json", "is not readable JSON"), ("[1, 2]", "is not a UNet configuration"),
+     ('{"cross_attention_dim": "1024"}', "cross_attention_dim '1024', not a whole number")],
+    ids=["json", "list", "dim-text"],
+)
+def test_authors_run_with_a_broken_config(tmp_path, config_text, words):
+    path = authors_run(tmp_path, config_text=config_text)
+    message = read_error(path)
+    assert words in message and "unet/config.json" in message
+
+
+def test_legacy_pickle_bin_is_read_without_a_memory_map(tmp_path):
+    path = authors_run(tmp_path, legacy=True)
+    assert not __import__("zipfile").is_zipfile(path)
+    legacy = formats.read_adapter_file(path)
+    current = formats.read_adapter_file(AUTHORS_FIXTURE)
+    assert legacy.tensors.keys() == current.tensors.keys()
+    assert all(torch.equal(legacy.tensors[k], current.tensors[k]) for k in current.tensors)
+
+
+def test_only_adapter_tensors_are_kept_from_an_authors_file(tmp_path):
+    state = torch.load(AUTHORS_FIXTURE / "unet" / "diffusion_pytorch_model.bin", weights_only=True)
+    path = tmp_path / "whole.safetensors"
+    save_file(state, str(path))
+    adapter_file = formats.read_adapter_file(path)
+    expected = formats.convert_authors_state_dict(state)
+    assert adapter_file.tensors.keys() == expected.keys() and len(expected) < len(state)
+    assert all(torch.equal(adapter_file.tensors[k], expected[k]) for k in expected)
+
+
+@pytest.mark.parametrize(
+    "relative_path, listed",
+    [
+        ("mine.safetensors", True),
+        ("runs/mine_step1000.safetensors", True),
+        ("car-turn/unet/diffusion_pytorch_model.bin", True),
+        ("car-turn/unet/diffusion_pytorch_model.safetensors", True),
+        ("car-turn/checkpoint-500/pytorch_model.bin", True),
+        ("car-turn/text_encoder/pytorch_model.bin", False),
+        ("car-turn/text_encoder/model.safetensors", False),
+        ("car-turn/vae/diffusion_pytorch_model.bin", False),
+        ("car-turn/vae/diffusion_pytorch_model.safetensors", False),
+        ("car-turn/checkpoint-500/optimizer.bin", False),
+        ("car-turn/checkpoint-500/scheduler.bin", False),
+        ("car-turn\\tokenizer\\vocab.bin", False),
+        ("car-turn/inv_latents/ddim_latent-500.pt", False),
+    ],
+)
+def test_adapter_candidates_of_a_run_folder(relative_path, listed):
+    assert formats.is_adapter_candidate(relative_path) is listed
+
+
+def test_loader_lists_a_runs_unet_and_not_its_other_parts(tmp_path, monkeypatch):
+    import folder_paths
+    from simda_pack.nodes import folders
+
+    run = tmp_path / "simda" / "car-turn"
+    for part in ("unet/diffusion_pytorch_model.bin", "text_encoder/pytorch_model.bin", "vae/diffusion_pytorch_model.bin",
+                 "unet/config.json"):
+        (run / part).parent.mkdir(parents=True, exist_ok=True)
+        (run / part).write_bytes(b"x")
+    (tmp_path / "simda" / "mine.safetensors").write_bytes(b"x")
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, folders.FOLDER, ([str(tmp_path / "simda")], set(folders.EXTENSIONS)))
+    monkeypatch.setattr(folder_paths, "filename_list_cache", {})
+    assert sorted(folders.adapter_files()) == ["car-turn/unet/diffusion_pytorch_model.bin", "mine.safetensors"]
