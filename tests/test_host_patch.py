@@ -738,12 +738,14 @@ def test_latent_shift_patch_refuses_a_reversed_schedule(base):
 
 
 def test_nodes_refuse_a_model_of_another_family(adapter_file):
-    xl = host.build_model(host.TINY_UNET, config_class=comfy.supported_models.SDXL, seed=None)
-    with pytest.raises(ValueError, match=r"SD1\.x or SD2\.x.*SDXL"):
-        SimDAAdapterLoader.execute(xl, adapter_file[0], 1.0)
-    with pytest.raises(ValueError, match=r"SD1\.x or SD2\.x.*SDXL"):
-        SimDALatentShiftPatch.execute(xl, **SHIFT_DEFAULTS)
-    assert ATTACHMENT not in xl.attachments
+    """The SDXL refiner is not an SDXL subclass in the host (another UNet: 384 channels, 1280-wide
+    context): SimDA refuses it by name."""
+    refiner = host.build_model(host.TINY_UNET, config_class=comfy.supported_models.SDXLRefiner, seed=None)
+    with pytest.raises(ValueError, match=r"SD1\.x, SD2\.x or SDXL.*SDXLRefiner"):
+        SimDAAdapterLoader.execute(refiner, adapter_file[0], 1.0)
+    with pytest.raises(ValueError, match=r"SD1\.x, SD2\.x or SDXL.*SDXLRefiner"):
+        SimDALatentShiftPatch.execute(refiner, **SHIFT_DEFAULTS)
+    assert ATTACHMENT not in refiner.attachments
 
 
 def test_video_sampler_runs_context_windows_over_the_frame_batch(base):
