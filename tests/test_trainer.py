@@ -22,6 +22,7 @@ import gc
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import re
 import subprocess
@@ -30,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import live_server as server  # first: tests/live_server.py (it imports tests/host.py, which puts the host on sys.path)
+import host
 from host import HOST_DIR, PACK_DIR
 
 import av
@@ -345,3 +347,106 @@ def test_the_global_batch_does_not_depend_on_the_number_of_processes():
     assert sorted(epoch) == list(range(5)), "every clip once per epoch"
     with pytest.raises(VideoDataError, match="does not split evenly"):
         plan.shard(0, 0, 3)
+
+
+# -- non-finite losses ----------------------------------------------------------------------------
+
+def adapter_trainer(loss_scaling):
+    """An AdapterTrainer of a host ModelPatcher with trained-looking adapters (every output non-zero)."""
+    from simda_pack.simda_core.adapter_training import AdapterTrainer, TuningRecipe, initial_adapters
+
+    patcher = host.build_model(host.TINY_UNET, seed=1)
+    adapters = initial_adapters(model_sites(patcher), seed=2)
+    host.randomize_(adapters, 3)
+    return AdapterTrainer(patcher, adapters, TuningRecipe(learning_rate=1e-3, mixed_precision=False), loss_scaling=loss_scaling)
+
+
+def adapter_loss(trainer, poisoned: bool) -> torch.Tensor:
+    """A loss through every adapter parameter; ``poisoned``: multiplied by NaN (all gradients NaN)."""
+    loss = sum((p.float() ** 2).mean() for p in trainer.parameters)
+    return loss * float("nan") if poisoned else loss
+
+
+def snapshot(trainer) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in trainer.parameters]
+
+
+def test_loss_scaler_skips_a_non_finite_step_and_counts_it():
+    trainer = adapter_trainer("cpu")
+    assert trainer.scaler.is_enabled() and trainer.scaler.get_scale() == 65536.0
+    before = snapshot(trainer)
+    assert trainer.backward_and_update(adapter_loss(trainer, poisoned=True)) is False
+    assert all(torch.equal(a, b) for a, b in zip(before, snapshot(trainer))), "a skipped step changed the adapters"
+    assert (trainer.skipped_steps, trainer.skipped_in_a_row, trainer.scaler.get_scale()) == (1, 1, 32768.0)
+    assert trainer.backward_and_update(adapter_loss(trainer, poisoned=False)) is True
+    assert not all(torch.equal(a, b) for a, b in zip(before, snapshot(trainer)))
+    assert (trainer.skipped_steps, trainer.skipped_in_a_row, trainer.steps_done) == (1, 0, 2)
+    state = trainer.state_dict()
+    assert (state["skipped_steps"], state["skipped_in_a_row"]) == (1, 0)
+
+
+def test_ten_skips_in_a_row_stop_training():
+    trainer = adapter_trainer("cpu")
+    for _ in range(trainer.MAX_SKIPPED_IN_A_ROW - 1):
+        assert trainer.backward_and_update(adapter_loss(trainer, poisoned=True)) is False
+    before = snapshot(trainer)
+    with pytest.raises(FloatingPointError, match="skipped 10 steps in a row") as e:
+        trainer.backward_and_update(adapter_loss(trainer, poisoned=True))
+    assert "\n" not in str(e.value) and "lower the learning rate" in str(e.value)
+    assert all(torch.equal(a, b) for a, b in zip(before, snapshot(trainer)))
+
+
+def test_without_loss_scaling_a_non_finite_step_stops_before_the_adapters_change():
+    trainer = adapter_trainer(None)
+    assert not trainer.scaler.is_enabled()
+    before = snapshot(trainer)
+    with pytest.raises(FloatingPointError, match="non-finite .* without loss scaling"):
+        trainer.backward_and_update(adapter_loss(trainer, poisoned=True))
+    assert all(torch.equal(a, b) for a, b in zip(before, snapshot(trainer)))
+
+
+def poisoning_trainer(monkeypatch, bad_calls: set[int], loss_scaling: str | None):
+    """The command's own run module trains with an AdapterTrainer whose loss is NaN at ``bad_calls``
+    (1-based), and with ``loss_scaling`` (the CPU loss scaler stands in for fp16 on CUDA)."""
+    load_script().setup_host()
+    import simda_core.collection_training.run as run_module  # the copy the command imports
+
+    class Poisoning(run_module.AdapterTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, loss_scaling=loss_scaling, **kwargs)
+            self.calls = 0
+
+        def loss(self, *args, **kwargs):
+            self.calls += 1
+            value = super().loss(*args, **kwargs)
+            return value * float("nan") if self.calls in bad_calls else value
+
+    monkeypatch.setattr(run_module, "AdapterTrainer", Poisoning)
+
+
+def test_collection_run_skips_and_counts_a_step_the_loss_scaler_rejects(checkpoint, collection, tmp_path, monkeypatch, caplog):
+    poisoning_trainer(monkeypatch, {2}, "cpu")
+    output = tmp_path / "run"
+    with caplog.at_level("INFO", logger="SimDA"):
+        code = train_here(["--checkpoint", checkpoint, "--data", collection, "--output", output, "--steps", 3,
+                           "--batch", "1", "--no-gradient-checkpointing", *COMMON])
+    assert code == 0
+    state = torch.load(output / "training_state.pt", map_location="cpu", weights_only=True)
+    losses = state["losses"]
+    assert len(losses) == 3 and math.isnan(losses[1]) and math.isfinite(losses[0]) and math.isfinite(losses[2])
+    assert state["trainer"]["skipped_steps"] == 1 and state["trainer"]["steps_done"] == 3
+    assert state["trainer"]["scaler"]["scale"] == 32768.0
+    assert all(bool(torch.isfinite(t).all()) for t in read_adapter_file(output / "simda_adapters_step000003.safetensors").tensors.values())
+    assert "1 update(s) skipped by the loss scaler" in caplog.text
+
+
+def test_collection_run_without_loss_scaling_stops_at_a_non_finite_loss(checkpoint, collection, tmp_path, monkeypatch, capsys):
+    poisoning_trainer(monkeypatch, {2}, None)
+    output = tmp_path / "run"
+    code = train_here(["--checkpoint", checkpoint, "--data", collection, "--output", output, "--steps", 3,
+                       "--batch", "1", "--no-gradient-checkpointing", "--no-mixed-precision", *COMMON])
+    assert code == 3
+    err = capsys.readouterr().err
+    message = err[err.index("SimDA trainer: error:"):].splitlines()[0].strip()
+    assert message.startswith("SimDA trainer: error: step 2: the gradients became non-finite"), message
+    assert "--resume" in message and "--lr" in message and "--no-mixed-precision" not in message

@@ -24,6 +24,6 @@ Edit Tuner node.
 from __future__ import annotations
 
 from .options import TrainingOptions, TrainingSetupError
-from .run import main, run
+from .run import main
 
-__all__ = ["TrainingOptions", "TrainingSetupError", "main", "run"]
+__all__ = ["TrainingOptions", "TrainingSetupError", "main"]
