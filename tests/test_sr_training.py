@@ -34,7 +34,7 @@ from simda_pack.nodes.nodes_adapters import SimDAAdapterLoader
 from simda_pack.simda_core.formats import build_adapters, read_adapter_file, save_adapters
 from simda_pack.simda_core.model_info import call_options, model_family
 from simda_pack.simda_core.host_patch import model_sites
-from simda_pack.simda_core.trainer import low_resolution, sr_conditioning
+from simda_pack.simda_core.collection_training.conditioning import low_resolution, sr_conditioning
 from simda_pack.simda_core.adapter_training import initial_adapters, unet_output
 
 CAPTIONS = ("a red square moving right", "a blue box sliding")
