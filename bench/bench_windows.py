@@ -175,12 +175,13 @@ def frame_ops(device: torch.device, dtype: torch.dtype, frames: int, latent: int
         print(f"  {name} {shape}: {row['new_ms']:.2f} ms (before {row['before_ms']:.2f} ms), change {change:.1e}", flush=True)
 
     with torch.inference_mode():
-        k = torch.randn(2 * frames, tokens, heads_dim, generator=g, device=device).to(dtype)
-        v = torch.randn(2 * frames, tokens, heads_dim, generator=g, device=device).to(dtype)
-        shape = f"k,v [{2 * frames}, {tokens}, {heads_dim}]"
-        compare("latent-shift gather", lambda: latent_shift.latent_shift_keys_values(k, v, layout, latent, latent),
-                lambda: stacked_gather(k, v, layout, latent, latent), shape)
-        del k, v
+        def gather_rows():  # its k and v are freed when it returns
+            k = torch.randn(2 * frames, tokens, heads_dim, generator=g, device=device).to(dtype)
+            v = torch.randn(2 * frames, tokens, heads_dim, generator=g, device=device).to(dtype)
+            compare("latent-shift gather", lambda: latent_shift.latent_shift_keys_values(k, v, layout, latent, latent),
+                    lambda: stacked_gather(k, v, layout, latent, latent), f"k,v [{2 * frames}, {tokens}, {heads_dim}]")
+
+        gather_rows()
         x = (torch.randn(2 * frames, channels, latent, latent, generator=g, device=device) * 2 + 0.5).to(dtype)
         norm = torch.nn.GroupNorm(32, channels).to(device)
         shape = f"x [{2 * frames}, {channels}, {latent}, {latent}]"

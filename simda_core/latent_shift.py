@@ -108,7 +108,7 @@ def latent_shift_keys_values(
     k: torch.Tensor, v: torch.Tensor, layout: ClipLayout, h: int, w: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``k, v``: ``[clips * F, h * w, D]`` -> ``[clips * F, 2 * h * w, D]`` latent-shifted."""
-    batch, tokens, dim = k.shape
+    batch, tokens, _ = k.shape
     if tokens != h * w or batch != layout.batch:
         raise ValueError(
             f"latent shift expected {layout.batch} x {h * w} tokens ({layout.clips} clips of "
