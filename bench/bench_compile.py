@@ -47,7 +47,10 @@ def import_host_with_pytorch_attention(force_cpu: bool) -> None:
     import comfy.ldm.modules.attention as attention
 
     if attention.optimized_attention is not attention.attention_pytorch:
-        raise RuntimeError("the host did not switch to its PyTorch attention; import order is wrong")
+        raise RuntimeError(
+            "the host had already chosen its attention before bench_compile set --use-pytorch-cross-attention: "
+            "run bench_compile in a fresh process (or before other benchmarks import the host)"
+        )
 
 
 def _where(frame) -> str:
