@@ -16,6 +16,7 @@ from ..simda_core.adapters import SimDAAdapters
 from ..simda_core.formats import AdapterFileError, save_adapters
 from ..simda_core.adapter_training import (
     AdapterTrainer,
+    HostConditioning,
     TuningRecipe,
     host_training_mode,
     initial_adapters,
@@ -161,7 +162,7 @@ class SimDAEditTuner(io.ComfyNode):
             apply_simda(training, replace(config, adapters=adapters, strength=1.0, gradient_checkpointing=gradient_checkpointing))
             comfy.model_management.load_models_gpu([training])
             x0 = training.model.process_latent_in(latent.to(device).float())
-            context = source_prompt[0][0].to(device).repeat(x0.shape[0], 1, 1)
+            context = HostConditioning(training, source_prompt, x0, seed=seed)
             trainer = AdapterTrainer(training, adapters, recipe, seed=seed)
             progress = comfy.utils.ProgressBar(steps)
             for step in range(steps):

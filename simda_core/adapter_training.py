@@ -141,6 +141,49 @@ def unet_output(
     return base.diffusion_model(x_in.to(dtype), timesteps, context=context.to(dtype), transformer_options=options, **extra)
 
 
+class HostConditioning:
+    """A CONDITIONING as the host's sampler uses it, for a training loss: every entry (with its
+    strength, area, mask, timestep range, pooled output and the model's extra conditioning, e.g.
+    SDXL's size vector) is run and the entries are combined by the host's own ``calc_cond_batch``,
+    exactly as one cond of a sampling step."""
+
+    def __init__(self, model_patcher, conditioning: list, x0: torch.Tensor, seed: int = 0):
+        import comfy.sampler_helpers
+        import comfy.samplers
+
+        if not conditioning:
+            raise ValueError("the conditioning is empty; connect a CLIP Text Encode output.")
+        converted = comfy.sampler_helpers.convert_cond(conditioning)
+        device = model_patcher.load_device
+        self.conds = comfy.samplers.process_conds(
+            model_patcher.model, x0, {"positive": converted}, device, latent_image=x0, seed=seed
+        )["positive"]
+
+    def denoised(self, model_patcher, x_noisy: torch.Tensor, sigma: torch.Tensor, training: bool) -> torch.Tensor:
+        import comfy.samplers
+
+        base = model_patcher.model
+        options = dict(model_patcher.model_options)
+        options["transformer_options"] = call_options(model_patcher, [0], training=training)
+        previous = getattr(base, "current_patcher", None)
+        base.current_patcher = model_patcher  # as the host's sampler sets it for the run
+        try:
+            return comfy.samplers.calc_cond_batch(base, [self.conds], x_noisy, sigma, options)[0]
+        finally:
+            base.current_patcher = previous
+
+
+def host_conditioned_output(model_patcher, conditioning: HostConditioning, x_noisy: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """The raw UNet output (noise or v) that the host's combined prediction for ``conditioning``
+    amounts to: ``calculate_denoised`` is affine in the output, ``denoised = a * x + b * out``."""
+    sampling = model_patcher.model.model_sampling
+    denoised = conditioning.denoised(model_patcher, x_noisy, sigma, training=torch.is_grad_enabled())
+    zeros = torch.zeros_like(x_noisy)
+    a_x = sampling.calculate_denoised(sigma, zeros, x_noisy)
+    b = sampling.calculate_denoised(sigma, torch.ones_like(x_noisy), zeros)
+    return (denoised - a_x) / b
+
+
 class AdapterTrainer:
     """Optimises the adapters of a SimDA-patched ModelPatcher clone on clips of latents."""
 
@@ -176,14 +219,15 @@ class AdapterTrainer:
     def loss(
         self,
         x0: torch.Tensor,
-        context: torch.Tensor,
+        context: "torch.Tensor | HostConditioning",
         clips: int,
         timesteps: torch.Tensor | None = None,
         noise: torch.Tensor | None = None,
         conds: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Denoising loss of ``clips`` clips: ``x0`` ``[clips * F, C, H, W]`` clean latents in the
-        model's space, ``context`` ``[clips * F, tokens, dim]``, ``conds`` the model's extra
+        model's space, ``context`` ``[clips * F, tokens, dim]`` (or a whole CONDITIONING as
+        :class:`HostConditioning`, combined as the host's sampling combines it), ``conds`` the model's extra
         conditioning per frame (see :func:`unet_output`). One timestep per clip.
 
         ``timesteps`` ``[clips]`` and ``noise`` (shaped like ``x0``) are drawn from the trainer's
@@ -200,11 +244,14 @@ class AdapterTrainer:
         x0 = x0.to(self.device)
         x_noisy = sampling.noise_scaling(sigma, noise, x0)
         with torch.autocast("cuda", dtype=torch.float16, enabled=self.use_amp):
-            out = unet_output(self.model_patcher, x_noisy, sigma, context.to(self.device), clips, conds)
+            if isinstance(context, HostConditioning):
+                out = host_conditioned_output(self.model_patcher, context, x_noisy, sigma)
+            else:
+                out = unet_output(self.model_patcher, x_noisy, sigma, context.to(self.device), clips, conds)
         target = denoising_target(sampling, sigma, x_noisy, x0)
         return torch.nn.functional.mse_loss(out.float(), target.float())
 
-    def step(self, x0: torch.Tensor, context: torch.Tensor, clips: int = 1) -> float:
+    def step(self, x0: torch.Tensor, context: "torch.Tensor | HostConditioning", clips: int = 1) -> float:
         loss = self.loss(x0, context, clips)
         self.backward_and_update(loss)
         return float(loss.detach())

@@ -85,3 +85,31 @@ def test_every_adapter_trains(base, checkpointing):
             trainer.optimizer.zero_grad(set_to_none=True)
     untouched = sorted(set(dict(adapters.named_parameters())) - touched)
     assert not untouched, f"adapter parameters that never got a gradient: {untouched[:5]}"
+
+
+def test_tuning_loss_combines_every_conditioning_entry_as_the_host_does(base):
+    """The Edit Tuner's loss sees the whole source CONDITIONING: each entry is run and the
+    entries are combined by their strengths (the host's calc_cond_batch), and one entry gives what
+    a direct UNet call with its tensor gives."""
+    from simda_pack.simda_core.adapter_training import HostConditioning, host_conditioned_output, unet_output
+
+    adapters = initial_adapters(model_sites(base), seed=5)
+    host.randomize_(adapters, 5)
+    clone = training_patcher(base)
+    apply_simda(clone, SimDAConfig(adapters=adapters.requires_grad_(False), latent_shift=LatentShiftSettings()))
+    x0, context = clip_batch(seed=6)
+    g = torch.Generator().manual_seed(7)
+    other = torch.randn(1, 8, host.TINY_UNET["context_dim"], generator=g)
+    first = [[context[:1], {}]]
+    second = [[other, {"strength": 0.5}]]
+    sampling = clone.model.model_sampling
+    sigma = sampling.sigmas[torch.full((FRAMES,), 400)]
+    x_noisy = sampling.noise_scaling(sigma, torch.randn(x0.shape, generator=g), x0)
+    with host.patched(clone), torch.no_grad():
+        out_first = host_conditioned_output(clone, HostConditioning(clone, first, x0), x_noisy, sigma)
+        out_second = host_conditioned_output(clone, HostConditioning(clone, second, x0), x_noisy, sigma)
+        both = host_conditioned_output(clone, HostConditioning(clone, first + second, x0), x_noisy, sigma)
+        direct = unet_output(clone, x_noisy, sigma, context, 1)
+    torch.testing.assert_close(out_first, direct, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(both, (out_first + 0.5 * out_second) / 1.5, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(both, out_first, atol=1e-3)
