@@ -18,11 +18,11 @@ from live_server import cached_test_models, make_base_dir, start_server
 
 NODE_IDS = {
     "SimDAAdapterLoader", "SimDALatentShiftPatch", "SimDAVideoSampler", "SimDAEditTuner", "SimDASaveAdapters",
-    "SimDAVideoUpscaler",
+    "SimDAVideoUpscaler", "SimDAPromptTravel", "SimDAKeyframes",
 }
-RUNTIME_CODE = sorted([PACK_DIR / "__init__.py", *(PACK_DIR / "nodes").glob("*.py"), *(PACK_DIR / "simda_core").glob("*.py")])
+RUNTIME_CODE = sorted([PACK_DIR / "__init__.py", *(PACK_DIR / "nodes").glob("*.py"), *(PACK_DIR / "simda_core").rglob("*.py")])
 # The collection trainer is a command, not loaded by ComfyUI; it is checked for the rest.
-SERVER_LOADED = [p for p in RUNTIME_CODE if p.name not in ("trainer.py", "video_data.py")]
+SERVER_LOADED = [p for p in RUNTIME_CODE if p.parent.name != "collection_training" and p.name != "video_data.py"]
 
 
 def requirement_names(lines: list[str]) -> list[str]:
