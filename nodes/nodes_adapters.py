@@ -26,7 +26,7 @@ class SimDAAdapterLoader(io.ComfyNode):
             display_name="SimDA Adapter Loader",
             category="SimDA",
             description=(
-                "Turns an SD1.x/SD2.x image model into a video model with trained SimDA adapters "
+                "Turns an SD1.x, SD2.x or SDXL image model into a video model with trained SimDA adapters "
                 "(spatial, temporal and frame-shared GroupNorm). Reads our .safetensors files and the "
                 "authors' training output from models/simda. Follow it with SimDA Latent-Shift Patch. "
                 "A second Adapter Loader on the same MODEL replaces the first one's adapters."

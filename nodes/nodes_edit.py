@@ -101,7 +101,7 @@ class SimDAEditTuner(io.ComfyNode):
                 "Trains on the GPU in minutes (300 steps); on the CPU only tiny sizes are practical."
             ),
             inputs=[
-                io.Model.Input("model", tooltip="SD1.x/SD2.x MODEL, plain or with SimDA adapters (they are the starting point). It is not changed."),
+                io.Model.Input("model", tooltip="SD1.x, SD2.x or SDXL MODEL, plain or with SimDA adapters (they are the starting point). It is not changed."),
                 io.Vae.Input("vae", tooltip="The checkpoint's VAE, to encode the source frames."),
                 io.Image.Input("source_frames", tooltip="The source clip as frames (Load Video -> Get Video Components, or any image batch)."),
                 io.Conditioning.Input("source_prompt", tooltip="The text that describes the source clip (CLIP Text Encode)."),
@@ -134,7 +134,7 @@ class SimDAEditTuner(io.ComfyNode):
                 clip=None, inversion_conditioning=None) -> io.NodeOutput:
         family = check_family(model, "", "SimDA Edit Tuner")
         if family == "sd_x4_upscaler":
-            raise ValueError("SimDA Edit Tuner edits with an SD1.x/SD2.x MODEL; the connected MODEL is the x4 upscaler.")
+            raise ValueError("SimDA Edit Tuner edits with an SD1.x, SD2.x or SDXL MODEL; the connected MODEL is the x4 upscaler.")
         if steps < 1:
             raise ValueError(f"SimDA Edit Tuner: steps is {steps}; train at least 1 step.")
         if not learning_rate > 0:

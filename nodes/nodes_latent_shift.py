@@ -1,4 +1,4 @@
-"""SimDA Latent-Shift Patch: training-free temporal consistency for any SD1.x/SD2.x checkpoint."""
+"""SimDA Latent-Shift Patch: training-free temporal consistency for any SD1.x, SD2.x or SDXL checkpoint."""
 from __future__ import annotations
 
 import math
@@ -28,10 +28,10 @@ class SimDALatentShiftPatch(io.ComfyNode):
             description=(
                 "Latent-Shift Attention: each frame's self-attention also sees tokens shifted in from earlier frames "
                 "(2 frames' worth of keys instead of all frames), for temporal consistency with no trained weights. "
-                "Works on any SD1.x/SD2.x MODEL, with or without SimDA adapters."
+                "Works on any SD1.x, SD2.x or SDXL MODEL, with or without SimDA adapters."
             ),
             inputs=[
-                io.Model.Input("model", tooltip="An SD1.x/SD2.x MODEL, plain or from SimDA Adapter Loader."),
+                io.Model.Input("model", tooltip="An SD1.x, SD2.x or SDXL MODEL, plain or from SimDA Adapter Loader."),
                 io.Int.Input(
                     "frames_per_clip", default=0, min=0, max=4096,
                     tooltip="Frames of one clip in the batch. 0: automatic, the whole batch is one clip (the Video Sampler's case).",

@@ -34,6 +34,15 @@ class FrameBatchContextHandler(comfy.context_windows.IndexListContextHandler):
         frame_handler.__dict__.update(handler.__dict__)
         return frame_handler
 
+    def get_context_windows(self, model, x_in, model_options):
+        """The host's windows, each told the whole clip's frame count (``total_frames``, as the
+        newest host's windows carry it): a looping clip's windows wrap around the whole clip."""
+        windows = super().get_context_windows(model, x_in, model_options)
+        for window in windows:
+            if getattr(window, "total_frames", None) is None:
+                window.total_frames = int(x_in.size(self.dim))
+        return windows
+
     def set_step(self, timestep, model_options):
         return super().set_step(timestep[:1], model_options)
 
@@ -109,7 +118,7 @@ class SimDAVideoSampler(io.ComfyNode):
                 "host's Context Windows (Manual) node to the MODEL."
             ),
             inputs=[
-                io.Model.Input("model", tooltip="SD1.x/SD2.x MODEL, best after SimDA Adapter Loader and Latent-Shift Patch. A plain MODEL samples independent frames."),
+                io.Model.Input("model", tooltip="SD1.x, SD2.x or SDXL MODEL, best after SimDA Adapter Loader and Latent-Shift Patch. A plain MODEL samples independent frames."),
                 io.Conditioning.Input("positive", tooltip="What the video shows (CLIP Text Encode)."),
                 io.Conditioning.Input("negative", tooltip="What to avoid (CLIP Text Encode)."),
                 io.Int.Input("frames", default=16, min=1, max=4096, tooltip="Frames of the clip (ignored when a latent or start_latent is connected)."),
@@ -133,7 +142,7 @@ class SimDAVideoSampler(io.ComfyNode):
                 denoise, noise_shared, latent=None, start_latent=None) -> io.NodeOutput:
         if check_family(model, "", "SimDA Video Sampler") == "sd_x4_upscaler":
             raise ValueError(
-                "SimDA Video Sampler samples with an SD1.x/SD2.x MODEL; the connected MODEL is the SD x4 upscaler: "
+                "SimDA Video Sampler samples with an SD1.x, SD2.x or SDXL MODEL; the connected MODEL is the SD x4 upscaler: "
                 "connect the upscaler to SimDA Video Upscaler instead."
             )
         if not 0.0 <= noise_shared <= 1.0:

@@ -65,6 +65,18 @@ CHECKPOINT_NAME = f"simda_test_sdxl_vega_{RECIPE_KEY}.safetensors"
 ADAPTER_NAME = f"simda_test_random_sdxl_{RECIPE_KEY}.safetensors"
 
 
+def random_taesd(seed: int) -> comfy.taesd.taesd.TAESD:
+    """The host's TAESD with seeded random weights, unit scale, no shift, decoding to mid-grey
+    rather than mostly clipped black; ``comfy.sd.VAE(sd=random_taesd(s).state_dict())`` loads it."""
+    vae = comfy.taesd.taesd.TAESD()
+    host.randomize_(vae, seed)
+    with torch.no_grad():
+        vae.vae_scale.fill_(1.0)
+        vae.vae_shift.fill_(0.0)
+        vae.taesd_decoder[-1].bias.fill_(0.5)
+    return vae
+
+
 def random_sdxl_checkpoint(path: str | os.PathLike, seed: int = RECIPE["seed"]) -> Path:
     """Write a seeded random-weight checkpoint that ``CheckpointLoaderSimple`` loads as Segmind
     Vega (an SDXL-family model), with the host's own modules and key layout
@@ -82,12 +94,7 @@ def random_sdxl_checkpoint(path: str | os.PathLike, seed: int = RECIPE["seed"]) 
     )
     host.randomize_(clip.cond_stage_model, seed + 1)
 
-    vae = comfy.taesd.taesd.TAESD()
-    host.randomize_(vae, seed + 2)
-    with torch.no_grad():
-        vae.vae_scale.fill_(1.0)
-        vae.vae_shift.fill_(0.0)
-        vae.taesd_decoder[-1].bias.fill_(0.5)  # mid-grey images rather than mostly clipped black
+    vae = random_taesd(seed + 2)
 
     clip_state = {k: v.to(torch.float16) if v.is_floating_point() else v for k, v in clip.get_sd().items()}
     del clip

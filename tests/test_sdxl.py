@@ -1,12 +1,15 @@
 """SimDA on SDXL-family UNets of the real host: the host's own ``model_base.SDXL`` (ADM size
 conditioning) built from ``comfy.supported_models`` configs, UNet only, with seeded random weights.
 
-- ``VEGA_TEST_UNET``: the smallest UNet 0.3.75's detection takes for SDXL-family (320 channels,
-  three levels of one width, Segmind Vega's transformer depths; about 103M parameters).
+- ``VEGA_TEST_UNET`` (tests/sdxl_server.py, the UNet of the server tests' checkpoint): the smallest
+  UNet 0.3.75's detection takes for SDXL-family (320 channels, three levels of one width, Segmind
+  Vega's transformer depths; about 103M parameters).
 - ``DEEP_SDXL_UNET``: SDXL's own depths (2 and 10 per level, 10 in the middle) at 64 channels, so
   transformer blocks with ``block_index`` up to 9 run in a unit test.
 """
 from __future__ import annotations
+
+import math
 
 import host  # noqa: F401  (puts the host on sys.path, imports the pack as simda_pack)
 
@@ -14,35 +17,30 @@ import comfy.model_detection
 import comfy.model_management
 import comfy.model_patcher
 import comfy.patcher_extension
+import comfy.sd
 import comfy.supported_models
 import folder_paths
 import pytest
 import torch
+from PIL import Image
 
+from sdxl_server import SDXL_COMMON, VEGA_TEST_UNET, cached_sdxl_models, random_taesd
 from test_latent_shift import reference_attention, reference_keys
 
 from simda_pack.nodes.common import check_family, with_size_conditioning
 from simda_pack.nodes.nodes_adapters import SimDAAdapterLoader
+from simda_pack.nodes.nodes_edit import SimDAEditTuner
 from simda_pack.nodes.nodes_latent_shift import SimDALatentShiftPatch
 from simda_pack.nodes.nodes_sampler import SimDAVideoSampler
 from simda_pack.simda_core import patches
 from simda_pack.simda_core.adapter_training import AdapterTrainer, TuningRecipe, initial_adapters, training_patcher
 from simda_pack.simda_core.adapters import SimDAAdapters
 from simda_pack.simda_core.config import LatentShiftSettings, SimDAConfig
-from simda_pack.simda_core.formats import read_adapter_file, save_adapters
+from simda_pack.simda_core.formats import build_adapters, read_adapter_file, save_adapters
 from simda_pack.simda_core.host_patch import apply_simda, get_config, model_sites, shift_block_key, shift_sites
 from simda_pack.simda_core.model_info import model_family
 from simda_pack.simda_core.unet_sites import find_resblock_norms
 
-SDXL_COMMON = dict(
-    in_channels=4, out_channels=4, use_spatial_transformer=True, legacy=False, num_classes="sequential",
-    adm_in_channels=2816, context_dim=2048, use_linear_in_transformer=True, use_temporal_attention=False,
-    use_temporal_resblock=False, image_size=32,
-)
-VEGA_TEST_UNET = dict(
-    SDXL_COMMON, model_channels=320, channel_mult=[1, 1, 1], num_res_blocks=[2, 2, 2], num_head_channels=64,
-    transformer_depth=[0, 0, 1, 1, 2, 2], transformer_depth_middle=-1, transformer_depth_output=[0, 0, 0, 1, 1, 1, 2, 2, 2],
-)
 DEEP_SDXL_UNET = dict(
     SDXL_COMMON, model_channels=64, channel_mult=[1, 1, 1], num_res_blocks=[2, 2, 2], num_head_channels=32,
     transformer_depth=[0, 0, 2, 2, 10, 10], transformer_depth_middle=10, transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10],
@@ -294,3 +292,119 @@ def test_video_sampler_gives_every_frame_the_clips_size_conditioning(deep):
             assert torch.equal(group, group[:1].expand_as(group))
             assert not any(torch.allclose(group[0], adm(c, 768, 768)[0]) for c in (positive, negative))
     assert "width" not in positive[0][1]
+
+
+# -- Edit Tuner and collection trainer -----------------------------------------------------------
+
+def adm_calls(patcher) -> tuple[object, list[tuple[bool, torch.Tensor]]]:
+    """A clone of ``patcher`` that records ``(grad enabled, y)`` of every UNet call made with it or its clones."""
+    seen: list[tuple[bool, torch.Tensor]] = []
+
+    def probe(executor, x, timesteps, context, y, *args, **kwargs):
+        seen.append((torch.is_grad_enabled(), y.detach().float().clone()))
+        return executor(x, timesteps, context, y, *args, **kwargs)
+
+    probed = patcher.clone()
+    probed.add_wrapper_with_key(DIFFUSION_MODEL, "test_probe", probe)
+    return probed, seen
+
+
+def test_edit_tuner_trains_every_sdxl_adapter_with_the_clips_adm_vector(deep):
+    """The Edit Tuner node on an SDXL MODEL: every training call carries the host's SDXL ADM vector
+    of the source prompt at the training size (not the host's 768x768 default), and every adapter
+    tensor moves by an Adam step (about the learning rate), far beyond what weight decay alone does."""
+    start = SimDAAdapters(model_sites(deep))
+    host.randomize_(start, 11)
+    with torch.no_grad():  # small non-zero adapters: every tensor has a gradient from the first step
+        for p in start.parameters():
+            p.mul_(0.05)
+    with_adapters = deep.clone()
+    apply_simda(with_adapters, SimDAConfig(adapters=start.requires_grad_(False), family="sdxl"))
+    model, seen = adm_calls(with_adapters)
+    vae = comfy.sd.VAE(sd=random_taesd(4).state_dict())
+    frames, width, height, lr = 3, 64, 48, 1e-3
+    source = torch.rand(frames, height, width, 3, generator=torch.Generator().manual_seed(5))
+    prompt, empty = conditioning(6), conditioning(7)
+
+    with torch.inference_mode():  # as the host's executor runs a node
+        tuned, inverted, trained, rate = SimDAEditTuner.execute(
+            model, vae, source, prompt, steps=2, learning_rate=lr, seed=0, frames=frames, start_frame=0, stride=1,
+            width=width, height=height, gradient_checkpointing=True, inversion_steps=1, inversion_scheduler="ddim_uniform",
+            source_fps=8.0, inversion_conditioning=empty,
+        ).result
+
+    assert trained.family == "sdxl" and trained.frames_trained == frames and rate == 8.0
+    assert inverted["samples"].shape == (frames, 4, height // 8, width // 8) and bool(torch.isfinite(inverted["samples"]).all())
+    def adm(cond, **size):
+        return deep.model.encode_adm(pooled_output=cond[0][1]["pooled_output"], device="cpu", **size)[0].expand(frames, -1)
+
+    training, inversion = seen[:2], seen[2:]  # two training steps, then the one inversion step
+    assert [grad for grad, _ in training] == [True, True] and len(inversion) == 1, [grad for grad, _ in seen]
+    for _, y in training:
+        torch.testing.assert_close(y, adm(prompt, width=width, height=height))
+        assert not torch.allclose(y, adm(prompt))  # the host's 768x768 default
+    torch.testing.assert_close(inversion[0][1], adm(empty, width=width, height=height))
+
+    before = start.state_dict()
+    after = trained.adapters.state_dict()
+    assert set(after) == set(before)
+    moved = {k: float((after[k].float() - before[k].float()).abs().max()) for k in before}
+    still = sorted(k for k, d in moved.items() if d < 0.5 * lr)
+    assert not still, f"{len(still)} of {len(moved)} adapter tensors did not train, e.g. {still[:5]}"
+    assert get_config(tuned).family == "sdxl" and get_config(deep) is None
+
+
+@pytest.fixture(scope="module")
+def sdxl_checkpoint():
+    checkpoint, _ = cached_sdxl_models()
+    return checkpoint
+
+
+def test_caption_conditioning_is_the_hosts_sdxl_adm_vector_and_nothing_for_sd1(sdxl_checkpoint):
+    from simda_pack.simda_core.collection_training.conditioning import CaptionEncoder
+
+    model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(
+        str(sdxl_checkpoint), output_vae=False, output_clip=True, te_model_options={"dtype": torch.float32}
+    )
+    captions = CaptionEncoder(clip)
+    conds = captions.model_conds(model, ["a red fox", "snow"], frames=3, width=96, height=64)
+    assert set(conds) == {"y"} and conds["y"].shape == (6, 2816)
+    for index, caption in enumerate(["a red fox", "snow"]):
+        context, options = clip.encode_from_tokens_scheduled(clip.tokenize(caption))[0]
+        adm = model.model.encode_adm(pooled_output=options["pooled_output"], width=96, height=64, device="cpu")
+        torch.testing.assert_close(conds["y"][3 * index:3 * index + 3], adm.float().expand(3, -1))
+        torch.testing.assert_close(captions(caption), context.float())
+    assert not torch.allclose(conds["y"][0], conds["y"][3])
+    sd1 = host.build_model(host.TINY_UNET, seed=None)
+    assert captions.model_conds(sd1, ["a red fox"], frames=3, width=96, height=64) == {}
+
+
+def test_collection_trainer_trains_sdxl_adapters(sdxl_checkpoint, tmp_path):
+    """scripts/train_simda.py on the SDXL-family test checkpoint: two steps (the SDXL UNet refuses a
+    call without its ADM vector), a sample clip, and adapters that fit the checkpoint's UNet."""
+    from test_trainer import load_script, write_clip
+
+    data = tmp_path / "clips"
+    data.mkdir()
+    for index, caption in enumerate(("a red square moving right", "a blue box sliding")):
+        write_clip(data / f"clip{index}.mp4", frames=8, seed=index)
+        (data / f"clip{index}.txt").write_text(caption)
+    output = tmp_path / "run"
+    try:
+        code = load_script().main([str(a) for a in (
+            "--checkpoint", sdxl_checkpoint, "--data", data, "--output", output, "--steps", 2, "--batch", 2,
+            "--frames", 2, "--stride", 2, "--width", 64, "--height", 48, "--lr", 1e-3, "--seed", 7, "--workers", 0,
+            "--save-every", 2, "--checkpoint-every", 2, "--sample-every", 2, "--sample-steps", 1,
+        )])
+    finally:
+        comfy.model_management.unload_all_models()
+    assert code == 0
+    adapter_file = read_adapter_file(output / "simda_adapters_step000002.safetensors")
+    assert adapter_file.family == "sdxl" and adapter_file.frames_trained == 2
+    state = torch.load(output / "training_state.pt", map_location="cpu", weights_only=True)
+    assert state["family"] == "sdxl" and len(state["losses"]) == 2 and all(map(math.isfinite, state["losses"]))
+    model, *_ = comfy.sd.load_checkpoint_guess_config(str(sdxl_checkpoint), output_vae=False, output_clip=False)
+    assert model_family(model) == "sdxl"
+    build_adapters(adapter_file, model_sites(model))
+    with Image.open(output / "samples" / "step000002.webp") as clip:
+        assert clip.n_frames == 2 and clip.size == (64, 48)

@@ -15,22 +15,38 @@ SR_SCALE = 4
 
 
 class CaptionEncoder:
-    """Captions -> CLIP context ``[1, tokens, dim]`` on the CPU, the most recent ones cached."""
+    """Captions -> CLIP context ``[1, tokens, dim]`` and pooled text ``[1, dim]`` (None where the
+    text encoder gives none) on the CPU, the most recent ones cached."""
 
     def __init__(self, clip, cache_size: int = 1024):
         self.clip = clip
-        self.cache: dict[str, torch.Tensor] = {}
+        self.cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self.cache_size = cache_size
 
-    def __call__(self, caption: str) -> torch.Tensor:
-        cond = self.cache.pop(caption, None)
-        if cond is None:
+    def encode(self, caption: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(context, pooled)`` of one caption, as CLIP Text Encode gives them."""
+        encoded = self.cache.pop(caption, None)
+        if encoded is None:
             with torch.no_grad():
-                cond = self.clip.encode_from_tokens_scheduled(self.clip.tokenize(caption))[0][0].float().cpu()
-        self.cache[caption] = cond
+                context, options = self.clip.encode_from_tokens_scheduled(self.clip.tokenize(caption))[0]
+            pooled = options.get("pooled_output")
+            encoded = (context.float().cpu(), pooled.float().cpu() if pooled is not None else None)
+        self.cache[caption] = encoded
         while len(self.cache) > self.cache_size:
             self.cache.pop(next(iter(self.cache)))
-        return cond
+        return encoded
+
+    def __call__(self, caption: str) -> torch.Tensor:
+        return self.encode(caption)[0]
+
+    def conditioning(self, caption: str, width: int, height: int) -> list:
+        """A CONDITIONING of ``caption`` for frames of ``width x height`` pixels: the pooled text
+        and the frame size, which SDXL's ADM embeds (other families ignore them)."""
+        context, pooled = self.encode(caption)
+        options = {"width": width, "height": height}
+        if pooled is not None:
+            options["pooled_output"] = pooled
+        return [[context, options]]
 
     def context(self, captions: list[str], frames: int) -> torch.Tensor:
         """``[clips * frames, tokens, dim]``: each clip's caption for each of its frames. Captions
@@ -40,6 +56,20 @@ class CaptionEncoder:
         tokens = math.lcm(*(c.shape[1] for c in conds))
         conds = [c.repeat(1, tokens // c.shape[1], 1) for c in conds]
         return torch.cat([c.expand(frames, -1, -1) for c in conds])
+
+    def model_conds(self, model_patcher, captions: list[str], frames: int, width: int, height: int) -> dict[str, torch.Tensor]:
+        """The model's extra conditioning of each clip, made by the host's ``extra_conds`` from the
+        clip's caption at the clips' frame size, as when it samples a CLIP Text Encode output:
+        SDXL's ADM vector (pooled CLIP-G text + size embeddings, crop 0, target = frame size),
+        ``{'y': [clips * frames, 2816]}``; ``{}`` for a model without one (SD1.x, SD2.x)."""
+        base, device = model_patcher.model, model_patcher.load_device
+        parts: dict[str, list[torch.Tensor]] = {}
+        for caption in captions:
+            (context, options), = self.conditioning(caption, width, height)
+            conds = base.extra_conds(**options, device=device)
+            for name, cond in conds.items():
+                parts.setdefault(name, []).append(cond.process_cond(batch_size=frames, area=None).cond)
+        return {name: torch.cat(tensors) for name, tensors in parts.items()}
 
 
 def encode_frames(vae, model_patcher, frames: torch.Tensor) -> torch.Tensor:

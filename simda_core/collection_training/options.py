@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..degradations import DegradationConfig
 
-TRAINABLE_FAMILIES = ("sd1", "sd2", "sd_x4_upscaler")
+TRAINABLE_FAMILIES = ("sd1", "sd2", "sdxl", "sd_x4_upscaler")
 SR_FAMILY = "sd_x4_upscaler"
 
 
@@ -79,7 +79,7 @@ class TrainingOptions:
         if self.sample_clip is not None and not Path(self.sample_clip).is_file():
             raise TrainingSetupError(f"--sample-clip '{self.sample_clip}' does not exist; pass a video file (mp4, webm, ...).")
         if not Path(self.checkpoint).is_file():
-            raise TrainingSetupError(f"the checkpoint '{self.checkpoint}' does not exist; pass the path of an SD1.x .safetensors/.ckpt file.")
+            raise TrainingSetupError(f"the checkpoint '{self.checkpoint}' does not exist; pass the path of an SD1.x, SD2.x or SDXL .safetensors/.ckpt file.")
 
     def as_record(self) -> dict:
         """Plain values for the training state (no paths or custom types)."""

@@ -109,7 +109,7 @@ def sample_clip(model_patcher, captions: CaptionEncoder, vae, prompt: str, frame
     channels = model_patcher.get_model_object("latent_format").latent_channels
     latent = torch.zeros([frames, channels, height // 8, width // 8])
     noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(seed))
-    positive, negative = [[captions(prompt), {}]], [[captions(""), {}]]
+    positive, negative = captions.conditioning(prompt, width, height), captions.conditioning("", width, height)
     with torch.no_grad():
         samples = comfy.sample.sample(
             model_patcher, noise, steps, cfg, "ddim", "ddim_uniform", positive, negative, latent, disable_pbar=True, seed=seed,

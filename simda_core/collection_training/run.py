@@ -66,19 +66,19 @@ def load_host_model(options: TrainingOptions):
     except RuntimeError as e:
         reason = " ".join(str(e).split()).removeprefix("ERROR: ")
         raise TrainingSetupError(
-            f"ComfyUI could not load '{options.checkpoint}' ({reason}); pass an SD1.x checkpoint (or the SD x4 upscaler) "
+            f"ComfyUI could not load '{options.checkpoint}' ({reason}); pass an SD1.x, SD2.x or SDXL checkpoint (or the SD x4 upscaler) "
             "with UNet, text encoder and VAE in one file."
         ) from None
     if model is None or clip is None or vae is None:
         raise TrainingSetupError(
-            f"'{Path(options.checkpoint).name}' lacks a UNet, text encoder or VAE; the trainer needs a full SD1.x checkpoint "
+            f"'{Path(options.checkpoint).name}' lacks a UNet, text encoder or VAE; the trainer needs a full SD1.x, SD2.x or SDXL checkpoint "
             "(or the full SD x4 upscaler, e.g. x4-upscaler-ema.safetensors)."
         )
     family = model_family(model)
     if family not in TRAINABLE_FAMILIES:
         raise TrainingSetupError(
-            f"'{Path(options.checkpoint).name}' is a {family} checkpoint; SimDA adapters train on an SD1.x (or SD2.x) "
-            "UNet, super-resolution adapters on the SD x4 upscaler: pass an SD1.5 checkpoint or x4-upscaler-ema.safetensors."
+            f"'{Path(options.checkpoint).name}' is a {family} checkpoint; SimDA adapters train on an SD1.x, SD2.x or SDXL "
+            "UNet, super-resolution adapters on the SD x4 upscaler: pass such a base checkpoint or x4-upscaler-ema.safetensors."
         )
     return model, clip, vae, family
 
@@ -203,10 +203,11 @@ def run(options: TrainingOptions, processes: Processes) -> Path:
         numbers = [plan.sample_number(step, slot) for slot in slots]
         timesteps, noise = sample_draws(options.seed, numbers, (options.frames, *x0.shape[1:]))
         comfy.model_management.load_models_gpu([training])  # no-op unless encoding moved it out
-        conds = None
         if super_resolution:
             conds = sr_conditioning(training, frames, x0, options.seed, numbers, options.noise_augmentation,
                                     clip_degradations(options.degradation, options.seed, step, slots))
+        else:  # SDXL's ADM vector y (pooled text + frame size); nothing for SD1.x/SD2.x
+            conds = captions.model_conds(training, batch["captions"], options.frames, options.width, options.height)
         loss = trainer.loss(x0, context, clips, timesteps=timesteps, noise=noise, conds=conds)
         done = step + 1
         try:
