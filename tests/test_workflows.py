@@ -38,6 +38,9 @@ from workflow_format import BYPASSED, set_widget, widget_index, workflow_to_api 
 
 WORKFLOWS = PACK_DIR / "example_workflows"
 TEXT_TO_VIDEO = ("text_to_video.json", "latent_shift_training_free.json")
+SMALL_CLIPS = ("prompt_travel.json", "image_to_video.json", "loop.json")
+"""Adapters -> Latent-Shift Patch -> Video Sampler -> Save Video, with per-frame prompts, a first frame,
+or as a loop."""
 SIMDA_NODES = ("SimDAAdapterLoader", "SimDALatentShiftPatch", "SimDAVideoSampler", "SimDAEditTuner", "SimDASaveAdapters")
 
 FRAMES, SIZE, STEPS, FPS = 4, 64, 2, 6.0
@@ -169,6 +172,17 @@ def test_workflows_carry_real_defaults(info):
     assert widget(edit, info, "SimDAVideoSampler", "steps") == 50
     (save,) = nodes_of(edit, "SimDASaveAdapters")
     assert save["mode"] == 2, "Save SimDA Adapters ships muted (the user un-mutes it to keep adapters)"
+    for name in SMALL_CLIPS:
+        workflow = load_workflow(name)
+        assert [widget(workflow, info, "SimDAVideoSampler", w) for w in ("width", "height", "steps", "sampler_name")] == [
+            512, 512, 50, "ddim"
+        ], name
+        assert widget(workflow, info, "SimDALatentShiftPatch", "loop") is (name == "loop.json"), name
+    assert widget(load_workflow("prompt_travel.json"), info, "SimDAPromptTravel", "frames") == 16
+    assert widget(load_workflow("image_to_video.json"), info, "SimDAKeyframes", "frames") == 16
+    # VHS's nodes keep their widgets by name (the object_info of this server has no VHS).
+    vhs = {n["type"]: n["widgets_values"] for n in load_workflow("vhs_video_edit.json")["nodes"] if n["type"].startswith("VHS_")}
+    assert vhs["VHS_LoadVideo"]["select_every_nth"] == 2 and vhs["VHS_VideoCombine"]["format"] == "video/h264-mp4", vhs
 
 
 def test_bypassed_node_passes_its_input_on(comfy_server, info):
@@ -455,3 +469,85 @@ def assert_names_existing_file(answer: dict, save_node: str) -> None:
     errors = answer["node_errors"][save_node]["errors"]
     text = " ".join(f"{e['message']} {e['details']}" for e in errors)
     assert "'e2e_edit.safetensors' already exists in models/simda" in text and "choose another file name" in text, text
+
+
+# -- prompt travel, image to video, loop -----------------------------------------------------------
+
+FIRST_FRAME = "e2e_first_frame.png"
+TRAVEL = "0: a cat walking through a sunny garden\n2: a lynx walking through a sunny garden\n-1: a (tiger:1.2) walking"
+"""prompt_travel's keyframes for a clip of FRAMES frames (the shipped ones are at 0, 8 and -1 of 16)."""
+
+
+@pytest.fixture(scope="module")
+def first_frame(comfy_server) -> Path:
+    """The first frame of bigbuckbunny.mp4 in the server's input folder as FIRST_FRAME."""
+    frames, _ = decode_mp4(bigbuckbunny())
+    path = comfy_server.input_dir / FIRST_FRAME
+    Image.fromarray(frames[0]).save(path)
+    return path
+
+
+def small_clip(server, info: dict, name: str, prefix: str, **sampler) -> dict:
+    """One of SMALL_CLIPS on the test models: FRAMES frames of SIZE x SIZE in STEPS steps at FPS."""
+    workflow = load_workflow(name)
+    set_widget(workflow, info, "CheckpointLoaderSimple", "ckpt_name", server.checkpoint_name)
+    set_widget(workflow, info, "SimDAAdapterLoader", "adapter_name", server.adapter_name)
+    set_widgets(workflow, info, "SimDAVideoSampler", **{"frames": FRAMES, "width": SIZE, "height": SIZE, "steps": STEPS, **sampler})
+    set_widget(workflow, info, "PrimitiveFloat", "value", FPS)
+    set_widget(workflow, info, "SaveVideo", "filename_prefix", f"e2e/{prefix}")
+    if name == "prompt_travel.json":
+        set_widgets(workflow, info, "SimDAPromptTravel", frames=FRAMES, prompts=TRAVEL)
+    elif name == "image_to_video.json":
+        set_widget(workflow, info, "LoadImage", "image", FIRST_FRAME)
+        set_widgets(workflow, info, "ImageScale", width=SIZE, height=SIZE)
+        set_widget(workflow, info, "SimDAKeyframes", "frames", FRAMES)
+    elif name == "loop.json":
+        set_widget(workflow, info, "SaveAnimatedWEBP", "filename_prefix", f"e2e/{prefix}")
+    return workflow
+
+
+def run_small_clip(server, info, name: str, prefix: str, **sampler) -> tuple[dict, dict, np.ndarray]:
+    """Run it; ``(workflow, history entry, the mp4's frames)``, having checked their count, size and rate."""
+    workflow = small_clip(server, info, name, prefix, **sampler)
+    entry = run_ok(server, workflow_to_api(workflow, info))
+    frames, rate = decode_mp4(saved_file(server, workflow, entry, "SaveVideo"))
+    assert frames.shape == (FRAMES, SIZE, SIZE, 3), frames.shape
+    assert rate == Fraction(FPS), f"the mp4 runs at {rate} fps, the Frame rate node says {FPS}"
+    assert frames.std() > 1, "the frames are flat"
+    return workflow, entry, frames
+
+
+def test_prompt_travel_workflow_saves_the_clip(comfy_server, info):
+    run_small_clip(comfy_server, info, "prompt_travel.json", "prompt_travel")
+
+
+def test_image_to_video_workflow_keeps_the_first_frame(comfy_server, info, first_frame):
+    """Frame 0 is the image (SimDA Keyframes fixes its latent): two seeds give the same first frame
+    and different later ones."""
+    _, _, one = run_small_clip(comfy_server, info, "image_to_video.json", "image_to_video", seed=1)
+    _, _, two = run_small_clip(comfy_server, info, "image_to_video.json", "image_to_video_seed2", seed=2)
+    first = np.abs(one[0].astype(int) - two[0].astype(int)).mean()
+    later = np.abs(one[1:].astype(int) - two[1:].astype(int)).mean()
+    print(f"image_to_video: mean |seed 1 - seed 2| = {first:.2f} at frame 0, {later:.2f} after it (0..255)")
+    # (Frame 0 is the same picture; the mp4 encoder, given other frames after it, codes it slightly differently.)
+    assert first < 0.1 * later, f"frame 0 differs by {first:.2f} between seeds, the later frames by {later:.2f}"
+
+
+def test_loop_workflow_saves_a_looping_clip(comfy_server, info):
+    """The loop: an mp4 and an animated WEBP that repeats forever (loop count 0), at the Frame rate;
+    the Latent-Shift Patch's loop changes the frames against the same graph without it."""
+    workflow, entry, frames = run_small_clip(comfy_server, info, "loop.json", "loop")
+    webp = saved_file(comfy_server, workflow, entry, "SaveAnimatedWEBP")
+    webp_frames, durations = decode_webp(webp)
+    assert webp_frames.shape == (FRAMES, SIZE, SIZE, 3), webp_frames.shape
+    assert durations == [int(1000 / FPS)] * FRAMES, durations
+    with Image.open(webp) as image:
+        assert image.info.get("loop") == 0, f"the WEBP plays {image.info.get('loop')} times, not forever"
+
+    open_ended = small_clip(comfy_server, info, "loop.json", "loop_off")
+    set_widget(open_ended, info, "SimDALatentShiftPatch", "loop", False)
+    entry = run_ok(comfy_server, workflow_to_api(open_ended, info))
+    plain, _ = decode_webp(saved_file(comfy_server, open_ended, entry, "SaveAnimatedWEBP"))
+    difference = np.abs(webp_frames.astype(int) - plain.astype(int)).mean()
+    print(f"loop: mean |loop on - off| = {difference:.2f} (0..255)")
+    assert difference > 1.0, f"loop=True did not change the frames (mean |diff| {difference:.3f})"
