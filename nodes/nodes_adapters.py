@@ -32,7 +32,7 @@ class SimDAAdapterLoader(io.ComfyNode):
                 "A second Adapter Loader on the same MODEL replaces the first one's adapters."
             ),
             inputs=[
-                io.Model.Input("model", tooltip="An SD1.x or SD2.x MODEL (from Load Checkpoint). It is not changed; a patched copy comes out."),
+                io.Model.Input("model", tooltip="An SD1.x, SD2.x or SDXL MODEL (from Load Checkpoint). It is not changed; a patched copy comes out."),
                 io.Combo.Input(
                     "adapter_name",
                     options=adapter_files(),
