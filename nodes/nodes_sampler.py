@@ -34,6 +34,15 @@ class FrameBatchContextHandler(comfy.context_windows.IndexListContextHandler):
         frame_handler.__dict__.update(handler.__dict__)
         return frame_handler
 
+    def get_context_windows(self, model, x_in, model_options):
+        """The host's windows, each told the whole clip's frame count (``total_frames``, as the
+        newest host's windows carry it): a looping clip's windows wrap around the whole clip."""
+        windows = super().get_context_windows(model, x_in, model_options)
+        for window in windows:
+            if getattr(window, "total_frames", None) is None:
+                window.total_frames = int(x_in.size(self.dim))
+        return windows
+
     def set_step(self, timestep, model_options):
         return super().set_step(timestep[:1], model_options)
 

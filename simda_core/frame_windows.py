@@ -22,7 +22,7 @@ def window_frames(transformer_options: dict) -> tuple[list[int], int] | None:
     window = transformer_options.get("context_window")
     indices = getattr(window, "index_list", None)
     if indices is not None:
-        return [int(i) for i in indices], 0
+        return [int(i) for i in indices], int(getattr(window, "total_frames", 0) or 0)
     ad_params = transformer_options.get("ad_params")
     if isinstance(ad_params, dict) and ad_params.get("sub_idxs") is not None:
         full_length = int(ad_params.get("full_length") or 0)

@@ -131,7 +131,8 @@ def _call_wrapper(runtime: SimDARuntime, shift_keys: list[tuple[str, int, int]],
         indices, full_length = window if window is not None else (None, 0)
         try:
             layout = ClipLayout.from_batch(
-                x.shape[0], groups, config.frames_per_clip, indices, loop=config.loop, loop_length=full_length
+                x.shape[0], groups, config.frames_per_clip, indices, loop=config.loop,
+                loop_length=full_length if config.loop else 0,
             )
         except ClipLayoutError as e:
             raise SimDAPatchError(f"SimDA: {e}.") from None

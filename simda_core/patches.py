@@ -92,12 +92,12 @@ def frame_group_norm(norm, runtime_ref: RuntimeRef):
     """GroupNorm ``forward`` with statistics shared by the frames of each clip."""
     norm_forward = type(norm).forward
 
-    def forward(x):
+    def forward(x):  # the norm's own class forward, never the instance attribute this replaces
         runtime = runtime_ref()
         layout = runtime.video_layout() if runtime is not None else None
         if layout is None:
             return norm_forward(norm, x)
-        return frame_shared_group_norm(x, layout, lambda t: norm_forward(norm, t))
+        return frame_shared_group_norm(x, layout, norm)
 
     return mark(forward)
 

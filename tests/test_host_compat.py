@@ -272,3 +272,58 @@ def test_tuning_works_under_an_attention_override_without_backward(base):
     assert all(torch.isfinite(torch.tensor(losses)))
     assert not calls, "training ran through the override that has no backward"
     assert any(not torch.equal(before[k], v) for k, v in adapters.state_dict().items())
+
+
+# -- loops on the host's UNet --------------------------------------------------------------------------------
+
+def loop_clone(base, loop: bool, adapters: bool = False):
+    extra = {"adapters": random_adapters(base, 30)} if adapters else {}
+    return simda(base, latent_shift=LatentShiftSettings(), frame_group_norm=False, loop=loop, **extra)
+
+
+@pytest.mark.parametrize("loop", [True, False], ids=["loop", "no_loop"])
+def test_in_a_loop_the_last_frame_reaches_the_first(base, loop):
+    """A host UNet call on a 6-frame clip with training-free latent shift (which only looks back in
+    time; frame GroupNorm off, since its statistics couple every frame anyway): changing only the
+    last frame changes frame 0's output when the clip loops, and leaves it exactly as it was when
+    it does not. (The temporal adapter's kernel looks both ways, so with adapters every frame
+    reaches every other one through the layers, loop or not.)"""
+    clone = loop_clone(base, loop)
+    x, timesteps, context = video_batch(frames=6, groups=1, seed=31)
+    changed = x.clone()
+    changed[5] += torch.randn(changed[5].shape, generator=torch.Generator().manual_seed(32))
+    out = host.unet_forward(clone, x, timesteps, context, cond_or_uncond=(0,))
+    out_changed = host.unet_forward(clone, changed, timesteps, context, cond_or_uncond=(0,))
+    difference = float((out_changed[0] - out[0]).abs().max())
+    if loop:
+        assert difference > 1e-3, difference
+    else:
+        assert difference == 0.0, difference
+
+
+def test_a_looping_clip_under_host_context_windows_wraps_around_the_whole_clip(base):
+    """The Video Sampler's windows carry the clip's frame count, so a looped window sees the frames
+    across the seam at their real positions."""
+    from comfy_extras.nodes_context_windows import ContextWindowsManualNode
+    from simda_pack.nodes.nodes_sampler import SimDAVideoSampler
+
+    clone = loop_clone(base, True, adapters=True)
+    (windowed,) = ContextWindowsManualNode.execute(clone, 4, 1, "standard_static", 1, True, "pyramid", 0).result
+    layouts = []
+    import simda_pack.simda_core.host_patch as host_patch_module
+
+    original = host_patch_module.ClipLayout.from_batch
+
+    def recording(*args, **kwargs):
+        layout = original(*args, **kwargs)
+        layouts.append(layout)
+        return layout
+
+    cond = [[torch.randn(1, 8, host.TINY_UNET["context_dim"], generator=torch.Generator().manual_seed(33)), {}]]
+    try:
+        host_patch_module.ClipLayout.from_batch = recording
+        (latent,) = SimDAVideoSampler.execute(windowed, cond, cond, 8, 64, 64, 0, 2, 1.0, "euler", "normal", 1.0, 0.0).result
+    finally:
+        host_patch_module.ClipLayout.from_batch = original
+    assert torch.isfinite(latent["samples"]).all()
+    assert layouts and all(layout.loop_length == 8 for layout in layouts), [l.loop_length for l in layouts]
