@@ -14,6 +14,8 @@ Checks (each a row of the printed table):
   finite losses, gradient cosine similarity >= 0.999, every adapter tensor changes, the UNet's
   parameter objects and the host's pinned-memory bookkeeping unchanged;
 - the Video Sampler and the Video Upscaler's automatic-size path;
+- SimDA's time and memory ratios on the full-size SDXL UNet at 1024^2 with 16 frames
+  (``bench/bench_unet.py --mode sdxl-gpu``);
 - SimDA's per-call work without device synchronisation (``torch.cuda.set_sync_debug_mode("error")``),
   and ``bench/bench_unet.py``, ``bench/bench_windows.py`` and ``bench/bench_longclip.py``'s ratios.
 """
@@ -190,6 +192,25 @@ def bench_scripts(device: torch.device, out: Path, cpu: bool) -> dict:
     return rows
 
 
+SDXL_BENCH_TIMEOUT_S = 480
+"""bench_unet.py --mode sdxl-gpu: 5 variants x 7 calls of the full SDXL UNet, 2 x 16 frames at 1024^2."""
+
+
+def sdxl_ratios(device: torch.device) -> dict:
+    """SimDA's cost on the full-size SDXL UNet at 1024^2 with 16 frames (``bench/bench_unet.py --mode
+    sdxl-gpu``; ``sdxl-cpu``, the SDXL layout at 1/10 width, on the CPU): per variant, time and
+    peak-memory ratios to the plain UNet call, the output change, and whether the output is finite."""
+    mode = "sdxl-cpu" if device.type == "cpu" else "sdxl-gpu"
+    out = Path(os.environ.get("OUT") or BENCH_DIR / "out") / "bench_unet_sdxl.json"
+    command = [sys.executable, str(BENCH_DIR / "bench_unet.py"), "--mode", mode, "--out", str(out)]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=SDXL_BENCH_TIMEOUT_S)
+    if completed.returncode != 0:
+        raise RuntimeError(f"bench_unet.py --mode {mode} exited with {completed.returncode}: {completed.stderr[-2000:]}")
+    rows = json.loads(out.read_text())["rows"]
+    keys = ("median_ms", "time_ratio", "peak_mib", "peak_ratio", "output_change", "finite", "error")
+    return {"mode": mode, **{f"{r['size']}px {r['variant']}": {k: r[k] for k in keys if k in r} for r in rows}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cpu", action="store_true", help="run on the CPU at tiny sizes (proves the script, measures nothing)")
@@ -201,7 +222,8 @@ def main() -> None:
     device = torch.device("cpu") if args.cpu else torch.device("cuda")
     out = Path(os.environ.get("OUT") or BENCH_DIR / "out")
     out.mkdir(parents=True, exist_ok=True)
-    checks = [("fixture fp16/bf16", fixture_precision), ("tuning", tuning), ("sampler + upscaler size", sampler_and_upscaler)]
+    checks = [("fixture fp16/bf16", fixture_precision), ("tuning", tuning), ("sampler + upscaler size", sampler_and_upscaler),
+              ("SDXL ratios 1024^2 x 16 frames", sdxl_ratios)]
     if not args.cpu:
         checks.append(("no device sync", no_device_sync))
     report = {"device": bench_unet.device_name(device), "torch": torch.__version__}
