@@ -324,6 +324,30 @@ def loop(info: dict) -> dict:
     return g.to_json()
 
 
+SDXL_CHECKPOINT = "sd_xl_base_1.0.safetensors"
+
+
+def sdxl_latent_shift_training_free(info: dict) -> dict:
+    """Latent shift alone on an SDXL checkpoint (no adapters, no training): 16 frames at 1024x1024;
+    the Video Sampler gives every frame SDXL's size conditioning."""
+    g = Graph(info)
+    ckpt = g.add("CheckpointLoaderSimple", (0, 200), title="Load an SDXL checkpoint", ckpt_name=SDXL_CHECKPOINT,
+                 size=(320, 100))
+    pos = g.add("CLIPTextEncode", (380, 0), title="Prompt", size=(400, 160), text=PROMPT)
+    neg = g.add("CLIPTextEncode", (380, 220), title="Negative prompt", size=(400, 160), text=NEGATIVE)
+    g.link(ckpt, 1, pos, "clip")
+    g.link(ckpt, 1, neg, "clip")
+    shift = g.add("SimDALatentShiftPatch", (380, 420), size=(320, 270))
+    g.link(ckpt, 0, shift, "model")
+    sampler = g.add("SimDAVideoSampler", (840, 100), size=(320, 380), frames=16, width=1024, height=1024, steps=50,
+                    cfg=7.5, sampler_name="ddim", scheduler="ddim_uniform", seed=42)
+    g.link(shift, 0, sampler, "model")
+    g.link(pos, 0, sampler, "positive")
+    g.link(neg, 0, sampler, "negative")
+    save_clip(g, sampler, ckpt, "simda/sdxl_latent_shift")
+    return g.to_json()
+
+
 def vhs_video_edit(info: dict) -> dict:
     """The video edit with VideoHelperSuite (needs VHS): VHS Load Video (every 2nd frame) -> Edit Tuner
     (stride 1, source_fps = VHS's loaded fps) -> Video Sampler -> VHS Video Combine at the tuner's
@@ -381,6 +405,7 @@ def main() -> None:
         "text_to_video_upscaled.json": text_to_video_upscaled(info),
         "prompt_travel.json": prompt_travel(info),
         "image_to_video.json": image_to_video(info),
+        "sdxl_latent_shift_training_free.json": sdxl_latent_shift_training_free(info),
     }
     if "loop" in info["SimDALatentShiftPatch"]["input"].get("optional", {}) | info["SimDALatentShiftPatch"]["input"]["required"]:
         builds["loop.json"] = loop(info)

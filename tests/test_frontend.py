@@ -9,7 +9,8 @@ shrunk first by editing widget values in the JSON: a few frames of 64x64 in two 
 checkpoints of tests/live_server.py and tests/test_upscaler.py (the upscaled one: 32x32 frames to
 128x128). A workflow that needs another pack (vhs_video_edit: ComfyUI-VideoHelperSuite) opens and
 runs in a second page, on the server with the packs installed (``comfy_server_with_packs``); the
-page of the plain server names exactly that pack's node types as missing.
+page of the plain server names exactly that pack's node types as missing. The SDXL workflow runs in
+the page of tests/sdxl_server.py's server, on its random SDXL-family checkpoint.
 
 The screenshots land in tests/output/frontend/ (git-ignored): ``<workflow>.png`` is the graph,
 ``<workflow>.page.png`` the whole page. ``scripts/make_thumbnails.py`` turns them into the
@@ -35,6 +36,7 @@ from PIL import Image
 
 # live_server first: it imports tests/host.py, which puts the host on sys.path.
 from live_server import comfy_server, comfy_server_with_packs, execution_error  # noqa: F401  (fixtures)
+from sdxl_server import sdxl_server  # noqa: F401  (a fixture)
 from host import PACK_DIR
 
 import test_upscaler
@@ -51,10 +53,13 @@ except ImportError as error:  # a failure, not a skip: the set-up installs it
 
 WORKFLOWS = PACK_DIR / "example_workflows"
 NAMES = ("text_to_video", "latent_shift_training_free", "video_edit", "text_to_video_upscaled", "prompt_travel",
-         "image_to_video", "loop", "vhs_video_edit")
+         "image_to_video", "loop", "vhs_video_edit", "sdxl_latent_shift_training_free")
 NEEDS_PACK = {"vhs_video_edit": "VHS_"}
 """Workflows that open only with another pack installed, and the prefix of that pack's node types
 (VideoHelperSuite's)."""
+SERVER_OF = {"vhs_video_edit": ("comfy_server_with_packs", "packs_page"), "sdxl_latent_shift_training_free": ("sdxl_server", "sdxl_page")}
+"""``(server fixture, page fixture)`` of the workflows that do not run on ``comfy_server``: VHS's, and
+the SDXL one on the random SDXL-family checkpoint of tests/sdxl_server.py."""
 SCREENSHOTS = PACK_DIR / "tests" / "output" / "frontend"
 
 CHROMIUM = os.environ.get("SIMDA_CHROMIUM", "/usr/bin/chromium")
@@ -134,6 +139,9 @@ def shrunk(name: str, server, info: dict) -> dict:
             set_values(workflow, info, "SimDAKeyframes", frames=FRAMES)
         else:
             set_values(workflow, info, "SaveAnimatedWEBP", **prefix)
+    elif name == "sdxl_latent_shift_training_free":
+        set_values(workflow, info, "CheckpointLoaderSimple", ckpt_name=server.checkpoint_name)
+        set_values(workflow, info, "SimDAVideoSampler", frames=FRAMES, width=SIZE, height=SIZE, steps=STEPS)
     elif name == "vhs_video_edit":
         # VHS takes every 2nd frame; the tuner takes them all (stride 1), as the shipped file does.
         set_values(workflow, info, "VHS_LoadVideo", video=SOURCE_CLIP, frame_load_cap=FRAMES)
@@ -338,6 +346,11 @@ def page(browser, comfy_server, server_files) -> Page:
 
 
 @pytest.fixture(scope="module")
+def sdxl_page(browser, sdxl_server) -> Page:
+    return open_page(browser, sdxl_server)
+
+
+@pytest.fixture(scope="module")
 def packs_page(browser, comfy_server_with_packs) -> Page:
     """The page of the server with VideoHelperSuite and AnimateDiff-Evolved installed."""
     provide_input_files(comfy_server_with_packs)
@@ -387,9 +400,9 @@ def screenshot_graph(page: Page, path: Path) -> None:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_workflow_loads_and_runs_in_the_page(request, name):
-    # A workflow that needs another pack runs on the server that has it, in that server's page.
-    server = request.getfixturevalue("comfy_server_with_packs" if name in NEEDS_PACK else "comfy_server")
-    page = request.getfixturevalue("packs_page" if name in NEEDS_PACK else "page")
+    # A workflow that needs another pack or model runs on the server that has it, in that server's page.
+    server_fixture, page_fixture = SERVER_OF.get(name, ("comfy_server", "page"))
+    server, page = request.getfixturevalue(server_fixture), request.getfixturevalue(page_fixture)
     info = server.object_info()
     page.mark()
     # The file as shipped (its model files are not on the test server): the picture of the graph.
@@ -511,12 +524,18 @@ def test_template_browser_shows_the_workflows_with_their_thumbnails(comfy_server
     page.evaluate("app.extensionManager.command.execute('Comfy.BrowseTemplates')")
     dialog = page.page.locator(".p-dialog").last
     dialog.get_by_text(pack, exact=True).first.click(timeout=30_000)
-    # The page fetches each thumbnail and shows it from a blob: URL.
-    page.page.wait_for_function(
-        """(names) => names.every((name) => [...document.querySelectorAll(`[data-testid="template-workflow-${name}"] img`)]
-            .some((img) => img.complete && img.naturalWidth > 0))""",
-        arg=list(NAMES), timeout=30_000,
-    )
+    # The page fetches each thumbnail and shows it from a blob: URL, once its card is scrolled into view.
+    for name in NAMES:
+        page.page.locator(f'[data-testid="template-workflow-{name}"]').first.scroll_into_view_if_needed(timeout=30_000)
+        try:
+            page.page.wait_for_function(
+                """(name) => [...document.querySelectorAll(`[data-testid="template-workflow-${name}"] img`)]
+                    .some((img) => img.complete && img.naturalWidth > 0)""",
+                arg=name, timeout=30_000,
+            )
+        except Exception:
+            page.page.screenshot(path=SCREENSHOTS / "template_browser.failed.png")
+            raise AssertionError(f"the template browser's card of {name} shows no thumbnail") from None
     thumbnails = {Path(path).name: status for status, path in (
         (status, urllib.parse.urlparse(url).path) for status, url in page.responses
     ) if path.startswith(f"/api/workflow_templates/{pack}/") and path.endswith(".jpg")}
