@@ -43,6 +43,14 @@ def frame_shared_group_norm(x: torch.Tensor, layout: ClipLayout, group_norm: Gro
     return rearrange(group_norm(clip), "b c f h w -> (b f) c h w")
 
 
+def shared_statistics_group_norm(
+    x: torch.Tensor, layout: ClipLayout, groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
+) -> torch.Tensor:
+    """Frame-shared GroupNorm of ``x`` ``[clips * F, C, H, W]`` with the given affine parameters
+    (e.g. a host layer's weights as the host casts and patches them for this call)."""
+    return _shared_statistics_norm(x, layout.clips, groups, weight, bias, eps)
+
+
 def _has_weight_patches(module: torch.nn.Module) -> bool:
     return bool(getattr(module, "weight_function", None)) or bool(getattr(module, "bias_function", None))
 
@@ -69,8 +77,9 @@ def _shared_statistics_norm(
     # then the frames' statistics combined into the clip's (small tensors, float64).
     frame_mean = rows.mean(dim=-1, keepdim=True, dtype=accumulate)  # [b, f, g, 1]
     pivot = frame_mean.to(x.dtype)  # what is subtracted (the mean, rounded for half inputs)
-    spread = torch.linalg.vector_norm(rows - pivot, 2, dim=-1, dtype=accumulate).double()
-    frame_mean, pivot = frame_mean[..., 0].double(), pivot[..., 0].double()
+    wide = torch.float32 if x.device.type == "mps" else torch.float64  # MPS has no float64
+    spread = torch.linalg.vector_norm(rows - pivot, 2, dim=-1, dtype=accumulate).to(wide)
+    frame_mean, pivot = frame_mean[..., 0].to(wide), pivot[..., 0].to(wide)
     frame_var = spread.square() / rows.shape[-1] - (frame_mean - pivot).square()  # [b, f, g]
     mean = frame_mean.mean(dim=1)  # [b, g]
     var = (frame_var.mean(dim=1) + (frame_mean - mean[:, None]).square().mean(dim=1)).clamp_(min=0)

@@ -109,6 +109,17 @@ def host_attention(q, k, v, heads, extra_options):
     )
 
 
+def host_norm_parameters(norm, x):
+    """A host GroupNorm's ``(weight, bias)`` for this call, as its own forward would use them:
+    through the host's ``cast_bias_weight`` when the host casts that layer per call (low-VRAM
+    offload, manual cast, weight patches applied on the fly), else the layer's own tensors."""
+    if getattr(norm, "comfy_cast_weights", False) or getattr(norm, "weight_function", None) or getattr(norm, "bias_function", None):
+        import comfy.ops
+
+        return comfy.ops.cast_bias_weight(norm, x)[:2]
+    return norm.weight, norm.bias
+
+
 def _call_wrapper(runtime: SimDARuntime, shift_keys: list[tuple[str, int, int]], unet_ref: Callable):
     def wrapper(executor, x, *args, **kwargs):
         if getattr(executor, "class_obj", None) is not None and executor.class_obj is not unet_ref():
@@ -249,7 +260,7 @@ def apply_simda(model_patcher, config: SimDAConfig):
 
     if config.uses_frame_group_norm:
         for path in find_resblock_norms(unet):
-            object_patch(path, patches.frame_group_norm(unet.get_submodule(path), runtime_ref))
+            object_patch(path, patches.frame_group_norm(unet.get_submodule(path), runtime_ref, host_norm_parameters))
 
     if config.latent_shift is not None:
         replace_fn = patches.latent_shift_self_attention(runtime, host_attention)
