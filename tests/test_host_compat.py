@@ -327,3 +327,27 @@ def test_a_looping_clip_under_host_context_windows_wraps_around_the_whole_clip(b
         host_patch_module.ClipLayout.from_batch = original
     assert torch.isfinite(latent["samples"]).all()
     assert layouts and all(layout.loop_length == 8 for layout in layouts), [l.loop_length for l in layouts]
+
+
+# -- memory sizing: the MODEL's own query where the host has one ------------------------------------------
+
+def test_memory_sizing_asks_the_model_where_the_host_offers_it(base):
+    """The newest ModelPatcher answers ``get_free_memory(device)`` itself (it knows memory held by
+    streamed weights) and ``is_dynamic()``; 0.3.75's has neither. The sizing helpers use the MODEL's
+    answers when they exist and the host's module-level query otherwise."""
+    from simda_pack.nodes.nodes_upscale import sampling_budget
+    from simda_pack.simda_core.model_info import free_device_memory, resident_weight_bytes
+
+    device = torch.device("cpu")
+    clone = base.clone()
+    assert not hasattr(clone, "get_free_memory") and not hasattr(clone, "is_dynamic")
+    host_free = free_device_memory(clone, device)
+    assert host_free == pytest.approx(float(comfy.model_management.get_free_memory(device)), rel=0.05)
+    assert resident_weight_bytes(clone) == clone.model_size() > 0
+    budget = sampling_budget(clone)
+
+    clone.get_free_memory = lambda dev: 7 * 2**30
+    clone.is_dynamic = lambda: True
+    assert free_device_memory(clone, device) == 7 * 2**30
+    assert resident_weight_bytes(clone) == 0.0
+    assert sampling_budget(clone) != budget

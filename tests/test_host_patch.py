@@ -767,3 +767,28 @@ def test_video_sampler_runs_context_windows_over_the_frame_batch(base):
     assert seen and set(seen) == {12}, seen  # 2 groups x 6 frames per call
     assert "context_handler" in windowed.model_options  # the caller's MODEL keeps the host's own handler
     assert type(windowed.model_options["context_handler"]).__name__ == "IndexListContextHandler"
+
+
+def test_a_second_adapter_loader_replaces_the_first_adapters(base, adapter_file, tmp_path_factory, caplog):
+    """Stacking: a second Adapter Loader on a SimDA MODEL replaces the first one's adapters (with a
+    log line) and keeps the rest of the config; the result is the second file's adapters alone."""
+    name, _ = adapter_file
+    folder = tmp_path_factory.mktemp("simda_models_second")
+    second_adapters = random_adapters(base, 18)
+    save_adapters(second_adapters, folder / "second.safetensors", family="sd1")
+    folder_paths.add_model_folder_path("simda", str(folder))
+    try:
+        (first,) = SimDAAdapterLoader.execute(base, name, 1.0).result
+        (shifted,) = SimDALatentShiftPatch.execute(first, **SHIFT_DEFAULTS).result
+        with caplog.at_level("INFO", logger="SimDA"):
+            (stacked,) = SimDAAdapterLoader.execute(shifted, "second.safetensors", 0.5).result
+        (alone,) = SimDALatentShiftPatch.execute(SimDAAdapterLoader.execute(base, "second.safetensors", 0.5).result[0], **SHIFT_DEFAULTS).result
+    finally:
+        folder_paths.folder_names_and_paths["simda"][0].remove(str(folder))
+    assert any("replaces them" in r.getMessage() for r in caplog.records), caplog.text
+    config = get_config(stacked)
+    assert config.adapter_name == "second.safetensors" and config.strength == 0.5 and config.latent_shift is not None
+    assert len(stacked.additional_models[ADDITIONAL_MODELS_KEY]) == 1
+    batch = video_batch(frames=4, groups=2, seed=18)
+    torch.testing.assert_close(call(stacked, batch), call(alone, batch), rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(call(stacked, batch), call(shifted, batch), atol=1e-3)
