@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..adapter_training import AdapterTrainer, TuningRecipe, initial_adapters, training_patcher
+from ..adapter_training import AdapterTrainer, TuningRecipe, host_training_mode, initial_adapters, training_patcher
 from ..formats import AdapterFileError, save_adapters
 from ..config import LatentShiftSettings, SimDAConfig
 from ..host_patch import apply_simda, model_sites
@@ -261,7 +261,8 @@ def main(options: TrainingOptions) -> int:
     sampled; 3 the loss diverged (resume from the last checkpoint). The message says which."""
     processes = init_processes()
     try:
-        run(options, processes)
+        with host_training_mode():
+            run(options, processes)
         return 0
     except (TrainingSetupError, VideoDataError, AdapterFileError, FloatingPointError) as e:
         if processes.is_main:
