@@ -18,8 +18,6 @@ change of position may compile once more while dynamo makes the indices dynamic)
 """
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -152,18 +150,7 @@ def run(device: torch.device | str = "cpu", mode: str | None = None) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--mode", choices=SETTINGS, required=True)
-    parser.add_argument("--out", type=Path, help="also write the result as JSON here")
-    args = parser.parse_args()
-    if args.mode == "gpu" and not torch.cuda.is_available():
-        sys.exit("--mode gpu needs a CUDA device; use --mode cpu here")
-    if args.mode == "cpu":
-        torch.set_num_threads(1)
-    result = run(torch.device("cuda" if args.mode == "gpu" else "cpu"), args.mode)
-    print(json.dumps(result, indent=1))
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=1))
+    bench_unet.run_command_line(__doc__, SETTINGS, run)
 
 
 if __name__ == "__main__":

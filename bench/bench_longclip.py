@@ -17,9 +17,7 @@ GroupNorm, as bench_unet builds them). Runs alternate plain / simda so load drif
 """
 from __future__ import annotations
 
-import argparse
 import importlib.util
-import json
 import statistics
 import sys
 import time
@@ -194,18 +192,7 @@ def run(device: torch.device | str = "cpu", mode: str | None = None, contexts: l
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--mode", choices=SETTINGS, required=True)
-    parser.add_argument("--out", type=Path, help="also write the result as JSON here")
-    args = parser.parse_args()
-    if args.mode == "gpu" and not torch.cuda.is_available():
-        sys.exit("--mode gpu needs a CUDA device; use --mode cpu here")
-    if args.mode == "cpu":
-        torch.set_num_threads(1)
-    result = run(torch.device("cuda" if args.mode == "gpu" else "cpu"), args.mode)
-    print(json.dumps(result, indent=1))
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=1))
+    bench_unet.run_command_line(__doc__, SETTINGS, run)
 
 
 if __name__ == "__main__":

@@ -357,6 +357,27 @@ def markdown(rows: list[dict], mode: Mode, args, device: torch.device, seconds: 
     return "\n".join(lines)
 
 
+def run_command_line(doc: str, modes, run: Callable, add_arguments: Callable | None = None) -> None:
+    """The command line of a bench module whose ``run(device, mode, **options)`` returns a dict:
+    ``--mode`` (``gpu`` needs CUDA; ``cpu`` runs on one thread), ``--out`` (the result as JSON),
+    and what ``add_arguments(parser)`` adds (passed to ``run`` by name)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    parser.add_argument("--mode", choices=modes, required=True)
+    parser.add_argument("--out", type=Path, help="also write the result as JSON here")
+    if add_arguments is not None:
+        add_arguments(parser)
+    args = parser.parse_args()
+    if args.mode == "gpu" and not torch.cuda.is_available():
+        sys.exit("--mode gpu needs a CUDA device; use --mode cpu here")
+    if args.mode == "cpu":
+        torch.set_num_threads(1)
+    options = {k: v for k, v in vars(args).items() if k not in ("mode", "out")}
+    result = run(torch.device("cuda" if args.mode == "gpu" else "cpu"), args.mode, **options)
+    print(json.dumps(result, indent=1))
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--mode", choices=MODES, required=True)

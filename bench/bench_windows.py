@@ -19,8 +19,6 @@ memory above the inputs.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import sys
 import time
@@ -30,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_unet  # noqa: E402
 from bench_unet import PACK_DIR, device_name  # noqa: E402
 
 if str(PACK_DIR) not in sys.path:
@@ -217,20 +216,9 @@ def run(device: torch.device | str = "cpu", mode: str | None = None, windows: in
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--mode", choices=MODES, required=True)
-    parser.add_argument("--windows", type=int, default=100)
-    parser.add_argument("--out", type=Path, help="also write the result as JSON here")
-    args = parser.parse_args()
-    if args.mode == "gpu" and not torch.cuda.is_available():
-        sys.exit("--mode gpu needs a CUDA device; use --mode cpu here")
-    if args.mode == "cpu":
-        torch.set_num_threads(1)
-    device = torch.device("cuda" if args.mode == "gpu" else "cpu")
-    result = run(device, args.mode, args.windows)
-    print(json.dumps(result, indent=1))
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=1))
+    bench_unet.run_command_line(
+        __doc__, MODES, run, lambda parser: parser.add_argument("--windows", type=int, default=100)
+    )
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import host
 import comfy.model_management
 from simda_pack.simda_core.adapter_training import initial_adapters
 from simda_pack.simda_core.adapters import SimDAAdapters, TemporalAdapter
-from simda_pack.simda_core.config import LatentShiftSettings, SimDAConfig
+from simda_pack.simda_core.config import SimDAConfig
 from simda_pack.simda_core.host_patch import apply_simda, model_sites
 
 

@@ -12,7 +12,6 @@ ComfyUI 0.3.75:
 from __future__ import annotations
 
 import copy
-from dataclasses import replace
 
 import pytest
 import torch
