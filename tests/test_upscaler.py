@@ -498,7 +498,7 @@ def test_an_sd15_model_in_the_upscaler_and_the_x4_in_the_video_sampler_are_refus
     sd15 = host.build_model(host.TINY_UNET, seed=None)
     refuses(r"needs the SD x4 upscaler MODEL.*connected MODEL is an SD1\.x UNet",
             lambda: upscale(sd15, vae, smooth_frames(2, 16)))
-    refuses(r"SimDA Video Sampler samples with an SD1\.x/SD2\.x MODEL; the connected MODEL is the SD x4 upscaler",
+    refuses(r"SimDA Video Sampler samples with an SD1\.x, SD2\.x or SDXL MODEL; the connected MODEL is the SD x4 upscaler",
             lambda: SimDAVideoSampler.execute(model, conditioning(1), conditioning(2), 2, 64, 64, 0, 2, 1.0, "euler",
                                               "normal", 1.0, 0.0))
 

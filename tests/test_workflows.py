@@ -344,7 +344,7 @@ def test_non_sd_model_is_refused(comfy_server, info, into):
     prompt[target]["inputs"]["model"] = ["902", 0]
     what = "SimDA Latent-Shift Patch" if into == "SimDALatentShiftPatch" else "SimDA Video Sampler"
     assert_refused(comfy_server, prompt, target, "bad_family",
-                   [f"{what} needs an SD1.x or SD2.x model", "the connected MODEL is SD3", "Connect a Load Checkpoint"])
+                   [f"{what} needs an SD1.x, SD2.x or SDXL model", "the connected MODEL is SD3", "Connect a Load Checkpoint"])
     assert_still_serving(comfy_server, info, seed=1004)
 
 
