@@ -262,3 +262,29 @@ def test_ade_prompt_scheduling_drives_a_simda_model(ade, checkpoint):  # noqa: F
             frames = list(window) if window is not None else list(range(FRAMES))
             assert (window is not None) == windows and len(frames) == (4 if windows else FRAMES)
             torch.testing.assert_close(cond_rows((window, cond_or_uncond, context)), per_frame[frames].to(context.dtype), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("sampler", ["KSampler", "SimDAVideoSampler"])
+def test_simda_prompt_travel_under_ade_windows(ade, checkpoint, sampler):  # noqa: F811
+    """SimDA Prompt Travel's per-frame CONDITIONING under ADE's Use Evolved Sampling (windows of 4
+    over 10 frames), through KSampler and the Video Sampler: each window's cross-attention sees
+    its own frames' rows of the travel."""
+    from nodes import KSampler
+
+    from simda_pack.nodes.nodes_prompts import SimDAPromptTravel
+
+    model, clip = checkpoint
+    (travel,) = SimDAPromptTravel.execute(clip, "0: a cat walking\n9: a tiger walking", FRAMES).result
+    per_frame = travel[0][0]
+    assert per_frame.shape[0] == FRAMES
+    negative = [[encode(clip, "blurry")[0], {}]]
+    patched = evolved(ade, simda_model(model), "uniform")
+    seen = record_cross_attention(patched)
+    if sampler == "KSampler":
+        latent = {"samples": torch.zeros(FRAMES, 4, SIZE // 8, SIZE // 8)}
+        KSampler().sample(patched, 0, STEPS, 5.0, "euler", "normal", travel, negative, latent)
+    else:
+        SimDAVideoSampler.execute(patched, travel, negative, FRAMES, SIZE, SIZE, 0, STEPS, 5.0, "euler", "normal", 1.0, 0.0)
+    assert seen and all(window is not None and len(window) == 4 for window, _, _ in seen)
+    for window, cond_or_uncond, context in seen:
+        torch.testing.assert_close(cond_rows((window, cond_or_uncond, context)), per_frame[list(window)].to(context.dtype), rtol=1e-3, atol=1e-3)
