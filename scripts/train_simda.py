@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         "WebVid-style CSV. Run it under torchrun --nproc_per_node N for data-parallel training.",
     )
     io = p.add_argument_group("inputs and output")
-    io.add_argument("--checkpoint", required=True, type=Path, help="SD1.x checkpoint (.safetensors/.ckpt) with UNet, CLIP and VAE; "
+    io.add_argument("--checkpoint", required=True, type=Path, help="SD1.x, SD2.x or SDXL checkpoint (.safetensors/.ckpt) with UNet, CLIP and VAE; "
                     "the SD x4 upscaler (x4-upscaler-ema.safetensors) trains super-resolution adapters.")
     io.add_argument("--data", type=Path, help="Folder of clips (mp4/webm/mov/mkv/avi/gif) with a .txt caption next to each; "
                     "with --csv: the folder the CSV's relative paths start from (default: the CSV's folder).")
