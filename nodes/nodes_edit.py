@@ -26,7 +26,7 @@ from ..simda_core.adapter_training import (
 from ..simda_core.config import LatentShiftSettings, SimDAConfig
 from ..simda_core.host_patch import apply_simda, get_config, model_sites
 from ..simda_core.inversion import host_sampler_inversion, inversion_record
-from .common import INVERSION_KEY, check_family
+from .common import INVERSION_KEY, check_family, simda_clone
 from .folders import save_folder
 
 log = logging.getLogger("SimDA")
@@ -174,8 +174,7 @@ class SimDAEditTuner(io.ComfyNode):
             adapters.requires_grad_(False)
             release_training_wrappers(training)
 
-        tuned = model.clone()
-        apply_simda(tuned, replace(config, adapters=adapters, strength=1.0, gradient_checkpointing=False))
+        tuned = simda_clone(model, replace(config, adapters=adapters, strength=1.0, gradient_checkpointing=False))
         inverted = invert_clip(tuned, latent, inversion_conditioning, inversion_steps, inversion_scheduler)
         result = TrainedAdapters(adapters, family, frames_trained=int(x0.shape[0]), steps=steps)
         start = {"samples": inverted, INVERSION_KEY: inversion_record(inversion_steps, inversion_scheduler)}

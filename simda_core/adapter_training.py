@@ -175,13 +175,9 @@ class HostConditioning:
 
 def host_conditioned_output(model_patcher, conditioning: HostConditioning, x_noisy: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """The raw UNet output (noise or v) that the host's combined prediction for ``conditioning``
-    amounts to: ``calculate_denoised`` is affine in the output, ``denoised = a * x + b * out``."""
-    sampling = model_patcher.model.model_sampling
+    amounts to: the output that would denoise ``x_noisy`` to that prediction."""
     denoised = conditioning.denoised(model_patcher, x_noisy, sigma, training=torch.is_grad_enabled())
-    zeros = torch.zeros_like(x_noisy)
-    a_x = sampling.calculate_denoised(sigma, zeros, x_noisy)
-    b = sampling.calculate_denoised(sigma, torch.ones_like(x_noisy), zeros)
-    return (denoised - a_x) / b
+    return denoising_target(model_patcher.model.model_sampling, sigma, x_noisy, denoised)
 
 
 class AdapterTrainer:

@@ -19,7 +19,14 @@ from .layout import ClipLayout
 GroupNormLike = torch.nn.GroupNorm | Callable[[torch.Tensor], torch.Tensor]
 
 
-def frame_shared_group_norm(x: torch.Tensor, layout: ClipLayout, group_norm: GroupNormLike) -> torch.Tensor:
+NormParameters = Callable[[torch.nn.GroupNorm, torch.Tensor], tuple]
+"""``(weight, bias)`` of a GroupNorm layer for input ``x``, as the host computes with them
+(cast, offloaded weights fetched, weight patches such as LoRA applied)."""
+
+
+def frame_shared_group_norm(
+    x: torch.Tensor, layout: ClipLayout, group_norm: GroupNormLike, parameters: NormParameters | None = None
+) -> torch.Tensor:
     """GroupNorm of ``x`` ``[clips * F, C, H, W]`` with statistics shared by the F frames of each clip.
 
     ``group_norm`` is either a ``torch.nn.GroupNorm`` (the host's GroupNorm layers are ones): its
@@ -27,28 +34,23 @@ def frame_shared_group_norm(x: torch.Tensor, layout: ClipLayout, group_norm: Gro
     needed, and its ``forward`` is never looked up on the instance (so an object patch of that
     ``forward`` may call this). Or any callable GroupNorm that accepts ``[N, C, *]``: it is
     applied to a ``[clips, C, F, H, W]`` rearrangement (with the copies that takes).
-    A host layer that carries weight patches (``weight_function``/``bias_function``) is run
-    through its own class ``forward`` the same way, so the patches apply."""
+    ``parameters`` gives a layer's affine weights for this call as the host computes with them;
+    without it, a host layer that carries weight patches (``weight_function``/``bias_function``) is
+    run through its own class ``forward`` the same way, so the patches apply."""
     if isinstance(group_norm, torch.nn.GroupNorm):
         module = group_norm
-        if _has_weight_patches(module):
-            group_norm = lambda t: type(module).forward(module, t)  # noqa: E731
-        elif not layout.is_video:
+        if not layout.is_video:
             return type(module).forward(module, x)
-        else:
+        if parameters is not None:
+            weight, bias = parameters(module, x)
+            return _shared_statistics_norm(x, layout.clips, module.num_groups, weight, bias, module.eps)
+        if not _has_weight_patches(module):
             return _shared_statistics_norm(x, layout.clips, module.num_groups, module.weight, module.bias, module.eps)
+        group_norm = lambda t: type(module).forward(module, t)  # noqa: E731
     if not layout.is_video:
         return group_norm(x)
     clip = rearrange(x, "(b f) c h w -> b c f h w", f=layout.frames)
     return rearrange(group_norm(clip), "b c f h w -> (b f) c h w")
-
-
-def shared_statistics_group_norm(
-    x: torch.Tensor, layout: ClipLayout, groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
-) -> torch.Tensor:
-    """Frame-shared GroupNorm of ``x`` ``[clips * F, C, H, W]`` with the given affine parameters
-    (e.g. a host layer's weights as the host casts and patches them for this call)."""
-    return _shared_statistics_norm(x, layout.clips, groups, weight, bias, eps)
 
 
 def _has_weight_patches(module: torch.nn.Module) -> bool:

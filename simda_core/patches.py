@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from .group_norm import shared_statistics_group_norm
+from .group_norm import NormParameters, frame_shared_group_norm
 from .latent_shift import latent_shift_attention
 from .runtime import RuntimeRef, SimDARuntime
 
@@ -88,11 +88,6 @@ def pass_through(x):
     return x
 
 
-NormParameters = Callable[[torch.nn.GroupNorm, torch.Tensor], tuple]
-"""``(weight, bias)`` of a GroupNorm layer for input ``x``, as the host would compute with them
-(cast, offloaded weights fetched, weight patches such as LoRA applied)."""
-
-
 def frame_group_norm(norm, runtime_ref: RuntimeRef, parameters: NormParameters):
     """GroupNorm ``forward`` with statistics shared by the frames of each clip."""
     norm_forward = type(norm).forward
@@ -102,8 +97,7 @@ def frame_group_norm(norm, runtime_ref: RuntimeRef, parameters: NormParameters):
         layout = runtime.video_layout() if runtime is not None else None
         if layout is None:
             return norm_forward(norm, x)
-        weight, bias = parameters(norm, x)
-        return shared_statistics_group_norm(x, layout, norm.num_groups, weight, bias, norm.eps)
+        return frame_shared_group_norm(x, layout, norm, parameters)
 
     return mark(forward)
 
