@@ -11,7 +11,7 @@ Variants run in one process on the same inputs and the same host model; ratios a
 
 GPU targets (issue): SimDA <= 1.15x at 256x256, <= 1.22x at 512x512, peak memory <= 1.05x.
 Only the host's model code is imported (HOST_MODULES) and ``simda_core`` as a top-level package;
-ComfyUI is found through COMFYUI_PATH or the pack's pinned ``.host/ComfyUI``.
+ComfyUI is found through COMFYUI_PATH or the newest pinned host in ``.hosts/``.
 """
 from __future__ import annotations
 
@@ -31,7 +31,10 @@ from typing import Callable
 import torch
 
 PACK_DIR = Path(__file__).resolve().parents[1]
-HOST_DIR = Path(os.environ.get("COMFYUI_PATH") or PACK_DIR / ".host" / "ComfyUI").resolve()
+sys.path.insert(0, str(PACK_DIR / "scripts"))
+import pinned_hosts  # noqa: E402
+
+HOST_DIR = pinned_hosts.host_dir()
 COND_OR_UNCOND = (1, 0)
 """A cond+uncond batch: 2 groups, each the F frames of one clip."""
 TIME_TARGETS = {256: 1.15, 512: 1.22}

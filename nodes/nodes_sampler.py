@@ -1,9 +1,10 @@
 """SimDA Video Sampler: one clip of F frames through the host's own sampling machinery."""
 from __future__ import annotations
 
+import functools
+import importlib
 import logging
 
-import comfy.context_windows
 import comfy.model_management
 import comfy.sample
 import comfy.samplers
@@ -15,50 +16,63 @@ from comfy_api.latest import io
 from ..simda_core.frame_windows import window_conds
 from ..simda_core.host_patch import get_config
 from ..simda_core.keyframes import paste_fixed
-from ..simda_core.inversion import INVERSION_SAMPLER, NOISE_FREE_SAMPLERS
+from ..simda_core.inversion import INVERSION_SAMPLER
+from ..simda_core.sampler_noise import adds_fresh_noise, noise_free_samplers
 from .common import INVERSION_KEY, check_family, clip_noise, with_size_conditioning
 
 log = logging.getLogger("SimDA")
 
 
-class FrameBatchContextHandler(comfy.context_windows.IndexListContextHandler):
-    """The host's context-window handler for windows over the frames of the batch (``dim`` 0).
+@functools.cache
+def frame_batch_context_handler():
+    """The host's context-window handler for windows over the frames of the batch (``dim`` 0), made
+    when a MODEL with context windows first reaches the Video Sampler (the host class moved or missing
+    costs only this feature).
 
     The host finds the current step by comparing the schedule with the timestep tensor, which has
     one entry per batch item; over the batch dimension that only lines up when there are as many
     frames as schedule entries. All frames share one sigma, so the first one identifies the step."""
+    host_class = getattr(importlib.import_module("comfy.context_windows"), "IndexListContextHandler")
 
-    @classmethod
-    def from_handler(cls, handler: comfy.context_windows.IndexListContextHandler) -> "FrameBatchContextHandler":
-        frame_handler = cls.__new__(cls)
-        frame_handler.__dict__.update(handler.__dict__)
-        return frame_handler
+    class FrameBatchContextHandler(host_class):
+        def get_context_windows(self, model, x_in, model_options):
+            """The host's windows, each told the whole clip's frame count (``total_frames``, as the
+            newest host's windows carry it): a looping clip's windows wrap around the whole clip."""
+            windows = super().get_context_windows(model, x_in, model_options)
+            for window in windows:
+                if getattr(window, "total_frames", None) is None:
+                    window.total_frames = int(x_in.size(self.dim))
+            return windows
 
-    def get_context_windows(self, model, x_in, model_options):
-        """The host's windows, each told the whole clip's frame count (``total_frames``, as the
-        newest host's windows carry it): a looping clip's windows wrap around the whole clip."""
-        windows = super().get_context_windows(model, x_in, model_options)
-        for window in windows:
-            if getattr(window, "total_frames", None) is None:
-                window.total_frames = int(x_in.size(self.dim))
-        return windows
+        def set_step(self, timestep, model_options):
+            return super().set_step(timestep[:1], model_options)
 
-    def set_step(self, timestep, model_options):
-        return super().set_step(timestep[:1], model_options)
+        def get_resized_cond(self, cond_in, x_in, window, device=None):
+            """The host's resized conds, with per-frame conditioning cut to the window's frames (the
+            host keeps the first frames' rows for every window on 0.3.75)."""
+            resized = super().get_resized_cond(cond_in, x_in, window, device)
+            return window_conds(resized, x_in.size(0), list(window.index_list), device)
 
-    def get_resized_cond(self, cond_in, x_in, window, device=None):
-        """The host's resized conds, with per-frame conditioning cut to the window's frames (the
-        host keeps the first frames' rows for every window on 0.3.75)."""
-        resized = super().get_resized_cond(cond_in, x_in, window, device)
-        return window_conds(resized, x_in.size(0), list(window.index_list), device)
+    return host_class, FrameBatchContextHandler
 
 
 def with_frame_windows(model):
     """``model``, or a clone whose batch-dimension context windows find their step."""
     handler = model.model_options.get("context_handler")
-    if type(handler) is comfy.context_windows.IndexListContextHandler and handler.dim == 0:
+    if handler is None:
+        return model
+    try:
+        host_class, frame_class = frame_batch_context_handler()
+    except (ImportError, AttributeError):
+        raise RuntimeError(
+            "SimDA Video Sampler: this ComfyUI has no comfy.context_windows.IndexListContextHandler, which context "
+            "windows on a MODEL need (ComfyUI 0.3.75 or newer has it); update ComfyUI or remove the context windows node."
+        ) from None
+    if type(handler) is host_class and handler.dim == 0:
+        frame_handler = frame_class.__new__(frame_class)
+        frame_handler.__dict__.update(handler.__dict__)
         model = model.clone()
-        model.model_options["context_handler"] = FrameBatchContextHandler.from_handler(handler)
+        model.model_options["context_handler"] = frame_handler
     return model
 
 
@@ -67,7 +81,7 @@ def check_start_latent(
 ) -> torch.Tensor:
     """The samples of an inverted ``start_latent``, after checking that this sampling walks the
     inversion back: same frames and size, same steps and schedule, denoise 1, and a sampler that
-    adds no fresh noise (``inversion.NOISE_FREE_SAMPLERS``)."""
+    adds no fresh noise (``sampler_noise.adds_fresh_noise``)."""
     samples = start["samples"]
     if samples.ndim != 4:
         raise ValueError(f"SimDA Video Sampler: start_latent must be a batch of frame latents [F, C, H, W], got shape {list(samples.shape)}.")
@@ -93,10 +107,10 @@ def check_start_latent(
             f"'{made_with['scheduler']}' schedule, but this sampler runs {steps} steps of '{scheduler}'; use the same "
             "steps and scheduler as the inversion."
         )
-    if sampler_name not in NOISE_FREE_SAMPLERS:
+    if adds_fresh_noise(sampler_name):
         raise ValueError(
             f"SimDA Video Sampler: the sampler '{sampler_name}' adds fresh noise at every step, which undoes the inverted "
-            f"start_latent; pick one that adds none: {', '.join(NOISE_FREE_SAMPLERS)} "
+            f"start_latent; pick one that adds none: {', '.join(noise_free_samplers(comfy.samplers.KSampler.SAMPLERS))} "
             f"(the inversion walked '{made_with.get('sampler', INVERSION_SAMPLER)}')."
         )
     if denoise != 1.0:

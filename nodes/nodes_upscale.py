@@ -9,6 +9,7 @@ group borders keep their temporal context and tile borders leave no seam.
 """
 from __future__ import annotations
 
+import importlib
 import logging
 from dataclasses import dataclass, replace
 
@@ -19,7 +20,6 @@ import comfy.utils
 import latent_preview
 import torch
 from comfy_api.latest import io
-from comfy_extras.nodes_sdupscale import SD_4XUpscale_Conditioning
 
 from ..simda_core.formats import FAMILIES
 from ..simda_core.config import LatentShiftSettings, SimDAConfig
@@ -241,11 +241,23 @@ class PieceProgress:
         self.bar.update_absolute(self.done, self.total)
 
 
+def x4_conditioning():
+    """The host's ``SD_4XUpscale_Conditioning`` node class, looked up when the Upscaler runs (if a
+    host moved it, only this node stops, with a sentence saying what it needs)."""
+    try:
+        return importlib.import_module("comfy_extras.nodes_sdupscale").SD_4XUpscale_Conditioning
+    except (ImportError, AttributeError):
+        raise RuntimeError(
+            "SimDA Video Upscaler needs the host's SD_4XUpscale_Conditioning node (comfy_extras/nodes_sdupscale.py, "
+            "in ComfyUI 0.3.75 and newer), which this ComfyUI does not have; update ComfyUI."
+        ) from None
+
+
 def sample_piece(model, pixels: torch.Tensor, positive, negative, latent: torch.Tensor, noise: torch.Tensor,
                  mask: torch.Tensor | None, settings: Settings, callback) -> torch.Tensor:
     """One piece through the host's KSampler: ``pixels`` ``[f, h, w, 3]`` low-resolution frames,
     ``latent``/``noise`` ``[f, 4, h, w]``; returns the sampled latents (VAE space)."""
-    conditioned = SD_4XUpscale_Conditioning.execute(pixels, positive, negative, float(SCALE), settings.noise_augmentation)
+    conditioned = x4_conditioning().execute(pixels, positive, negative, float(SCALE), settings.noise_augmentation)
     piece_positive, piece_negative = conditioned[0], conditioned[1]
     return comfy.sample.sample(
         model, noise, settings.steps, settings.cfg, settings.sampler_name, settings.scheduler,
@@ -338,6 +350,7 @@ class SimDAVideoUpscaler(io.ComfyNode):
                                  frames_per_group, context_frames, tile_size, tile_overlap, latent_shift))
         settings = Settings(seed, steps, cfg, sampler_name, scheduler, noise_augmentation, frames_per_group, context_frames,
                             tile_size, tile_overlap)
+        x4_conditioning()
         clip = clip_frames(frames)
         check_model(model)
         check_vae(vae)

@@ -1,11 +1,22 @@
 #!/usr/bin/env bash
-# Sets up (first run) and starts ComfyUI with SimDA on http://127.0.0.1:8188.
-# COMFYUI_PATH=/path/to/ComfyUI uses your own ComfyUI instead of the pinned copy.
-# Extra arguments go to ComfyUI's main.py.
-set -euo pipefail
-pack_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-host=$("$pack_dir/scripts/setup_host.sh" | tail -n 1)
-py="$pack_dir/.venv/bin/python"
+# Sets up (first run) and starts ComfyUI with SimDA on http://127.0.0.1:8188: the newest pinned
+# host that can be installed here (0.33.0; else 0.3.75 from PyPI, with one line saying so), or the
+# user's own ComfyUI when COMFYUI_PATH is set. Extra arguments go to ComfyUI's main.py.
+set -uo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/hosts.sh"
+if [ -n "${COMFYUI_PATH:-}" ]; then
+  host=$("$pack_dir/scripts/setup_host.sh" | tail -n 1) || exit 1
+else
+  host=$("$pack_dir/scripts/setup_host.sh" "${pinned_hosts[0]}" | tail -n 1)
+  status=$?
+  if [ "$status" = 3 ]; then
+    echo "comfyui.sh: ComfyUI ${pinned_hosts[0]} cannot be installed here, so ComfyUI ${pinned_hosts[-1]} (from PyPI) is started instead." >&2
+    host=$("$pack_dir/scripts/setup_host.sh" "${pinned_hosts[-1]}" | tail -n 1) || exit 1
+  elif [ "$status" != 0 ]; then
+    exit "$status"
+  fi
+fi
+py="$(venv_of_host "$host")/bin/python"
 device_args=()
 if ! "$py" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
   device_args=(--cpu)

@@ -2,11 +2,13 @@
 # Installs what the frontend tests (tests/test_frontend.py) drive the real ComfyUI page with:
 #   - Debian's Chromium (/usr/bin/chromium), unless it is there already; Playwright's own browser
 #     download ("playwright install") needs the internet, so it is never used,
-#   - the Python package playwright (requirements-dev.txt) in .venv; it carries its driver.
+#   - the Python package playwright (requirements-dev.txt) in the venv of the ComfyUI folder given
+#     (scripts/hosts.sh); it carries its driver.
+#   scripts/setup_browser.sh COMFYUI_FOLDER
 # Running it again only fills in what is missing.
 set -euo pipefail
-pack_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-py="$pack_dir/.venv/bin/python"
+source "$(dirname "${BASH_SOURCE[0]}")/hosts.sh"
+py="$(venv_of_host "${1:?usage: scripts/setup_browser.sh COMFYUI_FOLDER}")/bin/python"
 
 if [ ! -x /usr/bin/chromium ]; then
   sudo=""

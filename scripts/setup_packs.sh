@@ -6,17 +6,19 @@
 # The source comes from `git clone` + `git checkout <commit>` when GitHub can be reached, otherwise
 # from the release archives <name>-<short commit>.tar.gz in the folder SIMDA_PACKS_DIR names.
 #
-#   scripts/setup_packs.sh [COMFYUI_FOLDER]     (default: $COMFYUI_PATH, else .host/ComfyUI)
+#   scripts/setup_packs.sh COMFYUI_FOLDER
 #
-# Requirements go into .venv (VHS: opencv-python-headless and imageio-ffmpeg). Running it again
+# Requirements go into that ComfyUI's venv (scripts/hosts.sh; VHS: opencv-python-headless and
+# imageio-ffmpeg). Running it again
 # changes nothing once both packs sit at their commits.
 set -euo pipefail
 
-pack_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-host="${1:-${COMFYUI_PATH:-$pack_dir/.host/ComfyUI}}"
-py="$pack_dir/.venv/bin/python"
+source "$(dirname "${BASH_SOURCE[0]}")/hosts.sh"
+host="${1:?usage: scripts/setup_packs.sh COMFYUI_FOLDER}"
+venv=$(venv_of_host "$host")
+py="$venv/bin/python"
 [ -f "$host/main.py" ] || { echo "setup_packs.sh: $host is not a ComfyUI folder (no main.py); run scripts/setup_host.sh first." >&2; exit 1; }
-[ -x "$py" ] || { echo "setup_packs.sh: no virtual environment at $pack_dir/.venv; run scripts/setup_host.sh first." >&2; exit 1; }
+[ -x "$py" ] || { echo "setup_packs.sh: no virtual environment at $venv; run scripts/setup_host.sh first." >&2; exit 1; }
 
 # name | repository | commit | requirements we install for it
 packs=(

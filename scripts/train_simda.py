@@ -4,7 +4,7 @@
     python scripts/train_simda.py --checkpoint sd15.safetensors --data clips/ --output runs/simda
     torchrun --nproc_per_node 4 scripts/train_simda.py ...   (data-parallel, same flags)
 
-The host ComfyUI is found through COMFYUI_PATH or the pinned copy in <pack>/.host/ComfyUI; the
+The host ComfyUI is found through COMFYUI_PATH or the newest pinned copy in <pack>/.hosts/; the
 checkpoint is loaded with its own loader.
 """
 from __future__ import annotations
@@ -111,7 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
 def setup_host() -> Path:
     """Put the host and the pack on ``sys.path`` (host first: its ``nodes`` module wins over the
     pack's ``nodes`` package) and pick the device before the host's memory manager starts."""
-    host = Path(os.environ.get("COMFYUI_PATH") or PACK_DIR / ".host" / "ComfyUI").resolve()
+    import pinned_hosts
+
+    host = pinned_hosts.host_dir()
     if not (host / "comfy").is_dir():
         sys.exit(f"train_simda.py: no ComfyUI at {host}: run scripts/setup_host.sh or set COMFYUI_PATH.")
     for path in (str(PACK_DIR), str(host)):

@@ -9,13 +9,17 @@ What goes where (see docs/ARCHITECTURE.md):
 - temporal adapter -> object patch of each SpatialTransformer's ``forward``;
 - frame-shared GroupNorm -> object patches of the ResBlock norms' and the output norm's ``forward``;
 - clip layout per UNet call -> a ``DIFFUSION_MODEL`` wrapper;
-- adapter weights -> an additional ModelPatcher, so the host moves, casts and counts them;
+- adapter weights -> an additional ModelPatcher, so the host moves, casts and counts them (with a
+  ``cached_patcher_init`` so a multi-GPU deep clone gets adapters of its own, and an
+  ``ON_DEEPCLONE_MULTIGPU`` callback that points the deep clone's patches at them);
 - a clone that carries another model object -> an ``ON_CLONE`` callback re-registers everything on
   that model, and the wrapper refuses a call on a model the patches were not made for.
 Module paths never change, so weight patches (LoRA) still find their keys.
 """
 from __future__ import annotations
 
+import copy
+import functools
 import weakref
 from dataclasses import replace
 from typing import Callable
@@ -99,14 +103,24 @@ def find_conflicts(transformer_options: dict, shift_keys: list[tuple[str, int, i
 
 # -- the host's attention and the per-call wrapper ------------------------------------------------
 
-def host_attention(q, k, v, heads, extra_options):
+def host_attention(q, k, v, heads, extra_options, preferred_attention=None):
     """The host's selected attention, given the call's options (``extra_options`` holds every
-    ``transformer_options`` key but the patches), so a user's attention override is honoured."""
+    ``transformer_options`` key but the patches), so a user's attention override is honoured; and
+    the layer's own attention choice (``CrossAttention.comfy_attention``, ComfyUI 0.38) where the
+    layer has one."""
     import comfy.ldm.modules.attention as host_attention_module
 
+    choice = {} if preferred_attention is None else {"preferred_attention": preferred_attention}
     return host_attention_module.optimized_attention(
-        q, k, v, heads, attn_precision=extra_options.get("attn_precision"), transformer_options=extra_options
+        q, k, v, heads, attn_precision=extra_options.get("attn_precision"), transformer_options=extra_options, **choice
     )
+
+
+def layer_attention(unet, site: AdapterSite, index: int):
+    """The host attention call for the self-attention of block ``index`` of ``site``: with that
+    layer's ``comfy_attention`` where the host gives layers one (0.38), else the plain call."""
+    preferred = getattr(unet.get_submodule(site.block_path(index)).attn1, "comfy_attention", None)
+    return host_attention if preferred is None else functools.partial(host_attention, preferred_attention=preferred)
 
 
 def host_norm_parameters(norm, x):
@@ -182,7 +196,9 @@ def _remove_previous(model_patcher, previous: SimDAConfig | None) -> None:
         for key in [k for k, fn in replaced.items() if patches.is_simda(fn)]:
             del replaced[key]
     model_patcher.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, KEY)
-    model_patcher.remove_callbacks_with_key(comfy.patcher_extension.CallbacksMP.ON_CLONE, KEY)
+    for callback in ("ON_CLONE", "ON_DEEPCLONE_MULTIGPU"):
+        if hasattr(comfy.patcher_extension.CallbacksMP, callback):
+            model_patcher.remove_callbacks_with_key(getattr(comfy.patcher_extension.CallbacksMP, callback), KEY)
     model_patcher.additional_models.pop(ADDITIONAL_MODELS_KEY, None)
 
 
@@ -196,6 +212,35 @@ def _follow_clone(source, clone) -> None:
         return
     if bound() is not clone.get_model_object(UNET):
         apply_simda(clone, config)
+
+
+def _follow_deep_clone(source, clone) -> None:
+    """``ON_DEEPCLONE_MULTIGPU`` (0.33+): the deep clone owns a fresh copy of the adapters (made by
+    :func:`_fresh_adapter_patcher`); its SimDA patches are made anew to use that copy."""
+    config = get_config(clone)
+    copies = clone.additional_models.get(ADDITIONAL_MODELS_KEY, [])
+    if config is not None and config.adapters is not None and copies and copies[0].model is not config.adapters:
+        apply_simda(clone, replace(config, adapters=copies[0].model))
+
+
+def _fresh_adapter_patcher(adapters, load_device, offload_device, disable_dynamic=False):
+    """The adapters' ``cached_patcher_init`` factory: a ModelPatcher around a copy of the adapters,
+    as the host's loaders give a deep clone (multi-GPU) weights of its own."""
+    import comfy.model_patcher
+
+    return comfy.model_patcher.ModelPatcher(copy.deepcopy(adapters), load_device=load_device, offload_device=offload_device)
+
+
+def adapter_patcher(adapters, model_patcher):
+    """The additional ModelPatcher that lets the host move, cast and count the adapters; it can be
+    made anew (``cached_patcher_init``) where the host deep-clones a MODEL for another device."""
+    import comfy.model_patcher
+
+    patcher = comfy.model_patcher.ModelPatcher(
+        adapters, load_device=model_patcher.load_device, offload_device=model_patcher.offload_device
+    )
+    patcher.cached_patcher_init = (_fresh_adapter_patcher, (adapters, model_patcher.load_device, model_patcher.offload_device))
+    return patcher
 
 
 def apply_simda(model_patcher, config: SimDAConfig):
@@ -212,7 +257,8 @@ def apply_simda(model_patcher, config: SimDAConfig):
             "SimDA: the connected MODEL has no spatial transformers (it is not an SD1.x/SD2.x/SDXL-style UNet); "
             "connect an SD1.x, SD2.x or SDXL checkpoint."
         )
-    shift_keys = [shift_block_key(s, i) for s, i in shift_sites(sites, config.latent_shift.levels)] if config.latent_shift else []
+    shifted = shift_sites(sites, config.latent_shift.levels) if config.latent_shift else []
+    shift_keys = [shift_block_key(site, index) for site, index in shifted]
     previous = get_config(model_patcher)
     if config.latent_shift is not None:
         options = model_patcher.model_options.get("transformer_options", {})
@@ -253,25 +299,24 @@ def apply_simda(model_patcher, config: SimDAConfig):
                 object_patch(f"{block_path}.norm3", patches.pass_through)
                 by_block[shift_block_key(site, index)] = adapters.attention_adapter(block_path)
         model_patcher.set_model_attn1_output_patch(patches.attention_adapters(by_block, runtime))
-        adapter_patcher = carried[0] if carried else comfy.model_patcher.ModelPatcher(
-            adapters, load_device=model_patcher.load_device, offload_device=model_patcher.offload_device
-        )
-        model_patcher.set_additional_models(ADDITIONAL_MODELS_KEY, [adapter_patcher])
+        model_patcher.set_additional_models(ADDITIONAL_MODELS_KEY, [carried[0] if carried else adapter_patcher(adapters, model_patcher)])
 
     if config.uses_frame_group_norm:
         for path in find_resblock_norms(unet):
             object_patch(path, patches.frame_group_norm(unet.get_submodule(path), runtime_ref, host_norm_parameters))
 
-    if config.latent_shift is not None:
-        replace_fn = patches.latent_shift_self_attention(runtime, host_attention)
-        for block_name, number, index in shift_keys:
-            model_patcher.set_model_attn1_replace(replace_fn, block_name, number, index)
+    for site, index in shifted:
+        replace_fn = patches.latent_shift_self_attention(runtime, layer_attention(unet, site, index))
+        model_patcher.set_model_attn1_replace(replace_fn, *shift_block_key(site, index))
 
     unet_ref = weakref.ref(unet)
     model_patcher.add_wrapper_with_key(
         comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, KEY, _call_wrapper(runtime, shift_keys, unet_ref)
     )
     model_patcher.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_CLONE, KEY, _follow_clone)
+    on_deep_clone = getattr(comfy.patcher_extension.CallbacksMP, "ON_DEEPCLONE_MULTIGPU", None)
+    if on_deep_clone is not None:
+        model_patcher.add_callback_with_key(on_deep_clone, KEY, _follow_deep_clone)
     model_patcher.attachments[ATTACHMENT] = replace(config, object_patch_keys=tuple(keys))
     model_patcher.attachments[BOUND_UNET] = unet_ref
     return model_patcher

@@ -1,5 +1,5 @@
-"""DDIM inversion of a clip (the starting noise for editing, SIMDA_SPEC.md section 5), and which
-of the host's samplers may start from it.
+"""DDIM inversion of a clip (the starting noise for editing, SIMDA_SPEC.md section 5); which of the
+host's samplers may start from it is decided in ``sampler_noise.py``.
 
 Tune-A-Video and SimDA invert in the VP parametrisation ``x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps``:
 each step asks the UNet for the noise of the CURRENT latent (at level ``t``) while telling it the
@@ -32,17 +32,6 @@ StepReport = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 INVERSION_SAMPLER = "ddim"
 """The host sampler whose step the inversion walks backwards (the record's ``sampler``)."""
-
-NOISE_FREE_SAMPLERS = (
-    "ddim", "euler", "euler_cfg_pp", "heun", "heunpp2", "dpm_2", "lms", "dpm_fast", "dpm_adaptive",
-    "dpmpp_2m", "dpmpp_2m_cfg_pp", "ipndm", "ipndm_v", "deis", "res_multistep", "res_multistep_cfg_pp",
-    "gradient_estimation", "gradient_estimation_cfg_pp", "uni_pc", "uni_pc_bh2",
-)
-"""The host's samplers (ComfyUI 0.3.75, ``comfy/k_diffusion/sampling.py``, ``comfy/samplers.py``) that
-add no fresh noise with their default settings, so an inverted start walks back deterministically.
-All others (ancestral, SDE, ``ddpm``, ``lcm``, ``er_sde``, ``seeds_*``, ``sa_solver*``) add noise at
-every step, which undoes an inversion."""
-
 
 def inversion_record(steps: int, scheduler: str) -> dict:
     """What a sampler needs to walk an inversion back (the LATENT's ``simda_inversion`` entry): the

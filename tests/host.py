@@ -5,14 +5,21 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib.util
+import inspect
 import os
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 PACK_DIR = Path(__file__).resolve().parents[1]
-HOST_DIR = Path(os.environ.get("COMFYUI_PATH") or PACK_DIR / ".host" / "ComfyUI").resolve()
+if str(PACK_DIR / "scripts") not in sys.path:
+    sys.path.insert(0, str(PACK_DIR / "scripts"))
+
+import pinned_hosts  # noqa: E402
+
+HOST_DIR = pinned_hosts.host_dir()
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 if not (HOST_DIR / "comfy").is_dir():
@@ -21,6 +28,28 @@ if str(HOST_DIR) not in sys.path:
     sys.path.insert(0, str(HOST_DIR))
 
 import comfy.cli_args  # noqa: E402
+
+
+def _read_host_version() -> tuple[int, ...]:
+    text = (HOST_DIR / "comfyui_version.py").read_text() if (HOST_DIR / "comfyui_version.py").is_file() else ""
+    for line in text.splitlines():
+        if line.startswith("__version__"):
+            return tuple(int(part) for part in line.split("=")[1].strip().strip("\"'").split(".")[:3])
+    return (0, 0, 0)
+
+
+HOST_VERSION = _read_host_version()
+"""The host's ``comfyui_version.py``, as a tuple (0, 3, 75) / (0, 33, 0)."""
+
+
+def only_on_hosts_from(version: tuple[int, ...], reason: str):
+    """Marks a test that applies only to ComfyUI ``version`` and newer: ``reason`` says why."""
+    return pytest.mark.skipif(HOST_VERSION < version, reason=f"ComfyUI {'.'.join(map(str, version))}+ only: {reason}")
+
+
+def only_on_hosts_before(version: tuple[int, ...], reason: str):
+    """Marks a test that applies only to hosts older than ComfyUI ``version``: ``reason`` says why."""
+    return pytest.mark.skipif(HOST_VERSION >= version, reason=f"ComfyUI before {'.'.join(map(str, version))} only: {reason}")
 
 if not torch.cuda.is_available():
     comfy.cli_args.args.cpu = True
@@ -51,6 +80,44 @@ def build_model(unet_config: dict, config_class=comfy.supported_models.SD15, see
         randomize_(model.diffusion_model, seed)
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
     return patcher
+
+
+def checkpoint_state(model, clip_state: dict | None = None, vae_state: dict | None = None) -> dict:
+    """A checkpoint's state dict from a host BaseModel, its CLIP's and its VAE's, through the host's
+    ``BaseModel.state_dict_for_saving``: 0.3.75 reads the UNet itself; 0.33 takes the UNet state
+    dict as its first argument (the CLIP's was first before)."""
+    parameters = inspect.signature(model.state_dict_for_saving).parameters
+    if "unet_state_dict" in parameters:
+        return model.state_dict_for_saving(
+            model.diffusion_model.state_dict(), clip_state_dict=clip_state, vae_state_dict=vae_state
+        )
+    return model.state_dict_for_saving(clip_state_dict=clip_state, vae_state_dict=vae_state)
+
+
+def context_windows(model, length: int, overlap: int, schedule: str, stride: int = 1, closed_loop: bool = False):
+    """``model`` with the host's Context Windows (Manual) over the frame batch (dim 0), pyramid fuse;
+    on hosts whose node has FreeNoise, with it off."""
+    from comfy_extras.nodes_context_windows import ContextWindowsManualNode
+
+    options = dict(
+        context_length=length, context_overlap=overlap, context_schedule=schedule, context_stride=stride,
+        closed_loop=closed_loop, fuse_method="pyramid", dim=0,
+    )
+    if "freenoise" in inspect.signature(ContextWindowsManualNode.execute).parameters:
+        options["freenoise"] = False
+    output = ContextWindowsManualNode.execute(model, **options)
+    return output.result[0] if hasattr(output, "result") else output[0]
+
+
+def index_window(indices: list[int], total_frames: int):
+    """The host's context window over ``indices`` of a clip of ``total_frames`` frames (0.3.75's
+    window has no clip length)."""
+    import comfy.context_windows
+
+    window_class = comfy.context_windows.IndexListContextWindow
+    if "total_frames" in inspect.signature(window_class).parameters:
+        return window_class(list(indices), total_frames=total_frames)
+    return window_class(list(indices))
 
 
 def randomize_(module: torch.nn.Module, seed: int) -> None:

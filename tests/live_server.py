@@ -97,7 +97,7 @@ def random_sd15_checkpoint(path: str | os.PathLike, seed: int = RECIPE["seed"]) 
         vae.vae_shift.fill_(0.0)
         vae.taesd_decoder[-1].bias.fill_(0.5)  # mid-grey images rather than mostly clipped black
 
-    state = model.state_dict_for_saving(clip.get_sd(), vae.state_dict())
+    state = host.checkpoint_state(model, clip.get_sd(), vae.state_dict())
     state = {k: (v.to(torch.float16) if v.is_floating_point() else v).contiguous() for k, v in state.items()}
 
     detected = comfy.model_detection.model_config_from_unet(state, comfy.model_detection.unet_prefix_from_state_dict(state))

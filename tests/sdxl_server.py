@@ -98,7 +98,7 @@ def random_sdxl_checkpoint(path: str | os.PathLike, seed: int = RECIPE["seed"]) 
 
     clip_state = {k: v.to(torch.float16) if v.is_floating_point() else v for k, v in clip.get_sd().items()}
     del clip
-    state = model.state_dict_for_saving(clip_state, vae.state_dict())
+    state = host.checkpoint_state(model, clip_state, vae.state_dict())
     del clip_state, model
     state = {k: (v.to(torch.float16) if v.is_floating_point() else v).contiguous() for k, v in state.items()}
 

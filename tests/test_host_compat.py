@@ -18,6 +18,7 @@ import torch
 
 import host
 import comfy.model_management
+import comfy.model_patcher
 import comfy.ops
 import comfy.patcher_extension
 import comfy.sd
@@ -303,11 +304,10 @@ def test_in_a_loop_the_last_frame_reaches_the_first(base, loop):
 def test_a_looping_clip_under_host_context_windows_wraps_around_the_whole_clip(base):
     """The Video Sampler's windows carry the clip's frame count, so a looped window sees the frames
     across the seam at their real positions."""
-    from comfy_extras.nodes_context_windows import ContextWindowsManualNode
     from simda_pack.nodes.nodes_sampler import SimDAVideoSampler
 
     clone = loop_clone(base, True, adapters=True)
-    (windowed,) = ContextWindowsManualNode.execute(clone, 4, 1, "standard_static", 1, True, "pyramid", 0).result
+    windowed = host.context_windows(clone, 4, 1, "standard_static", 1, True)
     layouts = []
     import simda_pack.simda_core.host_patch as host_patch_module
 
@@ -350,3 +350,70 @@ def test_memory_sizing_asks_the_model_where_the_host_offers_it(base):
     assert free_device_memory(clone, device) == 7 * 2**30
     assert resident_weight_bytes(clone) == 0.0
     assert sampling_budget(clone) != budget
+
+
+# -- a layer's own attention choice (ComfyUI 0.38's CrossAttention.comfy_attention) ------------------------
+
+def test_latent_shift_passes_on_a_layers_attention_choice_only_where_the_layer_has_one(base, monkeypatch):
+    """Where the layers carry no ``comfy_attention`` (0.3.75, 0.33) latent shift calls the host's
+    attention exactly as before (same arguments, same output). Where they carry one, as 0.38's
+    ``CrossAttention`` does, each latent-shift call hands that layer's choice on as
+    ``preferred_attention``."""
+    import comfy.ldm.modules.attention as attention_module
+
+    batch = video_batch(seed=9)
+    expected = call(simda(base, latent_shift=LatentShiftSettings()), batch)
+    real = attention_module.optimized_attention
+    seen = []
+
+    def recording(q, k, v, heads, *args, **kwargs):
+        seen.append(kwargs.pop("preferred_attention", None))
+        return real(q, k, v, heads, *args, **kwargs)
+
+    monkeypatch.setattr(attention_module, "optimized_attention", recording)
+    clone = simda(base, latent_shift=LatentShiftSettings())
+    assert torch.equal(call(clone, batch), expected)
+    assert seen and all(choice is None for choice in seen)
+
+    choices = {}
+    for path, site_module in base.model.diffusion_model.named_modules():
+        if path.endswith("attn1"):
+            choices[path] = object()
+            monkeypatch.setattr(site_module, "comfy_attention", choices[path], raising=False)
+    seen.clear()
+    clone = simda(base, latent_shift=LatentShiftSettings())
+    assert torch.equal(call(clone, batch), expected)
+    shifted = [choice for choice in seen if choice is not None]
+    sites = sum(site.self_attention.count(True) for site in model_sites(base))
+    assert len(shifted) == sites and set(map(id, shifted)) == set(map(id, choices.values()))
+
+
+# -- multi-GPU deep clone (ComfyUI 0.33+) --------------------------------------------------------------------
+
+@pytest.mark.skipif(not hasattr(comfy.model_patcher.ModelPatcher, "deepclone_multigpu"),
+                    reason="ComfyUI 0.33+ only: 0.3.75 has no multi-GPU deep clone")
+def test_a_multi_gpu_deep_clone_runs_simda_on_its_own_model_and_adapters():
+    """The host's ``deepclone_multigpu`` (run on the CPU here) loads a fresh UNet from the checkpoint
+    and deep-clones the additional models: the deep clone of a SimDA MODEL samples as the clone did,
+    with its own UNet and its own copy of the adapters; changing the source's weights afterwards
+    changes the source's output and leaves the deep clone's as it was."""
+    model, _, _ = host_loaded_model()
+    unet = model.get_model_object("diffusion_model")
+    adapters = random_adapters(model, 7)
+    clone = simda(model, adapters=adapters, latent_shift=LatentShiftSettings())
+    g = torch.Generator().manual_seed(8)
+    batch = (torch.randn(8, 4, 8, 8, generator=g), torch.full((8,), 500.0), torch.randn(8, 8, 768, generator=g))
+    with torch.inference_mode():
+        expected = call(clone, batch)
+        deep = clone.deepclone_multigpu(new_load_device=torch.device("cpu"))
+        assert deep.get_model_object("diffusion_model") is not unet
+        assert deep.additional_models["simda_adapters"][0].model is not adapters
+        torch.testing.assert_close(call(deep, batch), expected, rtol=1e-5, atol=1e-5)
+        for parameter in unet.parameters():
+            parameter.mul_(0.5)
+    with torch.no_grad():
+        for parameter in adapters.parameters():
+            parameter.mul_(0.5)
+    with torch.inference_mode():
+        assert (call(clone, batch) - expected).abs().max() > 1e-2
+        torch.testing.assert_close(call(deep, batch), expected, rtol=1e-5, atol=1e-5)

@@ -25,7 +25,6 @@ import comfy.supported_models
 import folder_paths
 import pytest
 import torch
-from comfy_extras.nodes_context_windows import ContextWindowsManualNode
 from comfy_extras.nodes_hypertile import HyperTile
 
 from simda_pack.nodes.nodes_adapters import SimDAAdapterLoader
@@ -525,9 +524,7 @@ def test_context_windows_hand_each_window_to_simda_as_a_clip(base, monkeypatch, 
 
     11 steps because of the host (see test_host_context_windows_on_frames_need_steps_plus_one_frames);
     cfg 1 (cond only, half the work) where the cond/uncond batching is not what is tested."""
-    windowed = node_model(
-        ContextWindowsManualNode.execute(everything_on(base, seed=13), 6, 2, schedule, stride, closed_loop, "pyramid", 0)
-    )
+    windowed = host.context_windows(everything_on(base, seed=13), 6, 2, schedule, stride, closed_loop)
     calls = []
     real_shift = patches.latent_shift_attention
 
@@ -568,7 +565,7 @@ def test_host_context_windows_on_frames_need_steps_plus_one_frames(base):
     compares the per-frame timesteps with the schedule's sigmas, so with ``dim=0`` (frames in the
     batch, as for SD1.x video) sampling fails unless steps + 1 equals the frame count. When this
     test fails the host has fixed it: drop it and the 11 steps above."""
-    windowed = node_model(ContextWindowsManualNode.execute(base, 6, 2, "standard_static", 1, False, "pyramid", 0))
+    windowed = host.context_windows(base, 6, 2, "standard_static")
     with pytest.raises(RuntimeError, match="must match the size"):
         sample(windowed, frames=12, steps=2)
 
@@ -755,7 +752,7 @@ def test_video_sampler_runs_context_windows_over_the_frame_batch(base):
     from simda_pack.nodes.nodes_sampler import SimDAVideoSampler
 
     clone = everything_on(base, seed=21)
-    windowed = node_model(ContextWindowsManualNode.execute(clone, 6, 2, "standard_static", 1, False, "pyramid", 0))
+    windowed = host.context_windows(clone, 6, 2, "standard_static")
     seen = []
     windowed.add_wrapper_with_key(
         DIFFUSION_MODEL, "test_probe", lambda executor, x, *a, **k: seen.append(x.shape[0]) or executor(x, *a, **k)

@@ -27,7 +27,8 @@ import torch
 from simda_pack.nodes.common import INVERSION_KEY
 from simda_pack.nodes.nodes_edit import invert_clip
 from simda_pack.nodes.nodes_sampler import check_start_latent
-from simda_pack.simda_core.inversion import NOISE_FREE_SAMPLERS, ddim_invert, host_sampler_inversion, inversion_record
+from simda_pack.simda_core.inversion import ddim_invert, host_sampler_inversion, inversion_record
+from simda_pack.simda_core.sampler_noise import KNOWN_NOISE_FREE, adds_fresh_noise, probe_adds_fresh_noise
 
 STEPS = 50
 MU, STD = 0.4, 0.6
@@ -185,8 +186,9 @@ def sample_twice(model, sampler_name: str, start: torch.Tensor, context: torch.T
 
 def test_noise_free_samplers_are_exactly_the_host_samplers_that_ignore_the_seed():
     """Every sampler of the host runs twice from the same start with zero noise and different seeds:
-    those that add no fresh noise give the same latents, the others do not. (A one-level UNet: the
-    adaptive DPM solver takes hundreds of calls; about a minute in all.)"""
+    those that add no fresh noise give the same latents, the others do not. The pack's answer for
+    each (known or probed) and its probe alone, as for a sampler a later host adds, both agree.
+    (A one-level UNet: the adaptive DPM solver takes hundreds of calls; about a minute in all.)"""
     model = host.build_model(ONE_LEVEL_UNET, seed=6)
     generator = torch.Generator().manual_seed(3)
     start = 3 * torch.randn(1, 4, 8, 8, generator=generator)
@@ -198,8 +200,9 @@ def test_noise_free_samplers_are_exactly_the_host_samplers_that_ignore_the_seed(
             assert torch.isfinite(first).all(), name
             if torch.equal(first, second):
                 seed_free.add(name)
-    assert seed_free == set(NOISE_FREE_SAMPLERS)
-    assert set(NOISE_FREE_SAMPLERS) <= set(comfy.samplers.KSampler.SAMPLERS)
+    assert seed_free == {name for name in comfy.samplers.SAMPLER_NAMES if not adds_fresh_noise(name)}
+    assert seed_free == {name for name in comfy.samplers.SAMPLER_NAMES if not probe_adds_fresh_noise(name)}
+    assert set(KNOWN_NOISE_FREE) <= seed_free
 
 
 def inverted_start(steps=50, scheduler="ddim_uniform"):
@@ -219,7 +222,7 @@ def test_video_sampler_refuses_a_noise_adding_sampler_for_an_inverted_start(samp
     assert all(name in message for name in ("ddim", "euler", "dpmpp_2m", "uni_pc"))
 
 
-@pytest.mark.parametrize("sampler_name", NOISE_FREE_SAMPLERS)
+@pytest.mark.parametrize("sampler_name", KNOWN_NOISE_FREE)
 def test_video_sampler_accepts_a_noise_free_sampler_for_an_inverted_start(sampler_name):
     start = inverted_start()
     assert check_start_latent(start, 4, 8, 8, 50, "ddim_uniform", 1.0, sampler_name=sampler_name) is start["samples"]
@@ -229,3 +232,23 @@ def test_video_sampler_refuses_an_unreadable_inversion_record():
     start = {"samples": torch.zeros(4, 4, 8, 8), INVERSION_KEY: {"steps": 50}}
     with pytest.raises(ValueError, match="unreadable inversion settings"):
         check_start_latent(start, 4, 8, 8, 50, "ddim_uniform", 1.0, sampler_name="ddim")
+
+
+def test_a_sampler_the_pack_does_not_know_is_probed_once(monkeypatch):
+    """With no remembered answers (as for samplers a later host adds), the Video Sampler's check
+    probes the chosen sampler once and caches the answer: euler walks an inversion back, euler
+    ancestral is refused."""
+    from simda_pack.simda_core import sampler_noise
+
+    monkeypatch.setattr(sampler_noise, "KNOWN_NOISE_FREE", ())
+    monkeypatch.setattr(sampler_noise, "KNOWN_NOISE_ADDING", ())
+    probe_adds_fresh_noise.cache_clear()
+    try:
+        start = inverted_start()
+        for _ in range(2):
+            assert check_start_latent(start, 4, 8, 8, 50, "ddim_uniform", 1.0, sampler_name="euler") is start["samples"]
+        assert probe_adds_fresh_noise.cache_info().misses == 1
+        with pytest.raises(ValueError, match="'euler_ancestral' adds fresh noise"):
+            check_start_latent(start, 4, 8, 8, 50, "ddim_uniform", 1.0, sampler_name="euler_ancestral")
+    finally:
+        probe_adds_fresh_noise.cache_clear()

@@ -235,8 +235,8 @@ def test_simda_sees_ade_windows_at_their_real_frame_positions(ade, context, stri
     else:
         assert any(c[4][0] > c[4][-1] for c in windows), "no window wrapped around"
     differs = 0
-    for x, t, ctx, cond_or_uncond, sub_idxs, _, out in windows:
-        host_window = comfy.context_windows.IndexListContextWindow(sub_idxs)
+    for x, t, ctx, cond_or_uncond, sub_idxs, full_length, out in windows:
+        host_window = host.index_window(sub_idxs, full_length)
         expected = host.unet_forward(patched, x, t, ctx, cond_or_uncond=cond_or_uncond, context_window=host_window)
         torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
         contiguous = host.unet_forward(patched, x, t, ctx, cond_or_uncond=cond_or_uncond)

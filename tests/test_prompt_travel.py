@@ -18,7 +18,6 @@ from live_server import cached_test_models
 import comfy.model_management
 import comfy.sample
 import comfy.sd
-from comfy_extras.nodes_context_windows import ContextWindowsManualNode
 from simda_pack.nodes.nodes_latent_shift import SimDALatentShiftPatch
 from simda_pack.nodes.nodes_prompts import SimDAPromptTravel
 from simda_pack.nodes.nodes_sampler import SimDAVideoSampler
@@ -155,7 +154,7 @@ def test_each_context_window_sees_its_own_frames_prompts(checkpoint, travel, sch
     """Windows of 4 over 8 frames (the host's ContextWindowsManual on the frame batch)."""
     model, clip = checkpoint
     negative = [[encode(clip, NEGATIVE_TEXT)[0], {}]]
-    windowed = result(ContextWindowsManualNode.execute(simda_model(model), 4, 2, schedule, 1, closed_loop, "pyramid", 0))
+    windowed = host.context_windows(simda_model(model), 4, 2, schedule, 1, closed_loop)
     seen = record_cross_attention(windowed)
     SimDAVideoSampler.execute(windowed, travel, negative, FRAMES, 64, 64, 0, 2, 5.0, "euler", "normal", 1.0, 0.0)
     windows = {entry[0] for entry in seen}

@@ -76,7 +76,7 @@ def random_x4_checkpoint(path: Path, seed: int = 0) -> Path:
     host.randomize_(model.diffusion_model, seed)
     vae = AutoencoderKL(ddconfig=dict(X4_VAE), embed_dim=4)
     host.randomize_(vae, seed + 2)
-    state = model.state_dict_for_saving(None, vae.state_dict())
+    state = host.checkpoint_state(model, None, vae.state_dict())
     state = {k: (v.to(torch.float16) if v.is_floating_point() else v).contiguous() for k, v in state.items()}
     detected = comfy.model_detection.model_config_from_unet(state, comfy.model_detection.unet_prefix_from_state_dict(state))
     if type(detected) is not comfy.supported_models.SD_X4Upscaler:
