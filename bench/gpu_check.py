@@ -3,10 +3,17 @@
     python bench/gpu_check.py            # on the GPU machine; writes $OUT/gpu_check.json (or bench/out/)
     python bench/gpu_check.py --cpu      # the same code on the CPU at tiny sizes: proves the script runs
 
-It installs nothing. The lent GPU machines have torch + CUDA and no internet: carry the pinned host
-(``.host/``) and the pure-Python packages the host's sampling code imports (``pip install --target
-.gpu_deps torchsde trampoline einops safetensors``; ``PYTHONPATH=.gpu_deps``). Checks that need a
-missing package report it instead of failing the run.
+    COMFYUI_PATH=.hosts/0.33.0/ComfyUI python bench/gpu_check.py --dynamic-vram   # 0.33 with Dynamic VRAM on
+
+It installs nothing. The lent GPU machines have torch + CUDA and no internet: carry a pinned host
+(``.hosts/0.3.75/ComfyUI``, 26 MB, or ``.hosts/0.33.0/ComfyUI``, 31 MB) and the pure-Python packages
+the host's sampling code imports (``pip install --target .gpu_deps torchsde trampoline einops
+safetensors``; ``PYTHONPATH=.gpu_deps``). 0.33 also imports ``comfy_kitchen`` (a 58 MB wheel, 227 MB
+unpacked) and ``comfy_aimdo`` (under 1 MB) unconditionally: the 64 MiB carry cannot hold both the
+wheel and the 0.33 tree, so a first call carries the wheel alone and unpacks it (a wheel is a zip)
+into ``.gpu_deps`` on the device, which keeps ignored outputs between calls; a second call carries
+the host. Check what the device already has first. Checks that need a missing package report it
+instead of failing the run.
 
 Checks (each a row of the printed table):
 - the authors' tiny fixture on CUDA in fp16 and bf16 against its fp32 CPU reference outputs;
@@ -148,16 +155,21 @@ def tuning(device: torch.device, steps: int = 3) -> dict:
     }
 
 
-def sampler_and_upscaler(device: torch.device) -> dict:
-    """One short clip through the Video Sampler, and the Upscaler's memory budget for it."""
+def import_pack() -> None:
+    """The pack as the host imports it, as ``simda_pack`` (its nodes/ beside the host's nodes.py)."""
     import importlib.util
 
     import comfy.sample  # noqa: F401  (needs the host's sampling dependencies)
 
-    if "simda_pack" not in sys.modules:  # the pack as the host imports it (its nodes/ next to the host's nodes.py)
+    if "simda_pack" not in sys.modules:
         spec = importlib.util.spec_from_file_location("simda_pack", PACK_DIR / "__init__.py", submodule_search_locations=[str(PACK_DIR)])
         sys.modules["simda_pack"] = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(sys.modules["simda_pack"])
+
+
+def sampler_and_upscaler(device: torch.device) -> dict:
+    """One short clip through the Video Sampler, and the Upscaler's memory budget for it."""
+    import_pack()
     from simda_pack.nodes.nodes_sampler import SimDAVideoSampler
     from simda_pack.nodes.nodes_upscale import sampling_budget
     from simda_pack.simda_core.config import LatentShiftSettings, SimDAConfig
@@ -211,14 +223,121 @@ def sdxl_ratios(device: torch.device) -> dict:
     return {"mode": mode, **{f"{r['size']}px {r['variant']}": {k: r[k] for k in keys if k in r} for r in rows}}
 
 
+def start_dynamic_vram() -> str:
+    """The first half of how ComfyUI 0.33's ``main.py`` switches Dynamic VRAM on (l. 96-108):
+    ``comfy_aimdo.control.init`` before the host's model management is imported."""
+    try:
+        import comfy_aimdo.control
+    except ImportError as error:
+        return f"unavailable: {error}"
+    for arguments in ({"simple_vram_headroom": None, "nvml_pressure": True}, {"simple_vram_headroom": None}, {}):
+        try:
+            comfy_aimdo.control.init(**arguments)
+            return "initialised"
+        except TypeError:  # older comfy-aimdo protocols take fewer arguments
+            continue
+    return "comfy_aimdo.control.init refused every protocol"
+
+
+def finish_dynamic_vram() -> bool:
+    """The second half (``main.py`` l. 300-330): aimdo takes the devices, and the host's core
+    patcher becomes ``ModelPatcherDynamic``."""
+    import comfy.memory_management
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy_aimdo.control
+
+    if not hasattr(comfy.model_patcher, "ModelPatcherDynamic"):
+        return False
+    devices = mm.get_all_torch_devices()
+    try:
+        ready = comfy_aimdo.control.init_devices((d.index, 0) for d in devices)
+    except TypeError:
+        ready = comfy_aimdo.control.init_devices(d.index for d in devices)
+    if ready:
+        comfy.model_patcher.CoreModelPatcher = comfy.model_patcher.ModelPatcherDynamic
+        comfy.memory_management.aimdo_enabled = True
+    return bool(ready)
+
+
+def dynamic_vram(device: torch.device, steps: int = 3) -> dict:
+    """ComfyUI 0.33+ with Dynamic VRAM on (``--dynamic-vram``): a full-size random SD1.5 UNet saved
+    and loaded by the host's own UNet loader (which sets ``cached_patcher_init``); SimDA adapters on
+    it; the Edit Tuner's training path through the non-dynamic delegate (finite losses, every
+    adapter changes, the delegate holds another model); the SimDA clone samples a clip; a dynamic
+    MODEL without ``cached_patcher_init`` gets SimDA's sentence; the Upscaler's memory budget."""
+    import comfy.memory_management
+    import comfy.model_base
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.sd
+    import comfy.supported_models
+    import comfy.utils
+
+    import_pack()
+    if not getattr(comfy.memory_management, "aimdo_enabled", False):
+        return {"dynamic_vram": "off (needs CUDA, comfy-aimdo and a 0.33+ host; run with --dynamic-vram)"}
+    from simda_pack.nodes.nodes_sampler import SimDAVideoSampler
+    from simda_pack.nodes.nodes_upscale import sampling_budget
+    from simda_pack.simda_core.adapter_training import AdapterTrainer, TuningRecipe, initial_adapters, training_patcher
+    from simda_pack.simda_core.config import LatentShiftSettings, SimDAConfig
+    from simda_pack.simda_core.host_patch import apply_simda, model_sites
+    config = comfy.supported_models.SD15(dict(bench_unet.SD15_UNET))
+    config.set_inference_dtype(torch.float16, None)
+    base = comfy.model_base.BaseModel(config, device="cpu")
+    bench_unet.seeded_weights_(base.diffusion_model, seed=0)
+    path = Path(os.environ.get("OUT") or BENCH_DIR / "out") / "dynamic_vram_unet.safetensors"
+    comfy.utils.save_torch_file({k: v.half() for k, v in base.diffusion_model.state_dict().items()}, str(path))
+    model = comfy.sd.load_diffusion_model(str(path))
+    report = {"patcher": type(model).__name__, "is_dynamic": bool(model.is_dynamic())}
+
+    bare = comfy.model_patcher.ModelPatcherDynamic(base, device, torch.device("cpu"))
+    try:
+        training_patcher(bare)
+        report["no_cached_patcher_init"] = "no error"
+    except RuntimeError as error:
+        report["no_cached_patcher_init"] = str(error)
+
+    adapters = initial_adapters(model_sites(model), seed=1, device=device)
+    start = {k: v.detach().clone() for k, v in adapters.state_dict().items()}
+    training = training_patcher(model)
+    report["delegate_has_another_model"] = training.model is not model.model
+    apply_simda(training, SimDAConfig(adapters=adapters, latent_shift=LatentShiftSettings(), gradient_checkpointing=True))
+    mm.load_models_gpu([training])
+    trainer = AdapterTrainer(training, adapters, TuningRecipe(learning_rate=1e-3, gradient_checkpointing=True), seed=3)
+    g = torch.Generator().manual_seed(0)
+    x0, context = torch.randn(8, 4, 32, 32, generator=g), torch.randn(8, 77, 768, generator=g)
+    with torch.inference_mode(False), torch.enable_grad():
+        losses = [float(trainer.step(x0, context)) for _ in range(steps)]
+    report["losses"] = losses
+    report["adapters_changed"] = f"{sum(not torch.equal(start[k], v) for k, v in adapters.state_dict().items())}/{len(start)}"
+    mm.unload_all_models()
+
+    clone = apply_simda(model.clone(), SimDAConfig(adapters=adapters.requires_grad_(False), latent_shift=LatentShiftSettings()))
+    cond = [[torch.randn(1, 77, 768, generator=g), {}]]
+    (latent,) = SimDAVideoSampler.execute(clone, cond, cond, 8, 256, 256, 0, 4, 5.0, "ddim", "ddim_uniform", 1.0, 0.0).result
+    report["sampled_finite"] = bool(torch.isfinite(latent["samples"]).all())
+    report["upscaler_budget_gib"] = sampling_budget(clone) / 2**30
+    report["patcher_free_gib"] = float(clone.get_free_memory(device)) / 2**30
+    report["torch_free_gib"] = float(mm.get_free_memory(device)) / 2**30
+    return report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cpu", action="store_true", help="run on the CPU at tiny sizes (proves the script, measures nothing)")
     parser.add_argument("--skip-bench", action="store_true", help="only the correctness checks")
+    parser.add_argument("--dynamic-vram", action="store_true",
+                        help="switch Dynamic VRAM on as ComfyUI 0.33's main.py does (0.33+ host with comfy-aimdo)")
     args = parser.parse_args()
     if not args.cpu and not torch.cuda.is_available():
         sys.exit("gpu_check needs a CUDA device; use --cpu to run the same code on the CPU")
+    if args.dynamic_vram:
+        sys.path.insert(0, str(bench_unet.HOST_DIR))
+        aimdo = start_dynamic_vram()
     bench_unet.import_host(force_cpu=args.cpu)
+    if args.dynamic_vram:
+        aimdo = f"{aimdo}; devices taken: {finish_dynamic_vram()}" if aimdo == "initialised" else aimdo
     device = torch.device("cpu") if args.cpu else torch.device("cuda")
     out = Path(os.environ.get("OUT") or BENCH_DIR / "out")
     out.mkdir(parents=True, exist_ok=True)
@@ -226,7 +345,11 @@ def main() -> None:
               ("SDXL ratios 1024^2 x 16 frames", sdxl_ratios)]
     if not args.cpu:
         checks.append(("no device sync", no_device_sync))
-    report = {"device": bench_unet.device_name(device), "torch": torch.__version__}
+    if args.dynamic_vram:
+        checks.insert(0, ("Dynamic VRAM (0.33+)", dynamic_vram))
+    report = {"device": bench_unet.device_name(device), "torch": torch.__version__, "host": str(bench_unet.HOST_DIR)}
+    if args.dynamic_vram:
+        report["aimdo"] = aimdo
     started = time.perf_counter()
     for name, check in checks:
         began = time.perf_counter()

@@ -13,7 +13,7 @@ import latent_preview
 import torch
 from comfy_api.latest import io
 
-from ..simda_core.frame_windows import window_conds
+from ..simda_core.frame_windows import host_window_indices, window_conds
 from ..simda_core.host_patch import get_config
 from ..simda_core.keyframes import paste_fixed
 from ..simda_core.inversion import INVERSION_SAMPLER
@@ -51,7 +51,7 @@ def frame_batch_context_handler():
             """The host's resized conds, with per-frame conditioning cut to the window's frames (the
             host keeps the first frames' rows for every window on 0.3.75)."""
             resized = super().get_resized_cond(cond_in, x_in, window, device)
-            return window_conds(resized, x_in.size(0), list(window.index_list), device)
+            return window_conds(resized, x_in.size(0), host_window_indices(window), device)
 
     return host_class, FrameBatchContextHandler
 

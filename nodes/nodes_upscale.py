@@ -24,7 +24,7 @@ from comfy_api.latest import io
 from ..simda_core.formats import FAMILIES
 from ..simda_core.config import LatentShiftSettings, SimDAConfig
 from ..simda_core.host_patch import get_config
-from ..simda_core.model_info import compute_dtype, free_device_memory, resident_weight_bytes
+from ..simda_core.model_info import compute_dtype, free_device_memory, is_dynamic, resident_weight_bytes
 from ..simda_core.tiling import (
     FrameGroup,
     PieceSizes,
@@ -184,13 +184,16 @@ def upscaler_model(model, latent_shift: bool):
 def sampling_budget(model) -> float:
     """Bytes one sampling call may use for activations: the device's free memory once the host has
     made room for this MODEL alone (other models' weights are unloaded when sampling starts), minus
-    this MODEL's resident weights and the host's inference reserve (see model_info)."""
+    this MODEL's resident weights and the host's inference reserve (see model_info). A streamed
+    (dynamic) model's device buffers are not added back: the newest ModelPatcher's free-memory
+    query already counts them as free (0.33 ``get_free_memory`` adds aimdo's reclaimable vbars, and
+    ``ModelPatcherDynamic.loaded_size`` is those same vbars)."""
     mm = comfy.model_management
     device = model.load_device
     free = free_device_memory(model, device)
     held = 0.0
     for loaded in list(mm.current_loaded_models):
-        if loaded.device == device and loaded.model is not None:
+        if loaded.device == device and loaded.model is not None and not is_dynamic(loaded.model):
             held += loaded.model_loaded_memory()
     weights = resident_weight_bytes(model)
     return MEMORY_SAFETY * max(0.0, free + held - weights - mm.minimum_inference_memory())

@@ -70,7 +70,18 @@ def training_patcher(model_patcher):
                 "SimDA: this ComfyUI streams the model's weights (Dynamic VRAM) but offers no non-dynamic copy to train "
                 "through; start ComfyUI with --disable-dynamic-vram to tune SimDA adapters."
             )
-        patcher = delegate()
+        try:
+            patcher = delegate()
+        except RuntimeError as error:
+            # The host's delegate is a fresh load through the loader's cached_patcher_init; a MODEL
+            # from a loader that registered none cannot have one (model_patcher.py, 0.33 and 0.38).
+            if "cached_patcher_init" not in str(error):
+                raise
+            raise RuntimeError(
+                "SimDA: this MODEL streams its weights (Dynamic VRAM) and came from a loader that cannot reload it "
+                "without streaming, which training needs; load the checkpoint with ComfyUI's own Load Checkpoint node, "
+                "or start ComfyUI with --disable-dynamic-vram to tune SimDA adapters."
+            ) from None
     patcher = patcher.clone()
     for name, module in patcher.model.named_modules():
         if not hasattr(module, "weight_function"):

@@ -16,13 +16,21 @@ from __future__ import annotations
 import torch
 
 
+def host_window_indices(window) -> list[int]:
+    """The frames a host context window hands the UNet, in order: its ``index_list``, after the
+    frame before the window where the host adds one (0.33's ``causal_window_fix`` sets
+    ``causal_anchor_index``; the host strips that frame's output again)."""
+    indices = [int(i) for i in window.index_list]
+    anchor = getattr(window, "causal_anchor_index", None)
+    return ([int(anchor)] if anchor is not None and anchor >= 0 else []) + indices
+
+
 def window_frames(transformer_options: dict) -> tuple[list[int], int] | None:
     """The current window's frame indices and the whole clip's length (0 when unknown), or None
     when the call holds the whole clip."""
     window = transformer_options.get("context_window")
-    indices = getattr(window, "index_list", None)
-    if indices is not None:
-        return [int(i) for i in indices], int(getattr(window, "total_frames", 0) or 0)
+    if getattr(window, "index_list", None) is not None:
+        return host_window_indices(window), int(getattr(window, "total_frames", 0) or 0)
     ad_params = transformer_options.get("ad_params")
     if isinstance(ad_params, dict) and ad_params.get("sub_idxs") is not None:
         full_length = int(ad_params.get("full_length") or 0)

@@ -331,17 +331,18 @@ def test_a_looping_clip_under_host_context_windows_wraps_around_the_whole_clip(b
 # -- memory sizing: the MODEL's own query where the host has one ------------------------------------------
 
 def test_memory_sizing_asks_the_model_where_the_host_offers_it(base):
-    """The newest ModelPatcher answers ``get_free_memory(device)`` itself (it knows memory held by
-    streamed weights) and ``is_dynamic()``; 0.3.75's has neither. The sizing helpers use the MODEL's
-    answers when they exist and the host's module-level query otherwise."""
+    """The newer ModelPatcher (0.33+) answers ``get_free_memory(device)`` itself (it knows memory held
+    by streamed weights) and ``is_dynamic()``; 0.3.75's has neither. The sizing helpers use the MODEL's
+    answers when they exist and the host's module-level query otherwise; a CPU MODEL is never dynamic."""
     from simda_pack.nodes.nodes_upscale import sampling_budget
     from simda_pack.simda_core.model_info import free_device_memory, resident_weight_bytes
 
     device = torch.device("cpu")
     clone = base.clone()
-    assert not hasattr(clone, "get_free_memory") and not hasattr(clone, "is_dynamic")
+    host_query = getattr(clone, "get_free_memory", None) or comfy.model_management.get_free_memory
     host_free = free_device_memory(clone, device)
-    assert host_free == pytest.approx(float(comfy.model_management.get_free_memory(device)), rel=0.05)
+    assert host_free == pytest.approx(float(host_query(device)), rel=0.05)
+    assert not getattr(clone, "is_dynamic", lambda: False)()
     assert resident_weight_bytes(clone) == clone.model_size() > 0
     budget = sampling_budget(clone)
 

@@ -538,6 +538,7 @@ def test_context_windows_hand_each_window_to_simda_as_a_clip(base, monkeypatch, 
             "batch": x.shape[0],
             "groups": len(options["cond_or_uncond"]),
             "window": tuple(options["context_window"].index_list),
+            "frames": real_frames(options["context_window"]),
             "layouts": set(),
         })
         return executor(x, *args, **kwargs)
@@ -550,8 +551,9 @@ def test_context_windows_hand_each_window_to_simda_as_a_clip(base, monkeypatch, 
     assert len(calls) > 2
     assert {c["groups"] for c in calls} == {2 if cfg != 1.0 else 1}
     for seen in calls:
-        assert len(seen["window"]) == 6 and seen["batch"] == 6 * seen["groups"]
-        assert seen["layouts"] == {ClipLayout(seen["groups"], 6, unwrap_positions(seen["window"]))}
+        count = len(seen["frames"])
+        assert len(seen["window"]) == 6 and count in (6, 7) and seen["batch"] == count * seen["groups"]
+        assert seen["layouts"] == {ClipLayout(seen["groups"], count, unwrap_positions(seen["frames"]))}
     assert set().union(*(c["window"] for c in calls)) == set(range(12))
     steps = {b - a for c in calls for a, b in zip(c["window"], c["window"][1:])}
     if stride > 1:
@@ -560,11 +562,19 @@ def test_context_windows_hand_each_window_to_simda_as_a_clip(base, monkeypatch, 
         assert any(c["window"][0] > c["window"][-1] for c in calls), "no window wrapped around"
 
 
+def real_frames(window) -> list[int]:
+    """The frames a host window hands the UNet: its index list, after the frame before it where
+    the host adds that one (0.33's ``causal_window_fix`` anchor; 0.3.75 has none)."""
+    anchor = getattr(window, "causal_anchor_index", None)
+    return ([anchor] if anchor is not None and anchor >= 0 else []) + list(window.index_list)
+
+
+@host.only_on_hosts_before((0, 33, 0), "0.33 matches the step on the first timestep entry, so any frame count samples")
 def test_host_context_windows_on_frames_need_steps_plus_one_frames(base):
     """Host limitation in ComfyUI 0.3.75, without SimDA: ``IndexListContextHandler.set_step``
     compares the per-frame timesteps with the schedule's sigmas, so with ``dim=0`` (frames in the
-    batch, as for SD1.x video) sampling fails unless steps + 1 equals the frame count. When this
-    test fails the host has fixed it: drop it and the 11 steps above."""
+    batch, as for SD1.x video) sampling fails unless steps + 1 equals the frame count (the Video
+    Sampler's handler matches on the first entry)."""
     windowed = host.context_windows(base, 6, 2, "standard_static")
     with pytest.raises(RuntimeError, match="must match the size"):
         sample(windowed, frames=12, steps=2)
@@ -755,13 +765,15 @@ def test_video_sampler_runs_context_windows_over_the_frame_batch(base):
     windowed = host.context_windows(clone, 6, 2, "standard_static")
     seen = []
     windowed.add_wrapper_with_key(
-        DIFFUSION_MODEL, "test_probe", lambda executor, x, *a, **k: seen.append(x.shape[0]) or executor(x, *a, **k)
+        DIFFUSION_MODEL, "test_probe",
+        lambda executor, x, *a, **k: seen.append((x.shape[0], len(real_frames(a[4]["context_window"])))) or executor(x, *a, **k),
     )
     result = SimDAVideoSampler.execute(
         windowed, POSITIVE, NEGATIVE, 12, 64, 64, 0, 2, 4.0, "euler", "normal", 1.0, 0.0
     ).result[0]["samples"]
     assert result.shape == (12, 4, 8, 8) and bool(torch.isfinite(result).all())
-    assert seen and set(seen) == {12}, seen  # 2 groups x 6 frames per call
+    assert seen and all(batch == 2 * frames for batch, frames in seen), seen  # 2 groups x the window's frames
+    assert {frames for _, frames in seen} <= {6, 7}, seen  # 6, and the frame before it where the host adds one
     assert "context_handler" in windowed.model_options  # the caller's MODEL keeps the host's own handler
     assert type(windowed.model_options["context_handler"]).__name__ == "IndexListContextHandler"
 

@@ -172,6 +172,15 @@ def test_window_frames_reads_the_host_and_ade():
         index_list = [6, 7, 0, 1]
 
     assert window_frames({"context_window": Window()}) == ([6, 7, 0, 1], 0)
+
+    class AnchoredWindow:  # 0.33's causal_window_fix: the frame before the window goes first
+        index_list = [4, 5, 6, 7]
+        causal_anchor_index = 3
+        total_frames = 8
+
+    assert window_frames({"context_window": AnchoredWindow()}) == ([3, 4, 5, 6, 7], 8)
+    AnchoredWindow.causal_anchor_index = -1  # the first window has none
+    assert window_frames({"context_window": AnchoredWindow()}) == ([4, 5, 6, 7], 8)
     assert window_frames({"ad_params": {"sub_idxs": [4, 5, 6, 7], "full_length": 12, "context_length": 4}}) == ([4, 5, 6, 7], 12)
     assert window_frames({"ad_params": {"sub_idxs": None, "full_length": 12, "context_length": 16}}) is None
     assert window_frames({"ad_params": {"sub_idxs": list(range(12)), "full_length": 12}}) is None
