@@ -23,6 +23,7 @@ from ..simda_core.adapter_training import (
     release_training_wrappers,
     training_patcher,
 )
+from ..simda_core.clip_agreement import conditioning_mismatch, frames_per_clip_mismatch
 from ..simda_core.config import LatentShiftSettings, SimDAConfig
 from ..simda_core.host_patch import apply_simda, get_config, model_sites
 from ..simda_core.inversion import host_sampler_inversion, inversion_record
@@ -145,12 +146,18 @@ class SimDAEditTuner(io.ComfyNode):
             raise ValueError(
                 "SimDA Edit Tuner: connect the checkpoint's CLIP (it encodes the empty inversion prompt) or an inversion conditioning."
             )
-        pixels = fit_frames(select_frames(source_frames, frames, start_frame, stride), width, height)
+        picked = select_frames(source_frames, frames, start_frame, stride)
+        config = get_config(model) or SimDAConfig()
+        problem = frames_per_clip_mismatch(picked.shape[0], config.frames_per_clip) or conditioning_mismatch(
+            {"source_prompt": source_prompt, "inversion": inversion_conditioning}, picked.shape[0], config.frames_per_clip
+        )
+        if problem:
+            raise ValueError(f"SimDA Edit Tuner: {problem}.")
+        pixels = fit_frames(picked, width, height)
         if inversion_conditioning is None:
             inversion_conditioning = clip.encode_from_tokens_scheduled(clip.tokenize(""))
 
         latent = vae.encode(pixels)
-        config = get_config(model) or SimDAConfig()
         if config.latent_shift is None:
             config = replace(config, latent_shift=LatentShiftSettings())
         device = model.load_device

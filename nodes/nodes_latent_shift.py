@@ -7,15 +7,34 @@ from dataclasses import replace
 from comfy_api.latest import io
 
 from ..simda_core.config import LatentShiftSettings, SimDAConfig
-from ..simda_core.host_patch import get_config
+from ..simda_core.host_patch import get_config, model_sites, shift_sites
 from .common import check_family, simda_clone
 
 LEVELS = (
     ("full_resolution", "the latent's own size (64x64 for 512x512)"),
     ("half_resolution", "1/2 of the latent size"),
     ("quarter_resolution", "1/4 of the latent size"),
-    ("eighth_resolution", "1/8 of the latent size, and the middle block"),
+    ("eighth_resolution", "1/8 of the latent size"),
 )
+"""The switches, finest level first. The middle block belongs to the deepest level (eighth on
+SD1.x/SD2.x, quarter on SDXL, whose full-resolution level has no transformer)."""
+
+
+def level_names(levels) -> str:
+    return ", ".join(LEVELS[level][0] for level in sorted(levels))
+
+
+def check_levels_shift_something(model, levels: frozenset[int]) -> None:
+    """A choice of switches that reaches no self-attention transformer of this MODEL is refused,
+    naming the levels that have one."""
+    sites = model_sites(model)
+    if shift_sites(sites, levels):
+        return
+    present = {site.level for site in sites if any(site.self_attention)}
+    raise ValueError(
+        f"SimDA Latent-Shift Patch: this MODEL has no self-attention transformer at {level_names(levels)}, so latent "
+        f"shift would change nothing; its transformers sit at {level_names(present)}: switch one of those on."
+    )
 
 
 class SimDALatentShiftPatch(io.ComfyNode):
@@ -37,7 +56,9 @@ class SimDALatentShiftPatch(io.ComfyNode):
                     tooltip="Frames of one clip in the batch. 0: automatic, the whole batch is one clip (the Video Sampler's case).",
                 ),
                 *[
-                    io.Boolean.Input(name, default=True, tooltip=f"Latent shift in the transformers at {where}.")
+                    io.Boolean.Input(name, default=True, tooltip=(
+                        f"Latent shift in the transformers at {where}; the middle block counts with the deepest level "
+                        "(eighth on SD1.x/SD2.x, quarter on SDXL). A choice that reaches no transformer is refused."))
                     for name, where in LEVELS
                 ],
                 io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01, tooltip="Part of the sampling schedule where the shift starts (0 = first step)."),
@@ -68,6 +89,7 @@ class SimDALatentShiftPatch(io.ComfyNode):
         levels = frozenset(level for level, on in enumerate(chosen) if on)
         if not levels:
             raise ValueError("SimDA Latent-Shift Patch: every level is switched off; turn at least one on, or bypass the node.")
+        check_levels_shift_something(model, levels)
         sampling = model.get_model_object("model_sampling")
         shift = LatentShiftSettings(
             levels=None if len(levels) == len(chosen) else levels,

@@ -13,6 +13,8 @@ import latent_preview
 import torch
 from comfy_api.latest import io
 
+from ..simda_core.clip_agreement import conditioning_mismatch, frames_per_clip_mismatch
+from ..simda_core.config import SimDAConfig
 from ..simda_core.frame_windows import host_window_indices, window_conds
 from ..simda_core.host_patch import get_config
 from ..simda_core.keyframes import paste_fixed
@@ -183,6 +185,12 @@ class SimDAVideoSampler(io.ComfyNode):
             channels = model.get_model_object("latent_format").latent_channels
             latent_image = torch.zeros([frames, channels, height // 8, width // 8], device=comfy.model_management.intermediate_device())
         frames = latent_image.shape[0]
+        frames_per_clip = (get_config(model) or SimDAConfig()).frames_per_clip
+        problem = frames_per_clip_mismatch(frames, frames_per_clip) or conditioning_mismatch(
+            {"positive": positive, "negative": negative}, frames, frames_per_clip
+        )
+        if problem:
+            raise ValueError(f"SimDA Video Sampler: {problem}.")
         positive, negative = (with_size_conditioning(model, c, latent_image.shape[3] * 8, latent_image.shape[2] * 8) for c in (positive, negative))
         noise_mask = latent.get("noise_mask") if latent is not None else None
         if noise_mask is not None and start_latent is not None:

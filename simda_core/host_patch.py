@@ -9,6 +9,8 @@ What goes where (see docs/ARCHITECTURE.md):
 - temporal adapter -> object patch of each SpatialTransformer's ``forward``;
 - frame-shared GroupNorm -> object patches of the ResBlock norms' and the output norm's ``forward``;
 - clip layout per UNet call -> a ``DIFFUSION_MODEL`` wrapper;
+- conditioning rows and ``frames_per_clip`` against the clip, before a sampling run -> an
+  ``OUTER_SAMPLE`` wrapper;
 - adapter weights -> an additional ModelPatcher, so the host moves, casts and counts them (with a
   ``cached_patcher_init`` so a multi-GPU deep clone gets adapters of its own, and an
   ``ON_DEEPCLONE_MULTIGPU`` callback that points the deep clone's patches at them);
@@ -28,6 +30,7 @@ import torch
 
 from . import patches
 from .adapters import AdapterSite
+from .clip_agreement import conditioning_mismatch, frames_per_clip_mismatch
 from .config import SimDAConfig
 from .frame_windows import window_context, window_frames
 from .layout import ClipLayout, ClipLayoutError
@@ -179,6 +182,25 @@ def _call_wrapper(runtime: SimDARuntime, shift_keys: list[tuple[str, int, int]],
     return patches.mark(wrapper)
 
 
+def _sampling_check(runtime: SimDARuntime):
+    """``OUTER_SAMPLE`` wrapper: before the host loads anything for a sampling run on this MODEL
+    (its KSampler, AnimateDiff-Evolved, the Video Sampler), the conditionings and
+    ``frames_per_clip`` must agree with the clip's frame count (``clip_agreement``)."""
+
+    def wrapper(executor, noise, latent_image, *args, **kwargs):
+        frames = int(latent_image.shape[0])
+        frames_per_clip = runtime.config.frames_per_clip
+        conditionings = getattr(getattr(executor, "class_obj", None), "conds", None) or {}
+        problem = frames_per_clip_mismatch(frames, frames_per_clip) or conditioning_mismatch(
+            conditionings, frames, frames_per_clip
+        )
+        if problem:
+            raise SimDAPatchError(f"SimDA: {problem}.")
+        return executor(noise, latent_image, *args, **kwargs)
+
+    return patches.mark(wrapper)
+
+
 # -- registering a config on a clone --------------------------------------------------------------
 
 def _remove_previous(model_patcher, previous: SimDAConfig | None) -> None:
@@ -196,6 +218,7 @@ def _remove_previous(model_patcher, previous: SimDAConfig | None) -> None:
         for key in [k for k, fn in replaced.items() if patches.is_simda(fn)]:
             del replaced[key]
     model_patcher.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, KEY)
+    model_patcher.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, KEY)
     for callback in ("ON_CLONE", "ON_DEEPCLONE_MULTIGPU"):
         if hasattr(comfy.patcher_extension.CallbacksMP, callback):
             model_patcher.remove_callbacks_with_key(getattr(comfy.patcher_extension.CallbacksMP, callback), KEY)
@@ -313,6 +336,7 @@ def apply_simda(model_patcher, config: SimDAConfig):
     model_patcher.add_wrapper_with_key(
         comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, KEY, _call_wrapper(runtime, shift_keys, unet_ref)
     )
+    model_patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, KEY, _sampling_check(runtime))
     model_patcher.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_CLONE, KEY, _follow_clone)
     on_deep_clone = getattr(comfy.patcher_extension.CallbacksMP, "ON_DEEPCLONE_MULTIGPU", None)
     if on_deep_clone is not None:

@@ -167,3 +167,18 @@ def test_edit_tuner_on_sdxl_saves_adapters_the_loader_takes(sdxl_server, source_
 
     frames, _ = saved_mp4(server, run_ok(server, text_to_video(server, "edit_loaded", adapter_name=saved.name)))
     assert frames.shape == (FRAMES, HEIGHT, WIDTH, 3) and frames.std() > 1
+
+
+@pytest.mark.parametrize("switch", ["full_resolution", "eighth_resolution"])
+def test_a_level_choice_that_shifts_nothing_on_sdxl_is_refused(sdxl_server, switch):
+    """SDXL has no transformer at the full-resolution level, and its middle block is at the quarter
+    level: either switch alone would register no latent shift at all. The prompt is refused with
+    the levels this MODEL does have, and nothing is saved."""
+    prompt = text_to_video(sdxl_server, f"levels_{switch}", seed=31)
+    for name in ("full_resolution", "half_resolution", "quarter_resolution", "eighth_resolution"):
+        prompt[SHIFT]["inputs"][name] = name == switch
+    entry = sdxl_server.run_prompt(prompt)
+    error = execution_error(entry)
+    assert error is not None and f"no self-attention transformer at {switch}" in error, error
+    assert "its transformers sit at half_resolution, quarter_resolution" in error, error
+    assert not list((sdxl_server.output_dir / "sdxl").glob(f"levels_{switch}*"))

@@ -1,0 +1,53 @@
+"""Checks that the parts of one sampling run agree on the clip: per-frame conditioning rows and
+``frames_per_clip`` against the clip's frame count. Each returns one sentence naming both values,
+or None; the nodes raise it before any work, and the SimDA MODEL's sampling wrapper raises it for
+the host's samplers (KSampler, AnimateDiff-Evolved).
+
+The host repeats a conditioning's rows up to the batch (``repeat_to_batch_size``): a schedule of 4
+rows on a 6-frame clip would silently give frames 4-5 the rows of frames 0-1, and a longer one
+would be cut off. So a conditioning may hold 1 row, one row per frame of the clip, or one row per
+frame of each ``frames_per_clip`` clip; nothing else.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def conditioning_rows(conditioning) -> list[int]:
+    """Rows of each entry's text context (and pooled text, where it has one) that differ from 1:
+    entries as nodes pass them (``[tensor, options]``) or as the host's guider holds them
+    (dicts with ``cross_attn``)."""
+    rows = []
+    for entry in conditioning or []:
+        if isinstance(entry, dict):
+            tensors = (entry.get("cross_attn"), entry.get("pooled_output"))
+        else:
+            tensors = (entry[0], entry[1].get("pooled_output") if len(entry) > 1 else None)
+        rows += [int(t.shape[0]) for t in tensors if isinstance(t, torch.Tensor) and t.ndim >= 2 and t.shape[0] != 1]
+    return rows
+
+
+def conditioning_mismatch(conditionings: dict[str, list], frames: int, frames_per_clip: int = 0) -> str | None:
+    """The first conditioning (by name: positive, negative, ...) whose rows fit neither one row nor
+    one per frame of the ``frames``-frame clip (or of each ``frames_per_clip`` clip)."""
+    allowed = {frames} | ({frames_per_clip} if frames_per_clip else set())
+    for name, conditioning in conditionings.items():
+        for rows in conditioning_rows(conditioning):
+            if rows not in allowed:
+                per_clip = f" (or {frames_per_clip} per clip)" if frames_per_clip and frames_per_clip != frames else ""
+                return (
+                    f"the {name} conditioning holds {rows} rows, one per frame of a {rows}-frame prompt schedule, but the "
+                    f"clip has {frames} frames{per_clip}; set SimDA Prompt Travel's frames to {frames}, or use a "
+                    "conditioning with one row"
+                )
+    return None
+
+
+def frames_per_clip_mismatch(frames: int, frames_per_clip: int) -> str | None:
+    """Whether ``frames`` split into whole clips of ``frames_per_clip`` (0: the whole batch is one clip)."""
+    if frames_per_clip and frames % frames_per_clip:
+        return (
+            f"the clip has {frames} frames, which do not split into clips of frames_per_clip = {frames_per_clip} (set in "
+            f"the Latent-Shift Patch); use a multiple of {frames_per_clip} frames, or set frames_per_clip to 0"
+        )
+    return None
