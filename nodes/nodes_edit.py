@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass, replace
 
 import comfy.model_management
@@ -188,13 +189,33 @@ class SimDAEditTuner(io.ComfyNode):
         return io.NodeOutput(tuned, start, result, source_fps / stride)
 
 
-def adapter_file_path(filename: str) -> str:
-    name = filename.strip()
-    if not name or os.path.basename(name) != name or name.startswith("."):
-        raise ValueError(f"Save SimDA Adapters: '{filename}' is not a plain file name; use letters, digits, '-' or '_'.")
-    if not name.endswith(".safetensors"):
-        name += ".safetensors"
-    return os.path.join(save_folder(), name)
+COUNTER = re.compile(r"_(\d{5})\.safetensors$")
+SAVE_ATTEMPTS = 100
+
+
+def prefix_parts(filename_prefix: str) -> tuple[str, str]:
+    """``(folder inside models/simda, file name stem)`` of a prefix such as ``simda_edit`` or
+    ``edits/cat``; anything that would leave models/simda is refused."""
+    prefix = filename_prefix.strip().replace("\\", "/")
+    parts = [part for part in prefix.split("/") if part]
+    if not parts or prefix.startswith("/") or any(part in (".", "..") or part.startswith(".") for part in parts):
+        raise ValueError(
+            f"Save SimDA Adapters: '{filename_prefix}' is not a file name prefix inside models/simda; use letters, digits, "
+            "'-', '_' and optionally a subfolder ('edits/cat')."
+        )
+    return os.path.join(*parts[:-1]) if len(parts) > 1 else "", parts[-1]
+
+
+def next_adapter_path(filename_prefix: str) -> str:
+    """``models/simda/<prefix>_<counter>.safetensors`` with the counter after the highest one already
+    there, as the host's own save nodes number their files."""
+    folder, stem = prefix_parts(filename_prefix)
+    directory = os.path.join(save_folder(), folder)
+    taken = [
+        int(match.group(1)) for name in (os.listdir(directory) if os.path.isdir(directory) else [])
+        if name.startswith(f"{stem}_") and (match := COUNTER.search(name)) and name == f"{stem}_{match.group(1)}.safetensors"
+    ]
+    return os.path.join(directory, f"{stem}_{max(taken, default=0) + 1:05d}.safetensors")
 
 
 class SimDASaveAdapters(io.ComfyNode):
@@ -204,32 +225,46 @@ class SimDASaveAdapters(io.ComfyNode):
             node_id="SimDASaveAdapters",
             display_name="Save SimDA Adapters",
             category="SimDA",
-            description="Writes tuned SimDA adapters to models/simda as .safetensors (with their metadata), atomically; an existing file is never overwritten.",
+            description=(
+                "Writes tuned SimDA adapters to models/simda as <prefix>_00001.safetensors, _00002, ... (with their "
+                "metadata), atomically, as ComfyUI's own save nodes number their files: running the workflow again "
+                "adds a file and never overwrites one."
+            ),
             inputs=[
                 SimDAAdaptersType.Input("adapters", tooltip="Adapters from SimDA Edit Tuner."),
-                io.String.Input("filename", default="simda_edit", tooltip="File name in models/simda (.safetensors is added). Must not exist yet."),
+                io.String.Input("filename_prefix", default="simda_edit", optional=True,
+                                tooltip="File name prefix in models/simda (a subfolder is allowed: 'edits/cat'); a counter and .safetensors are added."),
+                io.String.Input("filename", optional=True, force_input=True,
+                                tooltip="The file name input of older workflows; when given, it is used as the prefix."),
             ],
             outputs=[],
             is_output_node=True,
         )
 
     @classmethod
-    def validate_inputs(cls, filename):
-        try:
-            path = adapter_file_path(filename)
-        except ValueError as e:
-            return str(e)
-        if os.path.exists(path):
-            return f"Save SimDA Adapters: '{os.path.basename(path)}' already exists in models/simda; choose another file name."
+    def validate_inputs(cls, filename_prefix=None, filename=None):
+        for value in (filename_prefix, filename):
+            if isinstance(value, str):
+                try:
+                    prefix_parts(value.removesuffix(".safetensors"))
+                except ValueError as e:
+                    return str(e)
         return True
 
     @classmethod
-    def execute(cls, adapters, filename) -> io.NodeOutput:
-        path = adapter_file_path(filename)
-        try:
-            save_adapters(adapters.adapters, path, adapters.family, frames_trained=adapters.frames_trained,
-                          extra_metadata={"tuning_steps": str(adapters.steps)})
-        except AdapterFileError as e:
-            raise ValueError(f"Save SimDA Adapters: {e}") from None
+    def execute(cls, adapters, filename_prefix="simda_edit", filename=None) -> io.NodeOutput:
+        prefix = (filename if filename else filename_prefix).removesuffix(".safetensors")
+        for _ in range(SAVE_ATTEMPTS):  # another run may take the same number at the same moment
+            path = next_adapter_path(prefix)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            try:
+                save_adapters(adapters.adapters, path, adapters.family, frames_trained=adapters.frames_trained,
+                              extra_metadata={"tuning_steps": str(adapters.steps)})
+                break
+            except AdapterFileError as e:
+                if not os.path.exists(path):
+                    raise ValueError(f"Save SimDA Adapters: {e}") from None
+        else:
+            raise ValueError(f"Save SimDA Adapters: no free file name for the prefix '{prefix}' in models/simda.")
         log.info("SimDA: saved adapters to %s", path)
         return io.NodeOutput()

@@ -147,11 +147,11 @@ def test_edit_tuner_on_sdxl_saves_adapters_the_loader_takes(sdxl_server, source_
                 "inversion_scheduler": "ddim_uniform", "source_fps": [COMPONENTS, 2],
             },
         },
-        KEEP: {"class_type": "SimDASaveAdapters", "inputs": {"adapters": [TUNER, 2], "filename": "e2e_sdxl_edit"}},
+        KEEP: {"class_type": "SimDASaveAdapters", "inputs": {"adapters": [TUNER, 2], "filename_prefix": "e2e_sdxl_edit"}},
         SAMPLER: video_sampler([TUNER, 0], 0, start_latent=[TUNER, 1], width=EDIT_SIZE, height=EDIT_SIZE),
     }
     prompt.update(save_video("edit", [TUNER, 3]))
-    saved = server.simda_dir / "e2e_sdxl_edit.safetensors"
+    saved = server.simda_dir / "e2e_sdxl_edit_00001.safetensors"
     assert not saved.exists()
     log_start = len(server.log_path.read_text(errors="replace"))
 
