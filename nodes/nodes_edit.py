@@ -21,12 +21,12 @@ from ..simda_core.adapter_training import (
     TuningRecipe,
     host_training_mode,
     initial_adapters,
-    release_training_wrappers,
+    loaded_for_training,
     training_patcher,
 )
 from ..simda_core.clip_agreement import conditioning_mismatch, frames_per_clip_mismatch
 from ..simda_core.config import LatentShiftSettings, SimDAConfig
-from ..simda_core.host_patch import apply_simda, get_config, model_sites
+from ..simda_core.host_patch import apply_simda, get_config, model_sites, unloaded_on_failure
 from ..simda_core.inversion import host_sampler_inversion, inversion_record
 from .common import INVERSION_KEY, check_family, simda_clone
 from .folders import save_folder
@@ -168,22 +168,22 @@ class SimDAEditTuner(io.ComfyNode):
             adapters = trainable_adapters(model, device, seed)
             training = training_patcher(model)
             apply_simda(training, replace(config, adapters=adapters, strength=1.0, gradient_checkpointing=gradient_checkpointing))
-            comfy.model_management.load_models_gpu([training])
-            x0 = training.model.process_latent_in(latent.to(device).float())
-            context = HostConditioning(training, source_prompt, x0, seed=seed)
-            trainer = AdapterTrainer(training, adapters, recipe, seed=seed)
-            progress = comfy.utils.ProgressBar(steps)
-            for step in range(steps):
-                comfy.model_management.throw_exception_if_processing_interrupted()
-                loss = trainer.step(x0, context)
-                progress.update_absolute(step + 1, steps)
-                if step == 0 or (step + 1) % max(1, steps // 10) == 0:
-                    log.info("SimDA Edit Tuner: step %d/%d, loss %.5f", step + 1, steps, loss)
+            with loaded_for_training(training):
+                x0 = training.model.process_latent_in(latent.to(device).float())
+                context = HostConditioning(training, source_prompt, x0, seed=seed)
+                trainer = AdapterTrainer(training, adapters, recipe, seed=seed)
+                progress = comfy.utils.ProgressBar(steps)
+                for step in range(steps):
+                    comfy.model_management.throw_exception_if_processing_interrupted()
+                    loss = trainer.step(x0, context)
+                    progress.update_absolute(step + 1, steps)
+                    if step == 0 or (step + 1) % max(1, steps // 10) == 0:
+                        log.info("SimDA Edit Tuner: step %d/%d, loss %.5f", step + 1, steps, loss)
             adapters.requires_grad_(False)
-            release_training_wrappers(training)
 
         tuned = simda_clone(model, replace(config, adapters=adapters, strength=1.0, gradient_checkpointing=False))
-        inverted = invert_clip(tuned, latent, inversion_conditioning, inversion_steps, inversion_scheduler)
+        with unloaded_on_failure(tuned):
+            inverted = invert_clip(tuned, latent, inversion_conditioning, inversion_steps, inversion_scheduler)
         result = TrainedAdapters(adapters, family, frames_trained=int(x0.shape[0]), steps=steps)
         start = {"samples": inverted, INVERSION_KEY: inversion_record(inversion_steps, inversion_scheduler)}
         return io.NodeOutput(tuned, start, result, source_fps / stride)

@@ -16,7 +16,7 @@ from comfy_api.latest import io
 from ..simda_core.clip_agreement import conditioning_mismatch, frames_per_clip_mismatch
 from ..simda_core.config import SimDAConfig
 from ..simda_core.frame_windows import host_window_indices, window_conds
-from ..simda_core.host_patch import get_config
+from ..simda_core.host_patch import get_config, unloaded_on_failure
 from ..simda_core.keyframes import paste_fixed
 from ..simda_core.inversion import INVERSION_SAMPLER
 from ..simda_core.sampler_noise import adds_fresh_noise, noise_free_samplers
@@ -213,11 +213,12 @@ class SimDAVideoSampler(io.ComfyNode):
 
         model = with_frame_windows(model)
         callback = latent_preview.prepare_callback(model, steps)
-        samples = comfy.sample.sample(
-            model, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
-            denoise=denoise, disable_noise=disable_noise, noise_mask=noise_mask, callback=callback,
-            disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed,
-        )
+        with unloaded_on_failure(model):
+            samples = comfy.sample.sample(
+                model, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
+                denoise=denoise, disable_noise=disable_noise, noise_mask=noise_mask, callback=callback,
+                disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed,
+            )
         if noise_mask is None:
             return io.NodeOutput({"samples": samples})
         # The host keeps masked-out latents on their noised originals during sampling but returns its

@@ -23,7 +23,7 @@ from comfy_api.latest import io
 
 from ..simda_core.formats import FAMILIES
 from ..simda_core.config import LatentShiftSettings, SimDAConfig
-from ..simda_core.host_patch import get_config
+from ..simda_core.host_patch import get_config, unloaded_on_failure
 from ..simda_core.model_info import compute_dtype, free_device_memory, is_dynamic, resident_weight_bytes
 from ..simda_core.tiling import (
     FrameGroup,
@@ -371,7 +371,8 @@ class SimDAVideoUpscaler(io.ComfyNode):
             NODE, count, width, height, width * SCALE, height * SCALE, sizes.frames_per_group,
             min(settings.context_frames, sizes.frames_per_group - 1), min(sizes.tile_width, width), min(sizes.tile_height, height), how, pieces,
         )
-        latents = upscale_latents(sampling_model, clip, positive, negative, settings, sizes)
+        with unloaded_on_failure(sampling_model):
+            latents = upscale_latents(sampling_model, clip, positive, negative, settings, sizes)
         comfy.model_management.throw_exception_if_processing_interrupted()
         images = vae.decode(latents)
         return io.NodeOutput(images)

@@ -20,6 +20,7 @@ Module paths never change, so weight patches (LoRA) still find their keys.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import weakref
@@ -199,6 +200,32 @@ def _sampling_check(runtime: SimDARuntime):
         return executor(noise, latent_image, *args, **kwargs)
 
     return patches.mark(wrapper)
+
+
+# -- leaving the shared UNet as it was -------------------------------------------------------------
+
+def unload(model_patcher) -> None:
+    """Take ``model_patcher`` and its additional models out of the host's loaded models, unpatched:
+    the shared UNet no longer carries its object patches or weight changes."""
+    import comfy.model_management as mm
+
+    ours = [model_patcher, *model_patcher.get_nested_additional_models()]
+    for index in reversed(range(len(mm.current_loaded_models))):
+        loaded = mm.current_loaded_models[index]
+        if any(loaded.model is patcher for patcher in ours):
+            loaded.model_unload()
+            mm.current_loaded_models.pop(index)
+
+
+@contextlib.contextmanager
+def unloaded_on_failure(model_patcher):
+    """Cancel, an error or out-of-memory inside the block unloads ``model_patcher`` before the
+    exception goes on, so nothing of it stays applied to the shared UNet until the host's next load."""
+    try:
+        yield model_patcher
+    except BaseException:
+        unload(model_patcher)
+        raise
 
 
 # -- registering a config on a clone --------------------------------------------------------------
