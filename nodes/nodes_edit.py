@@ -28,6 +28,7 @@ from ..simda_core.clip_agreement import conditioning_mismatch, frames_per_clip_m
 from ..simda_core.config import LatentShiftSettings, SimDAConfig
 from ..simda_core.host_patch import apply_simda, get_config, model_sites, unloaded_on_failure
 from ..simda_core.inversion import host_sampler_inversion, inversion_record
+from ..simda_core.video_data import fit_frames
 from .common import INVERSION_KEY, check_family, simda_clone
 from .folders import save_folder
 
@@ -55,13 +56,6 @@ def select_frames(images: torch.Tensor, frames: int, start_frame: int, stride: i
             f"{stride}; a video edit needs at least 2 (the clip has {images.shape[0]} frames): lower start_frame or stride."
         )
     return picked
-
-
-def fit_frames(images: torch.Tensor, width: int, height: int) -> torch.Tensor:
-    """``[F, H, W, 3]`` frames, centre-cropped to the aspect of and resized to ``width x height``."""
-    pixels = images[..., :3].movedim(-1, 1)
-    pixels = comfy.utils.common_upscale(pixels, width, height, "bilinear", "center")
-    return pixels.movedim(1, -1).clamp(0, 1)
 
 
 def trainable_adapters(model, device, seed: int) -> SimDAAdapters:

@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 
 from .adapters import SimDAAdapters
-from .model_info import call_options, compute_dtype, is_dynamic
+from .model_info import call_options, is_dynamic
 
 NUM_TIMESTEPS = 1000
 
@@ -151,24 +151,28 @@ def unet_output(
     model_patcher, x_noisy: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor, groups: int,
     conds: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """The host UNet's raw output for a noisy batch (the patcher must be loaded/patched).
+    """The host UNet's raw output for a noisy batch of ``groups`` clips (the patcher must be
+    loaded/patched), through the host's own model call as sampling makes it: the MODEL's
+    ``model_function_wrapper`` where one is set, then ``BaseModel.apply_model`` with its
+    ``APPLY_MODEL`` wrappers (so what other packs register there applies while training too).
 
     ``conds``: the model's extra conditioning of the batch (``BaseModel.extra_conds`` processed to
-    the batch size, e.g. the x4 upscaler's ``c_concat`` and ``y``), applied as the host's
-    ``BaseModel._apply_model`` applies it: ``c_concat`` joins the input channels, the others go to
-    the UNet by name (floating-point ones in its dtype)."""
+    the batch size, e.g. the x4 upscaler's ``c_concat`` and ``y``, SDXL's ``y``), passed by name
+    as the host passes them. The host returns the denoised estimate; the raw output is the one
+    that denoises to it (:func:`denoising_target`)."""
     base = model_patcher.model
-    sampling = base.model_sampling
-    dtype = compute_dtype(model_patcher)
-    extra = dict(conds or {})
-    x_in = sampling.calculate_input(sigma, x_noisy)
-    concat = extra.pop("c_concat", None)
-    if concat is not None:
-        x_in = torch.cat([x_in, concat.to(x_in)], dim=1)
-    extra = {k: v.to(x_in.device, dtype) if v.is_floating_point() else v.to(x_in.device) for k, v in extra.items()}
-    timesteps = sampling.timestep(sigma).float()
-    options = call_options(model_patcher, [0] * groups, training=torch.is_grad_enabled())
-    return base.diffusion_model(x_in.to(dtype), timesteps, context=context.to(dtype), transformer_options=options, **extra)
+    cond_or_uncond = [0] * groups
+    inputs = {
+        "c_crossattn": context,
+        "transformer_options": call_options(model_patcher, cond_or_uncond, training=torch.is_grad_enabled()),
+        **(conds or {}),
+    }
+    wrapper = model_patcher.model_options.get("model_function_wrapper")
+    if wrapper is not None:
+        denoised = wrapper(base.apply_model, {"input": x_noisy, "timestep": sigma, "c": inputs, "cond_or_uncond": cond_or_uncond})
+    else:
+        denoised = base.apply_model(x_noisy, sigma, **inputs)
+    return denoising_target(base.model_sampling, sigma, x_noisy, denoised)
 
 
 class HostConditioning:

@@ -222,15 +222,17 @@ def crop_box(height: int, width: int, aspect: float, position: float) -> tuple[i
     return round((height - h) * position), 0, h, width
 
 
-def fit_to_size(frames: torch.Tensor, sampling: ClipSampling, position: float) -> torch.Tensor:
-    """``[F, H, W, 3]`` ``uint8`` -> cropped to the target aspect and resized: float in 0..1."""
-    _, height, width, _ = frames.shape
-    top, left, h, w = crop_box(height, width, sampling.width / sampling.height, position)
-    pixels = frames[:, top:top + h, left:left + w].permute(0, 3, 1, 2).float() / 255.0
-    if (h, w) != (sampling.height, sampling.width):
-        pixels = torch.nn.functional.interpolate(
-            pixels, size=(sampling.height, sampling.width), mode="bilinear", align_corners=False, antialias=True
-        )
+def fit_frames(frames: torch.Tensor, width: int, height: int, position: float = 0.5) -> torch.Tensor:
+    """``[F, H, W, 3]`` frames (``uint8``, or float in 0..1) cropped to the aspect of ``width x height``
+    at ``position`` (0.5: the centre) and resized to it with an antialiased filter, so a large
+    source shrinks without aliasing: float ``[F, height, width, 3]`` in 0..1. The one way the Edit
+    Tuner and the collection trainer fit frames to a size."""
+    _, source_height, source_width, _ = frames.shape
+    top, left, h, w = crop_box(source_height, source_width, width / height, position)
+    pixels = frames[:, top:top + h, left:left + w, :3].permute(0, 3, 1, 2)
+    pixels = pixels.float() / 255.0 if not pixels.is_floating_point() else pixels.float()
+    if (h, w) != (height, width):
+        pixels = torch.nn.functional.interpolate(pixels, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
     return pixels.permute(0, 2, 3, 1).clamp(0, 1).contiguous()
 
 
@@ -254,7 +256,7 @@ def load_sample(path: Path, sampling: ClipSampling, seed: int) -> torch.Tensor:
     else:
         raise ClipTooShortError(f"'{path.name}' could not be decoded to {sampling.span} frames.")
     position = 0.5 if sampling.crop == "center" else rng.random()
-    return fit_to_size(torch.from_numpy(np.stack(picked)), sampling, position)
+    return fit_frames(torch.from_numpy(np.stack(picked)), sampling.width, sampling.height, position)
 
 
 # -- the dataset and the global batch plan -------------------------------------------------------

@@ -59,3 +59,44 @@ def test_missing_inversion_prompt_source_is_refused():
             start_frame=0, stride=1, width=64, height=64, gradient_checkpointing=True, inversion_steps=2,
             inversion_scheduler="ddim_uniform",
         )
+
+
+def test_the_edit_tuner_and_the_trainer_fit_frames_one_antialiased_way():
+    """A 1-pixel checkerboard at 720x1280 shrunk to 64x64: the shared fit (antialiased) gives the
+    flat grey the picture averages to, where the host's plain bilinear resize (the Edit Tuner's
+    earlier one) aliases into strong patterns. The Edit Tuner and the collection trainer's clip
+    loader both use the shared fit."""
+    import comfy.utils
+
+    from simda_pack.nodes import nodes_edit
+    from simda_pack.simda_core import video_data
+
+    rows, columns = torch.meshgrid(torch.arange(720), torch.arange(1280), indexing="ij")
+    board = ((rows + columns) % 2).float()[None, :, :, None].expand(2, 720, 1280, 3)
+    fitted = video_data.fit_frames(board, 64, 64)
+    aliased = comfy.utils.common_upscale(board.movedim(-1, 1), 64, 64, "bilinear", "center").movedim(1, -1)
+    assert fitted.shape == (2, 64, 64, 3) and float((fitted - 0.5).abs().max()) < 0.05
+    assert float((aliased - 0.5).abs().max()) > 0.25
+    assert nodes_edit.fit_frames is video_data.fit_frames
+
+
+@pytest.mark.parametrize("cause", ["frames_per_clip", "prompt_schedule"])
+def test_a_clip_that_disagrees_with_frames_per_clip_or_the_prompt_schedule_is_refused_before_encoding(cause):
+    """frames_per_clip 3 from a Latent-Shift Patch upstream, or a 3-row prompt schedule, against the
+    tuner's 4 frames: one sentence naming both, before the VAE encodes anything."""
+    from simda_pack.nodes.nodes_latent_shift import SimDALatentShiftPatch
+
+    model = host.build_model(host.TINY_UNET, seed=2)
+    prompt = CONDITIONING
+    if cause == "frames_per_clip":
+        (model,) = SimDALatentShiftPatch.execute(model, 3, True, True, True, True, 0.0, 1.0, False).result
+        expected = "frames_per_clip = 3"
+    else:
+        prompt = [[torch.zeros(3, 8, host.TINY_UNET["context_dim"]), {}]]
+        expected = "holds 3 rows"
+    with pytest.raises(ValueError) as error, torch.inference_mode():
+        SimDAEditTuner.execute(model, NoVAE(), torch.rand(6, 64, 64, 3), prompt, inversion_conditioning=CONDITIONING,
+                               steps=2, learning_rate=5e-5, seed=0, frames=4, start_frame=0, stride=1, width=64, height=64,
+                               gradient_checkpointing=True, inversion_steps=2, inversion_scheduler="ddim_uniform")
+    message = str(error.value)
+    assert message.startswith("SimDA Edit Tuner:") and expected in message and "4 frames" in message, message

@@ -35,7 +35,7 @@ from simda_pack.simda_core.formats import build_adapters, read_adapter_file, sav
 from simda_pack.simda_core.model_info import call_options, model_family
 from simda_pack.simda_core.host_patch import model_sites
 from simda_pack.simda_core.collection_training.conditioning import low_resolution, sr_conditioning
-from simda_pack.simda_core.adapter_training import initial_adapters, unet_output
+from simda_pack.simda_core.adapter_training import denoising_target, initial_adapters, unet_output
 
 CAPTIONS = ("a red square moving right", "a blue box sliding")
 STEPS = 2
@@ -99,17 +99,17 @@ def test_sr_conditioning_is_the_hosts_and_the_training_call_is_apply_model(x4):
     for name in augmented:  # a clip's draws depend on its sample number alone (data-parallel shards agree)
         assert torch.equal(again[name], augmented[name][4:]), name
 
-    # The trainer's UNet call equals the host's BaseModel.apply_model with these conds.
+    # The trainer's UNet call is the host's BaseModel.apply_model with these conds: its raw output is
+    # the one that denoises to what apply_model returns.
     generator = torch.Generator().manual_seed(2)
     sigma = base.model_sampling.sigmas[torch.tensor([300, 800])].repeat_interleave(4)
     x_noisy = base.model_sampling.noise_scaling(sigma, torch.randn(x0.shape, generator=generator), x0)
     context = torch.randn(8, 77, 1024, generator=generator)
     with torch.no_grad():
         out = unet_output(model, x_noisy, sigma, context, groups=2, conds=augmented)
-        ours = base.model_sampling.calculate_denoised(sigma, out.float(), x_noisy)
         hosts = base.apply_model(x_noisy, sigma, c_concat=augmented["c_concat"], c_crossattn=context, y=augmented["y"],
                                  transformer_options=call_options(model, [0, 0]))
-    torch.testing.assert_close(ours, hosts, rtol=0, atol=0)
+    torch.testing.assert_close(out, denoising_target(base.model_sampling, sigma, x_noisy, hosts), rtol=0, atol=0)
 
 
 # -- a run and what it writes --------------------------------------------------------------------

@@ -113,3 +113,33 @@ def test_tuning_loss_combines_every_conditioning_entry_as_the_host_does(base):
     torch.testing.assert_close(out_first, direct, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(both, (out_first + 0.5 * out_second) / 1.5, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(both, out_first, atol=1e-3)
+
+
+def test_a_training_step_goes_through_the_hosts_model_call_and_other_packs_wrappers(base):
+    """Collection training's forward (a context tensor per frame) is the host's own model call:
+    an ``APPLY_MODEL`` wrapper and a ``model_function_wrapper`` that another pack put on the MODEL
+    both run on every training step, and the loss is what it is without them."""
+    import comfy.patcher_extension
+
+    seen = {"apply_model": 0, "model_function_wrapper": 0}
+
+    def apply_model_wrapper(executor, *args, **kwargs):
+        seen["apply_model"] += 1
+        return executor(*args, **kwargs)
+
+    def model_function_wrapper(apply_model, call):
+        seen["model_function_wrapper"] += 1
+        return apply_model(call["input"], call["timestep"], **call["c"])
+
+    x0, context = clip_batch(seed=8)
+    losses = []
+    for wrapped in (False, True):
+        adapters = random_adapters(base, 9)
+        trainer, clone = trainer_for(base, adapters, checkpointing=False)
+        if wrapped:
+            clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "other_pack", apply_model_wrapper)
+            clone.set_model_unet_function_wrapper(model_function_wrapper)
+        with host.patched(clone), torch.inference_mode(False), torch.enable_grad():
+            losses.append(trainer.step(x0, context))
+    assert seen == {"apply_model": 1, "model_function_wrapper": 1}
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
