@@ -11,6 +11,19 @@ from ..simda_core.prompt_schedule import (
 
 log = logging.getLogger("SimDA")
 
+
+def blend_entry(keyframe_entries: list, weights) -> list:
+    """One CONDITIONING entry ``[context, options]`` per frame row: the keyframes' contexts (repeated
+    to a common token count) and pooled outputs blended by ``weights``; the other options (a hook
+    schedule's start and end percent) as the first keyframe's entry has them."""
+    contexts = [context for context, _ in keyframe_entries]
+    tokens = common_token_length([c.shape[1] for c in contexts])
+    options = dict(keyframe_entries[0][1])
+    pooled = [entry_options.get("pooled_output") for _, entry_options in keyframe_entries]
+    if all(p is not None for p in pooled):
+        options["pooled_output"] = interpolate([p.reshape(1, -1) for p in pooled], weights)  # [F, dim]
+    return [interpolate([repeat_tokens(c, tokens) for c in contexts], weights), options]  # [F, tokens, dim]
+
 EXAMPLE = "0: a cat walking in a garden\n16: a (tiger:1.2) walking in a garden"
 
 
@@ -27,14 +40,16 @@ class SimDAPromptTravel(io.ComfyNode):
                 "after the last hold the last one. Prompt weights such as (tiger:1.2) work as in CLIP Text Encode. "
                 "The CONDITIONING holds one row per frame: use it as 'positive' of the Video Sampler or of KSampler, "
                 "also with context windows (the host's or AnimateDiff-Evolved's), where each window gets its own "
-                "frames' prompts."
+                "frames' prompts. The schedule covers exactly 'frames' frames: a sampler whose clip has another "
+                "number of frames refuses it, naming both. A CLIP with scheduled hooks (Set CLIP Hooks) is encoded "
+                "per part of its schedule, as CLIP Text Encode does."
             ),
             inputs=[
                 io.Clip.Input("clip", tooltip="The checkpoint's CLIP."),
                 io.String.Input("prompts", multiline=True, default=EXAMPLE,
                                 tooltip="One keyframe per line, '<frame>: <prompt>'; frame -1 is the last frame. Lines starting with # are skipped."),
                 io.Int.Input("frames", default=16, min=1, max=4096,
-                             tooltip="Frames of the clip; must match the clip the sampler makes."),
+                             tooltip="Frames of the clip; the sampler refuses a schedule of another length than its clip (it is not re-timed)."),
             ],
             outputs=[io.Conditioning.Output(display_name="CONDITIONING", tooltip="One cross-attention context per frame.")],
         )
@@ -56,18 +71,13 @@ class SimDAPromptTravel(io.ComfyNode):
             keyframes = parse_schedule(prompts, frames)
         except PromptScheduleError as e:
             raise ValueError(f"SimDA Prompt Travel: {e}.") from None
-        contexts, pooled = [], []
-        for keyframe in keyframes:
-            context, pooled_output = clip.encode_from_tokens(clip.tokenize(keyframe.prompt), return_pooled=True)
-            contexts.append(context)
-            pooled.append(pooled_output)
-        tokens = common_token_length([c.shape[1] for c in contexts])
-        contexts = [repeat_tokens(c, tokens) for c in contexts]
+        # The host's scheduled encode, as CLIP Text Encode uses it: a CLIP with scheduled hooks gives
+        # one entry per part of the schedule, each blended over the frames on its own.
+        encoded = [clip.encode_from_tokens_scheduled(clip.tokenize(keyframe.prompt)) for keyframe in keyframes]
+        if len({len(entries) for entries in encoded}) != 1:
+            raise ValueError("SimDA Prompt Travel: the CLIP's hook schedule gave the keyframes different numbers of entries.")
         weights = frame_weights([k.frame for k in keyframes], frames)
-        per_frame = interpolate(contexts, weights)  # [F, tokens, dim]
-        extra = {}
-        if all(p is not None for p in pooled):
-            extra["pooled_output"] = interpolate([p.reshape(1, -1) for p in pooled], weights)  # [F, dim]
+        conditioning = [blend_entry([entries[index] for entries in encoded], weights) for index in range(len(encoded[0]))]
         log.info("SimDA Prompt Travel: %d keyframes over %d frames (at %s).", len(keyframes), frames,
                  ", ".join(str(k.frame) for k in keyframes))
-        return io.NodeOutput([[per_frame, extra]])
+        return io.NodeOutput(conditioning)

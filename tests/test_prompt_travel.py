@@ -207,3 +207,32 @@ def test_window_conds_cut_only_per_frame_model_conds():
     assert cut["model_conds"]["c_crossattn"].cond.flatten().tolist() == [3, 4, 5]
     assert cut["model_conds"]["y"] is shared and cut["uuid"] == 1
     assert conds[0]["model_conds"]["c_crossattn"] is per_frame  # the input is left alone
+
+
+def test_a_clip_with_scheduled_hooks_is_encoded_per_part_of_its_schedule(checkpoint):
+    """A CLIP whose hooks change strength halfway through sampling (the host's Set CLIP Hooks with
+    schedule_clip, as CLIP Text Encode honours it): Prompt Travel gives one entry per part of the
+    schedule, each with the host's start and end percent and one row per frame, and at a keyframe
+    each entry's row is what the host's own scheduled encode gives for that prompt."""
+    import comfy.hooks
+    from comfy_extras.nodes_hooks import SetClipHooks
+
+    _, clip = checkpoint
+    weights = comfy.hooks.get_patch_weights_from_model(clip.patcher)
+    hooks = comfy.hooks.create_hook_model_as_lora(
+        None, {k: 1.2 * v for k, v in weights.items() if v.ndim == 2}, strength_model=1.0, strength_clip=1.0
+    )
+    keyframes = comfy.hooks.HookKeyframeGroup()
+    keyframes.add(comfy.hooks.HookKeyframe(strength=0.0, start_percent=0.0))
+    keyframes.add(comfy.hooks.HookKeyframe(strength=1.0, start_percent=0.5))
+    hooks.set_keyframes_on_hooks(keyframes)
+    (hooked,) = SetClipHooks().apply_hooks(clip, schedule_clip=True, apply_to_conds=True, hooks=hooks)
+    travel = result(SimDAPromptTravel.execute(hooked, "0: a cat\n3: a dog", 4))
+    host_cat = hooked.encode_from_tokens_scheduled(hooked.tokenize("a cat"))
+    assert len(host_cat) == len(travel) == 2
+    for (rows, options), (cat, cat_options) in zip(travel, host_cat):
+        assert rows.shape[0] == 4
+        for name in ("start_percent", "end_percent"):
+            assert options.get(name) == cat_options.get(name), name
+        torch.testing.assert_close(rows[:1], cat.to(rows.dtype), rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(travel[0][0], travel[1][0], atol=1e-3), "the hook schedule made no difference"
