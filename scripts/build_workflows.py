@@ -10,21 +10,13 @@ import json
 import urllib.request
 from pathlib import Path
 
-from workflow_format import input_spec, is_widget, widget_slots
+from workflow_format import default_value, input_spec, is_widget, widget_slots
 
 WORKFLOWS = Path(__file__).resolve().parents[1] / "example_workflows"
 
 NEGATIVE = "blurry, low quality, watermark, text, deformed, flicker"
 CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
 ADAPTERS = "simda_sd15.safetensors"
-
-
-def default_value(spec: list):
-    options = spec[1] if len(spec) > 1 else {}
-    if "default" in options:
-        return options["default"]
-    choices = spec[0] if isinstance(spec[0], list) else options.get("options", [])
-    return choices[0] if choices else ""
 
 
 KEYED_PREFIX = "VHS_"
@@ -37,14 +29,38 @@ def keyed_widget_values(spec: dict, widgets: dict) -> dict:
     widget adds in VHS's frontend (its ``formats`` option: ``[name, type or choices, options]``);
     the values given are taken out of ``widgets``."""
     values = {}
-    for name, _ in widget_slots(spec):
-        values[name] = widgets.pop(name) if name in widgets else default_value(input_spec(spec, name))
+    for slot in widget_slots(spec):
+        values[slot.name] = widgets.pop(slot.name) if slot.name in widgets else default_value(slot.spec)
     if "format" in values:
         options = input_spec(spec, "format")[1] if len(input_spec(spec, "format")) > 1 else {}
         for extra in options.get("formats", {}).get(values["format"], []):
             name = extra[0]
             values[name] = widgets.pop(name) if name in widgets else default_value(list(extra[1:]))
     return values
+
+
+def listed_widget_values(spec: dict, widgets: dict) -> list:
+    """``widgets_values`` as a list in the frontend's order: each widget's value (taken out of
+    ``widgets``) or its default, a seed-like one followed by "fixed"; the widgets that the value
+    of a dynamic combo brings come right after it, so the list grows one widget at a time."""
+    values: list = []
+    while True:
+        pending = [slot for slot in widget_slots(spec, values) if slot.position >= len(values)]
+        if not pending:
+            return values
+        slot = pending[0]
+        values.append(widgets.pop(slot.name) if slot.name in widgets else default_value(slot.spec))
+        if slot.control:
+            values.append("fixed")
+
+
+def save_video_widgets(info: dict, prefix: str) -> dict:
+    """Save Video's widgets for an H.264 mp4 under ``prefix``. Where the host's ``format`` is a
+    dynamic combo, the codec is the mp4 option's own widget ``format.codec``; else ``codec``."""
+    spec = info["SaveVideo"]
+    names = {slot.name for slot in widget_slots(spec, listed_widget_values(spec, {"format": "mp4"}))}
+    codec = "format.codec" if "format.codec" in names else "codec"
+    return {"filename_prefix": prefix, "format": "mp4", codec: "h264"}
 
 
 class Graph:
@@ -59,11 +75,7 @@ class Graph:
         if type_.startswith(KEYED_PREFIX):
             values = keyed_widget_values(spec, widgets)
         else:
-            values = []
-            for name, has_control in widget_slots(spec):
-                values.append(widgets.pop(name) if name in widgets else default_value(input_spec(spec, name)))
-                if has_control:
-                    values.append("fixed")
+            values = listed_widget_values(spec, widgets)
         if widgets:
             raise KeyError(f"{type_} has no widgets {sorted(widgets)}")
         node = {
@@ -126,7 +138,7 @@ def text_to_video(info: dict, with_adapters: bool) -> dict:
     g.link(decode, 0, create, "images")
     g.link(fps, 0, create, "fps")
     prefix = "simda/text_to_video" if with_adapters else "simda/latent_shift"
-    save = g.add("SaveVideo", (1760, 0), filename_prefix=prefix, format="mp4", codec="h264", size=(360, 360))
+    save = g.add("SaveVideo", (1760, 0), size=(360, 360), **save_video_widgets(info, prefix))
     g.link(create, 0, save, "video")
     webp = g.add("SaveAnimatedWEBP", (1460, 420), filename_prefix=prefix, size=(360, 360))
     g.link(decode, 0, webp, "images")
@@ -162,9 +174,11 @@ def text_to_video_upscaled(info: dict) -> dict:
     g.link(sampler, 0, decode, "samples")
     g.link(ckpt, 2, decode, "vae")
 
-    x4 = g.add("CheckpointLoaderSimple", (0, 900), title="Load the SD x4 upscaler", ckpt_name=X4_CHECKPOINT, size=(320, 100))
+    x4 = g.add("CheckpointLoaderSimple", (0, 900), title="Load the SD x4 upscaler", ckpt_name=X4_CHECKPOINT,
+               size=(320, 100))
     x4_pos = g.add("CLIPTextEncode", (380, 860), title="Prompt (x4 upscaler's CLIP)", size=(400, 140), text=PROMPT)
-    x4_neg = g.add("CLIPTextEncode", (380, 1040), title="Negative prompt (x4 upscaler's CLIP)", size=(400, 120), text=NEGATIVE)
+    x4_neg = g.add("CLIPTextEncode", (380, 1040), title="Negative prompt (x4 upscaler's CLIP)", size=(400, 120),
+                   text=NEGATIVE)
     g.link(x4, 1, x4_pos, "clip")
     g.link(x4, 1, x4_neg, "clip")
     sr = g.add("SimDAAdapterLoader", (380, 1200), title="SR adapters (bypassed: un-bypass with trained SR adapters)",
@@ -181,8 +195,7 @@ def text_to_video_upscaled(info: dict) -> dict:
     create = g.add("CreateVideo", (1580, 600), size=(260, 80))
     g.link(upscaler, 0, create, "images")
     g.link(fps, 0, create, "fps")
-    save = g.add("SaveVideo", (1880, 500), filename_prefix="simda/text_to_video_1024", format="mp4", codec="h264",
-                 size=(420, 420))
+    save = g.add("SaveVideo", (1880, 500), size=(420, 420), **save_video_widgets(info, "simda/text_to_video_1024"))
     g.link(create, 0, save, "video")
     return g.to_json()
 
@@ -197,7 +210,8 @@ def video_edit(info: dict) -> dict:
                    text="a rabbit walking in a green meadow")
     edited = g.add("CLIPTextEncode", (360, 180), title="Edited prompt", size=(400, 140),
                    text="a tiger walking in a green meadow")
-    empty = g.add("CLIPTextEncode", (360, 360), title="Negative prompt (empty, as in the paper)", size=(400, 100), text="")
+    empty = g.add("CLIPTextEncode", (360, 360), title="Negative prompt (empty, as in the paper)", size=(400, 100),
+                  text="")
     for node in (source, edited, empty):
         g.link(ckpt, 1, node, "clip")
     tuner = g.add("SimDAEditTuner", (800, 0), size=(340, 520))
@@ -208,7 +222,7 @@ def video_edit(info: dict) -> dict:
     g.link(ckpt, 1, tuner, "clip")
     g.link(parts, 2, tuner, "source_fps")
     save = g.add("SimDASaveAdapters", (800, 560), title="Save SimDA Adapters (unmute to keep the tuned adapters)",
-                 filename="simda_edit", size=(340, 80))
+                 filename_prefix="simda_edit", size=(340, 80))
     g.nodes[save - 1]["mode"] = 2
     g.link(tuner, 2, save, "adapters")
     sampler = g.add("SimDAVideoSampler", (1180, 0), size=(320, 420), steps=50, cfg=12.5, sampler_name="ddim",
@@ -223,7 +237,7 @@ def video_edit(info: dict) -> dict:
     create = g.add("CreateVideo", (1540, 100), size=(260, 80))
     g.link(decode, 0, create, "images")
     g.link(tuner, 3, create, "fps")
-    save_video = g.add("SaveVideo", (1840, 0), filename_prefix="simda/video_edit", format="mp4", codec="h264", size=(360, 360))
+    save_video = g.add("SaveVideo", (1840, 0), size=(360, 360), **save_video_widgets(info, "simda/video_edit"))
     g.link(create, 0, save_video, "video")
     return g.to_json()
 
@@ -248,7 +262,7 @@ def save_clip(g: Graph, sampler: int, ckpt: int, prefix: str, x: int = 1200, fps
     create = g.add("CreateVideo", (x + 260, 0), size=(260, 80))
     g.link(decode, 0, create, "images")
     g.link(rate, 0, create, "fps")
-    save = g.add("SaveVideo", (x + 560, 0), filename_prefix=prefix, format="mp4", codec="h264", size=(360, 360))
+    save = g.add("SaveVideo", (x + 560, 0), size=(360, 360), **save_video_widgets(g.info, prefix))
     g.link(create, 0, save, "video")
     return decode, rate
 
@@ -279,7 +293,8 @@ def image_to_video(info: dict) -> dict:
     g = Graph(info)
     ckpt = g.add("CheckpointLoaderSimple", (0, 200), ckpt_name=CHECKPOINT, size=(320, 100))
     image = g.add("LoadImage", (0, 360), title="First frame", image="first_frame.png", size=(320, 320))
-    scale = g.add("ImageScale", (0, 800), upscale_method="lanczos", width=512, height=512, crop="center", size=(320, 130))
+    scale = g.add("ImageScale", (0, 800), upscale_method="lanczos", width=512, height=512, crop="center",
+                  size=(320, 130))
     g.link(image, 0, scale, "image")
     pos = g.add("CLIPTextEncode", (380, 0), title="Prompt (describes the image and the motion)", size=(400, 160),
                 text="a sailing boat on a calm sea, gentle waves, cinematic")
@@ -287,8 +302,8 @@ def image_to_video(info: dict) -> dict:
     g.link(ckpt, 1, pos, "clip")
     g.link(ckpt, 1, neg, "clip")
     shift = simda_model(g, ckpt, (380, 380))
-    keys = g.add("SimDAKeyframes", (380, 820), title="SimDA Keyframes (image at frame 0)", frames=16, keyframe_frames="0",
-                 size=(320, 160))
+    keys = g.add("SimDAKeyframes", (380, 820), title="SimDA Keyframes (image at frame 0)", frames=16,
+                 keyframe_frames="0", size=(320, 160))
     g.link(ckpt, 2, keys, "vae")
     g.link(scale, 0, keys, "images")
     sampler = g.add("SimDAVideoSampler", (840, 100), size=(320, 420), steps=50, cfg=7.5, sampler_name="ddim",
@@ -317,8 +332,8 @@ def loop(info: dict) -> dict:
     g.link(pos, 0, sampler, "positive")
     g.link(neg, 0, sampler, "negative")
     decode, rate = save_clip(g, sampler, ckpt, "simda/loop")
-    webp = g.add("SaveAnimatedWEBP", (1460, 420), title="Save Animated WEBP (repeats forever)", filename_prefix="simda/loop",
-                 size=(360, 360))
+    webp = g.add("SaveAnimatedWEBP", (1460, 420), title="Save Animated WEBP (repeats forever)",
+                 filename_prefix="simda/loop", size=(360, 360))
     g.link(decode, 0, webp, "images")
     g.link(rate, 0, webp, "fps")
     return g.to_json()
@@ -362,7 +377,8 @@ def vhs_video_edit(info: dict) -> dict:
                    text="a rabbit walking in a green meadow")
     edited = g.add("CLIPTextEncode", (360, 180), title="Edited prompt", size=(400, 140),
                    text="a tiger walking in a green meadow")
-    empty = g.add("CLIPTextEncode", (360, 360), title="Negative prompt (empty, as in the paper)", size=(400, 100), text="")
+    empty = g.add("CLIPTextEncode", (360, 360), title="Negative prompt (empty, as in the paper)", size=(400, 100),
+                  text="")
     for node in (source, edited, empty):
         g.link(ckpt, 1, node, "clip")
     tuner = g.add("SimDAEditTuner", (800, 0), size=(340, 520), stride=1)
@@ -407,7 +423,8 @@ def main() -> None:
         "image_to_video.json": image_to_video(info),
         "sdxl_latent_shift_training_free.json": sdxl_latent_shift_training_free(info),
     }
-    if "loop" in info["SimDALatentShiftPatch"]["input"].get("optional", {}) | info["SimDALatentShiftPatch"]["input"]["required"]:
+    shift_inputs = info["SimDALatentShiftPatch"]["input"]
+    if "loop" in shift_inputs.get("optional", {}) | shift_inputs["required"]:
         builds["loop.json"] = loop(info)
     if "VHS_LoadVideo" in info:  # a server with VideoHelperSuite installed (scripts/setup_packs.sh)
         builds["vhs_video_edit.json"] = vhs_video_edit(info)

@@ -1,13 +1,27 @@
 """ComfyUI's UI workflow format (what the frontend saves and loads) and its API prompt format
-(what /prompt takes), read with the widget order that /object_info gives for each node type."""
+(what /prompt takes), read with the widget order that /object_info gives for each node type.
+
+A dynamic combo (``COMFY_DYNAMICCOMBO_V3``, such as Save Video's ``format`` on newer hosts) is a
+widget whose chosen option brings widgets of its own: the frontend places them right after it,
+named ``<combo>.<input>``, and sends each as an input of that dotted name."""
 from __future__ import annotations
 
-WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+from typing import NamedTuple
+
+DYNAMIC_COMBO = "COMFY_DYNAMICCOMBO_V3"
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO", DYNAMIC_COMBO}
 FRONTEND_ONLY = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
 
 
+def spec_options(spec: list) -> dict:
+    return spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+
+
 def is_widget(input_spec: list) -> bool:
-    return isinstance(input_spec[0], list) or input_spec[0] in WIDGET_TYPES
+    """Whether the frontend gives the input a widget: a value type or a combo, unless it is forced
+    to be a socket (``forceInput``)."""
+    is_value = isinstance(input_spec[0], list) or input_spec[0] in WIDGET_TYPES
+    return is_value and not spec_options(input_spec).get("forceInput")
 
 
 def input_spec(node_info: dict, name: str) -> list:
@@ -17,43 +31,109 @@ def input_spec(node_info: dict, name: str) -> list:
     raise KeyError(name)
 
 
-def widget_slots(node_info: dict) -> list[tuple[str, bool]]:
-    """``(name, followed_by_control_value)`` for each widget, in ``widgets_values`` order: the
-    frontend stores a "fixed"/"randomize" value after each seed-like widget."""
-    slots = []
+def choices(spec: list) -> list:
+    """The values a combo offers: a list as the spec's type (older nodes) or its ``options``; a
+    dynamic combo's option keys."""
+    if isinstance(spec[0], list):
+        return spec[0]
+    options = spec_options(spec).get("options", [])
+    return [o["key"] for o in options] if spec[0] == DYNAMIC_COMBO else options
+
+
+def default_value(spec: list):
+    """The value a new widget starts with: the input's default, else a combo's first choice, else ""."""
+    options = spec_options(spec)
+    if "default" in options:
+        return options["default"]
+    offered = choices(spec)
+    return offered[0] if offered else ""
+
+
+class Slot(NamedTuple):
+    """A widget at ``position`` in ``widgets_values``; a seed-like one (``control``) is followed
+    there by its "fixed"/"randomize" value."""
+    name: str
+    spec: list
+    position: int
+    control: bool
+
+
+def ordered_inputs(inputs: dict, order: dict | None = None):
+    """``(name, spec)`` of the required inputs, then the optional ones, in ``order`` when given."""
     for group in ("required", "optional"):
-        for name in node_info["input_order"].get(group, []):
-            spec = node_info["input"][group][name]
-            if is_widget(spec):
-                options = spec[1] if len(spec) > 1 else {}
-                slots.append((name, bool(options.get("control_after_generate"))))
+        names = (order or {}).get(group) or list(inputs.get(group, {}))
+        for name in names:
+            yield name, inputs[group][name]
+
+
+def widget_slots(node_info: dict, values: list | tuple = ()) -> list[Slot]:
+    """Each widget of a node whose ``widgets_values`` list is ``values``, in that list's order. The
+    option a dynamic combo holds (its default where ``values`` ends before it) adds its widgets
+    right after it."""
+    slots: list[Slot] = []
+
+    def walk(inputs: dict, order: dict | None, prefix: str) -> None:
+        for name, spec in ordered_inputs(inputs, order):
+            if not is_widget(spec):
+                continue
+            position = slots[-1].position + (2 if slots[-1].control else 1) if slots else 0
+            slot = Slot(prefix + name, spec, position, bool(spec_options(spec).get("control_after_generate")))
+            slots.append(slot)
+            if spec[0] == DYNAMIC_COMBO:
+                chosen = values[position] if position < len(values) else default_value(spec)
+                for option in spec_options(spec).get("options", []):
+                    if option["key"] == chosen:
+                        walk(option.get("inputs", {}), None, slot.name + ".")
+
+    walk(node_info["input"], node_info.get("input_order"), "")
     return slots
 
 
-def widget_index(node_info: dict, name: str) -> int:
-    index = 0
-    for slot, has_control in widget_slots(node_info):
-        if slot == name:
-            return index
-        index += 2 if has_control else 1
+def widget_slot(node_info: dict, name: str, values: list | tuple = ()) -> Slot:
+    for slot in widget_slots(node_info, values):
+        if slot.name == name:
+            return slot
     raise KeyError(f"no widget '{name}'")
 
 
+def widget_index(node_info: dict, name: str, values: list | tuple = ()) -> int:
+    """Where widget ``name`` sits in a ``widgets_values`` list that starts as ``values``."""
+    return widget_slot(node_info, name, values).position
+
+
 def widget_value(node: dict, node_info: dict, name: str):
-    """Widget ``name`` of a UI-format node: ``widgets_values`` is a list in /object_info order, or
-    (VideoHelperSuite's nodes) an object keyed by widget name."""
+    """Widget ``name`` of a UI-format node: ``widgets_values`` is a list in /object_info order (a
+    widget past its end, which the file predates, holds its default), or (VideoHelperSuite's
+    nodes) an object keyed by widget name."""
     values = node["widgets_values"]
     if isinstance(values, dict):
         if name not in values:
             raise KeyError(f"{node['type']} #{node['id']} has no widget '{name}'")
         return values[name]
-    return values[widget_index(node_info, name)]
+    slot = widget_slot(node_info, name, values)
+    return values[slot.position] if slot.position < len(values) else default_value(slot.spec)
+
+
+def padded_values(node_info: dict, values: list) -> list:
+    """``values`` with the widgets past its end added at their defaults, as the frontend loads it."""
+    values = list(values)
+    for slot in widget_slots(node_info, values):
+        if slot.position >= len(values):
+            values.append(default_value(slot.spec))
+            if slot.control:
+                values.append("fixed")
+    return values
 
 
 def set_widget_value(node: dict, node_info: dict, name: str, value) -> None:
     widget_value(node, node_info, name)  # it must exist
     values = node["widgets_values"]
-    values[name if isinstance(values, dict) else widget_index(node_info, name)] = value
+    if isinstance(values, dict):
+        values[name] = value
+        return
+    if widget_index(node_info, name, values) >= len(values):
+        values[:] = padded_values(node_info, values)
+    values[widget_index(node_info, name, values)] = value
 
 
 def set_widget(workflow: dict, object_info: dict, node_type: str, name: str, value) -> int:
@@ -70,19 +150,16 @@ def set_widget(workflow: dict, object_info: dict, node_type: str, name: str, val
 
 def widget_inputs(node: dict, node_info: dict) -> dict:
     """The inputs a node's widgets give its API prompt entry. A list is read in /object_info's widget
-    order; a keyed object by name, with the extra widgets a node's own frontend code adds (such as
-    VHS Video Combine's per-format crf, pix_fmt) and without its display widgets (a preview's state,
-    an object)."""
+    order, widgets past its end at their defaults; a keyed object by name, with the extra widgets a
+    node's own frontend code adds (such as VHS Video Combine's per-format crf, pix_fmt) and without
+    its display widgets (a preview's state, an object)."""
     values = node.get("widgets_values") or []
     if isinstance(values, dict):
-        inputs = {name: values[name] for name, _ in widget_slots(node_info) if name in values}
+        inputs = {slot.name: values[slot.name] for slot in widget_slots(node_info) if slot.name in values}
         inputs.update({k: v for k, v in values.items() if k not in inputs and isinstance(v, (bool, int, float, str))})
         return inputs
-    inputs, position = {}, 0
-    for name, has_control in widget_slots(node_info):
-        inputs[name] = values[position]
-        position += 2 if has_control else 1
-    return inputs
+    values = padded_values(node_info, values)
+    return {slot.name: values[slot.position] for slot in widget_slots(node_info, values)}
 
 
 MUTED, BYPASSED = 2, 4
@@ -109,7 +186,7 @@ def bypass_input(node: dict, slot: int, wanted: str) -> int | None:
         return slot if slot < len(inputs) else 0
     outputs = node.get("outputs") or []
     produced = outputs[slot].get("type") if slot < len(outputs) else wanted
-    if slot < len(inputs) and types_match(inputs[slot].get("type"), produced) and types_match(inputs[slot].get("type"), wanted):
+    if slot < len(inputs) and all(types_match(inputs[slot].get("type"), t) for t in (produced, wanted)):
         return slot
     for index, entry in enumerate(inputs):
         if entry.get("type") == wanted:

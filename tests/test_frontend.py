@@ -57,7 +57,10 @@ NAMES = ("text_to_video", "latent_shift_training_free", "video_edit", "text_to_v
 NEEDS_PACK = {"vhs_video_edit": "VHS_"}
 """Workflows that open only with another pack installed, and the prefix of that pack's node types
 (VideoHelperSuite's)."""
-SERVER_OF = {"vhs_video_edit": ("comfy_server_with_packs", "packs_page"), "sdxl_latent_shift_training_free": ("sdxl_server", "sdxl_page")}
+SERVER_OF = {
+    "vhs_video_edit": ("comfy_server_with_packs", "packs_page"),
+    "sdxl_latent_shift_training_free": ("sdxl_server", "sdxl_page"),
+}
 """``(server fixture, page fixture)`` of the workflows that do not run on ``comfy_server``: VHS's, and
 the SDXL one on the random SDXL-family checkpoint of tests/sdxl_server.py."""
 SCREENSHOTS = PACK_DIR / "tests" / "output" / "frontend"
@@ -84,9 +87,14 @@ FIRST_FRAME = "first_frame.png"
 """The image that image_to_video.json loads (its shipped file name): the source clip's first frame."""
 TRAVEL = "0: a cat walking through a sunny garden\n2: a lynx walking through a sunny garden\n-1: a (tiger:1.2) walking"
 """prompt_travel's keyframes for the shrunk clip of FRAMES frames."""
-OFFLINE_NOISE = "violates the following Content Security Policy directive"
-"""Console errors the page logs when the host's Content-Security-Policy blocks its calls to the
-comfy.org registry (it looks up every custom node type it shows); this machine has no network."""
+OFFLINE_NOISE = (
+    "violates the following Content Security Policy directive",
+    "violates the document's Content Security Policy",
+)
+"""Console errors the page logs when the host's Content-Security-Policy blocks its calls out: to the
+comfy.org registry (it looks up every custom node type it shows) and, in newer frontends, to the
+model hosts named in its default graph (it checks the models that graph lacks). This machine has
+no network."""
 
 
 # -- shrinking a workflow by its widget values -------------------------------------------------
@@ -124,9 +132,11 @@ def shrunk(name: str, server, info: dict) -> dict:
         set_values(workflow, info, "SimDAVideoSampler", steps=TUNER["inversion_steps"])
     elif name == "text_to_video_upscaled":
         set_values(workflow, info, "CheckpointLoaderSimple", None, ckpt_name=server.checkpoint_name)
-        set_values(workflow, info, "CheckpointLoaderSimple", "Load the SD x4 upscaler", ckpt_name=test_upscaler.X4_CLIP_CHECKPOINT.name)
+        set_values(workflow, info, "CheckpointLoaderSimple", "Load the SD x4 upscaler",
+                   ckpt_name=test_upscaler.X4_CLIP_CHECKPOINT.name)
         set_values(workflow, info, "SimDAAdapterLoader", None, adapter_name=server.adapter_name)
-        set_values(workflow, info, "SimDAVideoSampler", frames=UPSCALED_FRAMES, width=UPSCALED_INPUT, height=UPSCALED_INPUT, steps=STEPS)
+        set_values(workflow, info, "SimDAVideoSampler", frames=UPSCALED_FRAMES, width=UPSCALED_INPUT,
+                   height=UPSCALED_INPUT, steps=STEPS)
         set_values(workflow, info, "SimDAVideoUpscaler", steps=UPSCALER_STEPS)
     elif name in ("prompt_travel", "image_to_video", "loop"):
         set_values(workflow, info, "CheckpointLoaderSimple", ckpt_name=server.checkpoint_name)
@@ -205,10 +215,10 @@ class Page:
         self.responses.clear()
 
     def errors_since_mark(self, expected: tuple[str, ...] = ()) -> list[str]:
-        """What went wrong since ``mark()``, less the offline registry calls and lines holding
-        any of ``expected``."""
+        """What went wrong since ``mark()``, less the calls out that the offline page is refused
+        (OFFLINE_NOISE) and lines holding any of ``expected``."""
         return [line for line in self.log[self.mark_at:]
-                if not line.startswith("warning") and OFFLINE_NOISE not in line and not any(e in line for e in expected)]
+                if not line.startswith("warning") and not any(e in line for e in (*OFFLINE_NOISE, *expected))]
 
     def warnings_since_mark(self) -> list[str]:
         return [line for line in self.log[self.mark_at:] if line.startswith("warning")]
@@ -224,7 +234,8 @@ SETUP_JS = """() => {
         afterConfigureGraph(missingNodeTypes) { window.__simda.missing = missingNodeTypes; },
     });
     const api = window.comfyAPI.api.api;
-    for (const type of ['execution_start', 'executed', 'execution_success', 'execution_error', 'execution_interrupted']) {
+    const types = ['execution_start', 'executed', 'execution_success', 'execution_error', 'execution_interrupted'];
+    for (const type of types) {
         api.addEventListener(type, (event) => window.__simda.events.push({type, detail: event.detail}));
     }
 }"""
@@ -238,38 +249,51 @@ LOAD_JS = """async (workflow) => {
     return {
         missing: window.__simda.missing,
         unregistered: types.filter((t) => !(t in LiteGraph.registered_node_types)),
-        nodes: app.graph.nodes.map((n) => [n.id, n.type]),
+        nodes: app.graph.nodes.map((n) => [String(n.id), n.type]),
     };
 }"""
+"""Loads a graph; what the page could not create, and the id and type of each node it holds (the id
+as a string: older frontends keep the file's numbers, newer ones strings, as the prompt has them)."""
 
-WIDGET_PROBLEMS_JS = """() => {
+DIALOG = '.p-dialog, [role="dialog"]'
+"""A dialog of the page: PrimeVue's in older frontends, an element of role "dialog" in newer ones."""
+NOTICES = f'{DIALOG}, .p-toast-message-warn, .p-toast-message-error, [data-testid="error-overlay"]'
+"""What the page shows when a graph has a problem: a dialog, a warning or error toast, or (newer
+frontends, instead of the missing nodes and models dialogs) the error overlay that lists them."""
+
+WIDGET_PROBLEMS_JS = """(notices) => {
     const problems = [];
     for (const node of app.graph.nodes) {
         if (node.mode !== 0) continue;  // muted and bypassed nodes are not queued
         if (node.has_errors) problems.push(`${node.type} #${node.id} is marked as having errors`);
         for (const w of node.widgets ?? []) {
+            if (w.type === 'button') continue;  // an action (VHS's upload button), no value
             const where = `${node.type} #${node.id} widget '${w.name}'`;
             const value = w.value;
+            const {min, max} = w.options ?? {};
             if (value === undefined || value === null || (typeof value === 'number' && !Number.isFinite(value))) {
                 problems.push(`${where} has no value (${value})`);
             } else if (w.type === 'combo') {
                 const values = typeof w.options.values === 'function' ? w.options.values(w, node) : w.options.values;
-                if (!values.includes(value)) problems.push(`${where}: ${JSON.stringify(value)} is not one of its ${values.length} options`);
+                if (!values.includes(value)) {
+                    problems.push(`${where}: ${JSON.stringify(value)} is not one of its ${values.length} options`);
+                }
             } else if (w.type === 'number') {
                 if (typeof value !== 'number') problems.push(`${where}: ${JSON.stringify(value)} is not a number`);
-                else if (w.options.min !== undefined && value < w.options.min) problems.push(`${where}: ${value} < min ${w.options.min}`);
-                else if (w.options.max !== undefined && value > w.options.max) problems.push(`${where}: ${value} > max ${w.options.max}`);
+                else if (min !== undefined && value < min) problems.push(`${where}: ${value} < min ${min}`);
+                else if (max !== undefined && value > max) problems.push(`${where}: ${value} > max ${max}`);
             }
         }
     }
-    const shown = [...document.querySelectorAll('.p-dialog, .p-toast-message-warn, .p-toast-message-error')];
+    const shown = [...document.querySelectorAll(notices)];
     for (const element of shown) problems.push(`the page shows: ${element.innerText.trim().slice(0, 400)}`);
     return problems;
 }"""
 """What the page itself would flag on the loaded graph: combo values that are not among the
 server's choices (a missing checkpoint, file or sampler), numbers out of range or NaN, widgets
-without a value, nodes marked with errors, and any dialog or warning toast (missing nodes,
-missing models, workflow validation)."""
+without a value (buttons, which are actions, aside: newer frontends give them none), nodes marked
+with errors, and any dialog, warning toast or error overlay (missing nodes, missing models,
+workflow validation)."""
 
 GRAPH_BOX_JS = """() => {
     let [x0, y0, x1, y1] = [Infinity, Infinity, -Infinity, -Infinity];
@@ -363,7 +387,8 @@ def absent_inputs(server, workflow: dict) -> tuple[str, ...]:
     """The page's requests for the previews of the input files ``workflow`` names that the server
     does not have (the shipped video_edit's source_clip.mp4): the server answers them 404."""
     files = [n["widgets_values"][0] for n in workflow["nodes"] if n["type"] == "LoadVideo"]
-    return tuple(f"/api/view?type=input&filename={urllib.parse.quote(f)}&" for f in files if not (server.input_dir / f).exists())
+    absent = [f for f in files if not (server.input_dir / f).exists()]
+    return tuple(f"/api/view?type=input&filename={urllib.parse.quote(f)}&" for f in absent)
 
 
 def declared(info: dict, entry: dict) -> dict:
@@ -382,7 +407,8 @@ def assert_loads(page: Page, workflow: dict) -> None:
     loaded = page.evaluate(LOAD_JS, workflow)
     assert loaded["missing"] == [], f"the page is missing node types: {loaded['missing']}"
     assert loaded["unregistered"] == [], f"LiteGraph has no node type {loaded['unregistered']}"
-    assert sorted(map(tuple, loaded["nodes"])) == sorted((n["id"], n["type"]) for n in workflow["nodes"]), loaded["nodes"]
+    expected = sorted((str(n["id"]), n["type"]) for n in workflow["nodes"])
+    assert sorted(map(tuple, loaded["nodes"])) == expected, loaded["nodes"]
 
 
 def screenshot_graph(page: Page, path: Path) -> None:
@@ -412,7 +438,7 @@ def test_workflow_loads_and_runs_in_the_page(request, name):
 
     workflow = shrunk(name, server, info)
     assert_loads(page, workflow)
-    problems = page.evaluate(WIDGET_PROBLEMS_JS)
+    problems = page.evaluate(WIDGET_PROBLEMS_JS, NOTICES)
     assert problems == [], "\n".join(problems)
 
     # Queue as the Run button does; the page sends the graph it shows, converted by its own code.
@@ -429,7 +455,8 @@ def test_workflow_loads_and_runs_in_the_page(request, name):
     # (Inputs the node type does not declare, such as LoadVideo's "video-preview" display widget,
     # are the page's own, unless the file holds them: VHS Video Combine's per-format widgets.)
     theirs = {node: {"class_type": entry["class_type"], "inputs": {
-        **declared(info, entry), **{k: v for k, v in entry["inputs"].items() if k in ours.get(node, {}).get("inputs", {})}}}
+        **declared(info, entry),
+        **{k: v for k, v in entry["inputs"].items() if k in ours.get(node, {}).get("inputs", {})}}}
         for node, entry in prompt.items()}
     assert theirs == ours, f"the page's prompt differs from the file's values:\n{json.dumps(theirs, indent=1)[:4000]}"
 
@@ -482,7 +509,7 @@ def test_workflow_without_its_pack_names_the_missing_node_types(comfy_server, pa
     assert missing == {t for t in types if t.startswith(NEEDS_PACK[name])} != set(), loaded["missing"]
     assert set(loaded["unregistered"]) == missing, loaded["unregistered"]
     page.page.keyboard.press("Escape")
-    page.page.wait_for_function("!document.querySelector('.p-dialog')", timeout=10_000)
+    page.page.wait_for_function("(dialog) => !document.querySelector(dialog)", arg=DIALOG, timeout=10_000)
 
 
 # -- templates ---------------------------------------------------------------------------------
@@ -510,7 +537,8 @@ def test_workflows_are_templates_with_thumbnails(comfy_server):
         assert status == 200 and served == load_workflow(name), f"{name}.json served as {status}"
         status, thumbnail = comfy_server.request("GET", f"/api/workflow_templates/{pack}/{name}.jpg")
         assert status == 200, f"no thumbnail {name}.jpg (scripts/make_thumbnails.py writes it): {status}"
-        assert isinstance(thumbnail, bytes) and len(thumbnail) < MAX_THUMBNAIL_BYTES, f"{name}.jpg: {len(thumbnail)} bytes"
+        assert isinstance(thumbnail, bytes), f"{name}.jpg is not served as an image"
+        assert len(thumbnail) < MAX_THUMBNAIL_BYTES, f"{name}.jpg: {len(thumbnail)} bytes"
         with Image.open(BytesIO(thumbnail)) as image:
             assert image.format == "JPEG", image.format
             assert 256 <= image.width <= 1024 and image.height >= 100, image.size
@@ -522,7 +550,7 @@ def test_template_browser_shows_the_workflows_with_their_thumbnails(comfy_server
     pack = pack_folder_name(comfy_server)
     page.mark()
     page.evaluate("app.extensionManager.command.execute('Comfy.BrowseTemplates')")
-    dialog = page.page.locator(".p-dialog").last
+    dialog = page.page.locator(DIALOG).last
     dialog.get_by_text(pack, exact=True).first.click(timeout=30_000)
     # The page fetches each thumbnail and shows it from a blob: URL, once its card is scrolled into view.
     for name in NAMES:

@@ -34,14 +34,16 @@ import comfy.utils
 from simda_pack.simda_core.formats import read_adapter_file
 
 sys.path.insert(0, str(PACK_DIR / "scripts"))
-from workflow_format import BYPASSED, set_widget, widget_index, workflow_to_api  # noqa: E402
+from workflow_format import BYPASSED, set_widget, widget_value, workflow_to_api  # noqa: E402
 
 WORKFLOWS = PACK_DIR / "example_workflows"
 TEXT_TO_VIDEO = ("text_to_video.json", "latent_shift_training_free.json")
 SMALL_CLIPS = ("prompt_travel.json", "image_to_video.json", "loop.json")
 """Adapters -> Latent-Shift Patch -> Video Sampler -> Save Video, with per-frame prompts, a first frame,
 or as a loop."""
-SIMDA_NODES = ("SimDAAdapterLoader", "SimDALatentShiftPatch", "SimDAVideoSampler", "SimDAEditTuner", "SimDASaveAdapters")
+SIMDA_NODES = (
+    "SimDAAdapterLoader", "SimDALatentShiftPatch", "SimDAVideoSampler", "SimDAEditTuner", "SimDASaveAdapters",
+)
 
 FRAMES, SIZE, STEPS, FPS = 4, 64, 2, 6.0
 MIN_SHIFT_DIFFERENCE = 5.0
@@ -67,7 +69,7 @@ def node_id(workflow: dict, node_type: str) -> str:
 
 def widget(workflow: dict, info: dict, node_type: str, name: str):
     (node,) = nodes_of(workflow, node_type)
-    return node["widgets_values"][widget_index(info[node_type], name)]
+    return widget_value(node, info[node_type], name)
 
 
 def set_widgets(workflow: dict, info: dict, node_type: str, **values) -> None:
@@ -83,7 +85,8 @@ def small_text_to_video(server, info: dict, name: str, prefix: str, *, latent_sh
     set_widget(workflow, info, "CheckpointLoaderSimple", "ckpt_name", server.checkpoint_name)
     if nodes_of(workflow, "SimDAAdapterLoader"):
         set_widget(workflow, info, "SimDAAdapterLoader", "adapter_name", server.adapter_name)
-    set_widgets(workflow, info, "SimDAVideoSampler", **{"frames": FRAMES, "width": SIZE, "height": SIZE, "steps": STEPS, **sampler})
+    small = {"frames": FRAMES, "width": SIZE, "height": SIZE, "steps": STEPS}
+    set_widgets(workflow, info, "SimDAVideoSampler", **{**small, **sampler})
     set_widget(workflow, info, "PrimitiveFloat", "value", FPS)
     set_widget(workflow, info, "SaveVideo", "filename_prefix", f"e2e/{prefix}")
     set_widget(workflow, info, "SaveAnimatedWEBP", "filename_prefix", f"e2e/{prefix}")
@@ -164,9 +167,8 @@ def test_workflows_carry_real_defaults(info):
     """The shared files keep what a user should start from; the tests shrink a loaded copy."""
     for name in TEXT_TO_VIDEO:
         workflow = load_workflow(name)
-        assert [widget(workflow, info, "SimDAVideoSampler", w) for w in ("frames", "width", "height", "steps", "sampler_name")] == [
-            16, 512, 512, 50, "ddim"
-        ], name
+        names = ("frames", "width", "height", "steps", "sampler_name")
+        assert [widget(workflow, info, "SimDAVideoSampler", w) for w in names] == [16, 512, 512, 50, "ddim"], name
     edit = load_workflow("video_edit.json")
     assert [widget(edit, info, "SimDAEditTuner", w) for w in ("width", "height", "inversion_steps")] == [512, 512, 50]
     assert widget(edit, info, "SimDAVideoSampler", "steps") == 50
@@ -174,14 +176,14 @@ def test_workflows_carry_real_defaults(info):
     assert save["mode"] == 2, "Save SimDA Adapters ships muted (the user un-mutes it to keep adapters)"
     for name in SMALL_CLIPS:
         workflow = load_workflow(name)
-        assert [widget(workflow, info, "SimDAVideoSampler", w) for w in ("width", "height", "steps", "sampler_name")] == [
-            512, 512, 50, "ddim"
-        ], name
+        names = ("width", "height", "steps", "sampler_name")
+        assert [widget(workflow, info, "SimDAVideoSampler", w) for w in names] == [512, 512, 50, "ddim"], name
         assert widget(workflow, info, "SimDALatentShiftPatch", "loop") is (name == "loop.json"), name
     assert widget(load_workflow("prompt_travel.json"), info, "SimDAPromptTravel", "frames") == 16
     assert widget(load_workflow("image_to_video.json"), info, "SimDAKeyframes", "frames") == 16
     # VHS's nodes keep their widgets by name (the object_info of this server has no VHS).
-    vhs = {n["type"]: n["widgets_values"] for n in load_workflow("vhs_video_edit.json")["nodes"] if n["type"].startswith("VHS_")}
+    vhs_edit = load_workflow("vhs_video_edit.json")
+    vhs = {n["type"]: n["widgets_values"] for n in vhs_edit["nodes"] if n["type"].startswith("VHS_")}
     assert vhs["VHS_LoadVideo"]["select_every_nth"] == 2 and vhs["VHS_VideoCombine"]["format"] == "video/h264-mp4", vhs
 
 
@@ -190,7 +192,8 @@ def test_bypassed_node_passes_its_input_on(comfy_server, info):
     frontend sends it; a muted source's consumers lose the input."""
     workflow = small_text_to_video(comfy_server, info, "text_to_video.json", "unused", latent_shift=False)
     prompt = workflow_to_api(workflow, info)
-    shift, loader, sampler = (node_id(workflow, t) for t in ("SimDALatentShiftPatch", "SimDAAdapterLoader", "SimDAVideoSampler"))
+    types = ("SimDALatentShiftPatch", "SimDAAdapterLoader", "SimDAVideoSampler")
+    shift, loader, sampler = (node_id(workflow, t) for t in types)
     assert shift not in prompt
     assert prompt[sampler]["inputs"]["model"] == [loader, 0]
     # A bypassed VAE Decode has no IMAGE input: what read its IMAGE gets nothing, as in the frontend.
@@ -251,7 +254,8 @@ def empty_latent(width: int, height: int, frames: int) -> dict:
     return {"class_type": "EmptyLatentImage", "inputs": {"width": width, "height": height, "batch_size": frames}}
 
 
-def assert_refused(server, prompt: dict, node: str, prefix: str, words: list[str], host_words: list[str] | None = None) -> None:
+def assert_refused(server, prompt: dict, node: str, prefix: str, words: list[str],
+                   host_words: list[str] | None = None) -> None:
     """The prompt fails with ``words`` in our error before the sampler runs (or, where
     ``host_words`` are given, the host's validation refuses it with them); nothing is saved."""
     log_start = log_size(server)
@@ -290,12 +294,14 @@ def test_zero_frames_is_refused(comfy_server, info):
 
 def test_size_not_a_multiple_of_8_is_refused(comfy_server, info):
     prompt, sampler = sampler_prompt(comfy_server, info, "bad_width", width=100)
-    assert_refused(comfy_server, prompt, sampler, "bad_width", ["100x64 is not a multiple of 8", "1/8 of the image size"])
+    assert_refused(comfy_server, prompt, sampler, "bad_width",
+                   ["100x64 is not a multiple of 8", "1/8 of the image size"])
     assert_still_serving(comfy_server, info, seed=1002)
 
 
 @pytest.mark.parametrize("latent, start, words", [
-    ((SIZE, SIZE, 3), (SIZE, SIZE, FRAMES), ["start_latent holds 4 frames of 64x64", "has 3 frames of 64x64", "same clip"]),
+    ((SIZE, SIZE, 3), (SIZE, SIZE, FRAMES),
+     ["start_latent holds 4 frames of 64x64", "has 3 frames of 64x64", "same clip"]),
     ((SIZE, SIZE, FRAMES), (SIZE + 8, SIZE, FRAMES), ["start_latent holds 4 frames of 72x64", "has 4 frames of 64x64"]),
     ((SIZE, SIZE, FRAMES), (SIZE, SIZE, FRAMES), ["start_latent is not inverted noise", "SimDA Edit Tuner"]),
 ], ids=["frames_disagree", "size_disagrees", "not_inverted"])
@@ -344,7 +350,8 @@ def test_non_sd_model_is_refused(comfy_server, info, into):
     prompt[target]["inputs"]["model"] = ["902", 0]
     what = "SimDA Latent-Shift Patch" if into == "SimDALatentShiftPatch" else "SimDA Video Sampler"
     assert_refused(comfy_server, prompt, target, "bad_family",
-                   [f"{what} needs an SD1.x, SD2.x or SDXL model", "the connected MODEL is SD3", "Connect a Load Checkpoint"])
+                   [f"{what} needs an SD1.x, SD2.x or SDXL model", "the connected MODEL is SD3",
+                    "Connect a Load Checkpoint"])
     assert_still_serving(comfy_server, info, seed=1004)
 
 
@@ -373,16 +380,17 @@ def source_clip(comfy_server) -> Fraction:
 
 def small_video_edit(server, info, prefix: str, save_as: str | None = None, **sampler) -> dict:
     """example_workflows/video_edit.json on SOURCE_CLIP, tuned and sampled small; with ``save_as`` the
-    (muted) Save SimDA Adapters node is switched on with that file name."""
+    (muted) Save SimDA Adapters node is switched on with that file name prefix."""
     workflow = load_workflow("video_edit.json")
     set_widget(workflow, info, "LoadVideo", "file", SOURCE_CLIP)
     set_widget(workflow, info, "CheckpointLoaderSimple", "ckpt_name", server.checkpoint_name)
     set_widgets(workflow, info, "SimDAEditTuner", **TUNER)
     set_widgets(workflow, info, "SimDAVideoSampler", **{"steps": TUNER["inversion_steps"], **sampler})
     set_widget(workflow, info, "SaveVideo", "filename_prefix", f"e2e/{prefix}")
-    assert widget(workflow, info, "SimDAVideoSampler", "scheduler") == widget(workflow, info, "SimDAEditTuner", "inversion_scheduler")
+    scheduler = widget(workflow, info, "SimDAVideoSampler", "scheduler")
+    assert scheduler == widget(workflow, info, "SimDAEditTuner", "inversion_scheduler")
     if save_as is not None:
-        set_widget(workflow, info, "SimDASaveAdapters", "filename", save_as)
+        set_widget(workflow, info, "SimDASaveAdapters", "filename_prefix", save_as)
         nodes_of(workflow, "SimDASaveAdapters")[0]["mode"] = 0
     return workflow
 
@@ -411,7 +419,8 @@ def test_video_edit_workflow(comfy_server, info, source_clip):
     assert len(losses) == TUNER["steps"] and np.isfinite(losses).all(), f"training losses {losses}"
     frames, rate = decode_mp4(saved_file(server, workflow, entry, "SaveVideo"))
     assert frames.shape == (FRAMES, SIZE, SIZE, 3), frames.shape
-    assert rate == source_clip / TUNER["stride"], f"the edited clip runs at {rate} fps; the source at {source_clip}, stride {TUNER['stride']}"
+    assert rate == source_clip / TUNER["stride"], \
+        f"the edited clip runs at {rate} fps; the source at {source_clip}, stride {TUNER['stride']}"
     assert frames.std() > 1, "the frames are flat"
 
     # The same graph again: the host answers the tuner from its cache; nothing is trained again.
@@ -426,49 +435,53 @@ def test_video_edit_workflow(comfy_server, info, source_clip):
                    ["inverted with 2 steps of the 'ddim_uniform' schedule", "runs 3 steps", "same steps and scheduler"])
     assert trainings(server, log_start) == 1, "a refused prompt trained"
 
-    # Save SimDA Adapters switched on: the adapters land in models/simda, still without training again.
-    saved = server.simda_dir / "e2e_edit.safetensors"
-    assert not saved.exists()
+    # Save SimDA Adapters switched on: the adapters land in models/simda, numbered as the host's save
+    # nodes number their files, still without training again.
+    assert adapter_files(server, "e2e_edit") == []
     keep = small_video_edit(server, info, "video_edit_saved", save_as="e2e_edit")
     entry = run_ok(server, workflow_to_api(keep, info))
     assert tuner in cached_nodes(entry)
     assert trainings(server, log_start) == 1
-    assert saved.is_file(), f"no {saved.name} in {sorted(p.name for p in server.simda_dir.iterdir())}"
+    assert adapter_files(server, "e2e_edit") == ["e2e_edit_00001.safetensors"], sorted(server.simda_dir.iterdir())
+    saved = server.simda_dir / "e2e_edit_00001.safetensors"
     adapter_file = read_adapter_file(saved)
-    assert (adapter_file.family, adapter_file.frames_trained) == ("sd1", FRAMES), (adapter_file.family, adapter_file.frames_trained)
+    trained = (adapter_file.family, adapter_file.frames_trained)
+    assert trained == ("sd1", FRAMES), trained
     assert adapter_file.metadata.get("tuning_steps") == str(TUNER["steps"]), adapter_file.metadata
     assert leftovers(server.simda_dir) == []
     written = saved.read_bytes()
 
-    # The same file name again. The host's validation (the node's validate_inputs) names the file
-    # when the prompt is queued. With only the Save node as output (Save Video muted) and a graph
-    # that would have to train (another seed), the whole prompt is refused: nothing runs.
+    # The same prefix again, with the Save node as the only output (Save Video muted) and a graph
+    # that trains (another seed): the prompt is taken, and the save adds the next numbered file
+    # beside the first, which stays as it was.
     again = small_video_edit(server, info, "video_edit_again", save_as="e2e_edit")
     set_widget(again, info, "SimDAEditTuner", "seed", 7)
     nodes_of(again, "SaveVideo")[0]["mode"] = 2
-    status, answer = server.queue_prompt(workflow_to_api(again, info))
-    assert status == 400, f"a second save to e2e_edit was queued ({status}): {answer}"
-    assert_names_existing_file(answer, node_id(again, "SimDASaveAdapters"))
-    assert server.alive()
-    assert trainings(server, log_start) == 1, "the refused prompt trained"
-    # The whole graph with the same file name: the host runs the outputs that validate (here the
-    # video, all from its cache) and leaves the Save node out, with its error in the answer.
-    status, answer = server.queue_prompt(workflow_to_api(keep, info))
-    assert status == 200, answer
-    assert_names_existing_file(answer, node_id(keep, "SimDASaveAdapters"))
-    entry = server.wait_history(answer["prompt_id"])
-    assert execution_error(entry) is None, execution_error(entry)
-    assert node_id(keep, "SimDASaveAdapters") not in entry["outputs"]
-    assert trainings(server, log_start) == 1
+    run_ok(server, workflow_to_api(again, info), timeout=400)
+    assert trainings(server, log_start) == 2, "the prompt with another seed did not train"
+    assert adapter_files(server, "e2e_edit") == ["e2e_edit_00001.safetensors", "e2e_edit_00002.safetensors"]
     assert saved.read_bytes() == written, "the existing adapters were changed"
     assert leftovers(server.simda_dir) == []
-    assert not list((server.output_dir / "e2e").glob("video_edit_again_*"))
+    assert not list((server.output_dir / "e2e").glob("video_edit_again_*")), "the muted Save Video saved"
 
-
-def assert_names_existing_file(answer: dict, save_node: str) -> None:
-    errors = answer["node_errors"][save_node]["errors"]
+    # A prefix that leaves models/simda: the host's validation (the node's validate_inputs) refuses
+    # the prompt when it is queued, naming the problem; nothing trains.
+    outside = small_video_edit(server, info, "video_edit_outside", save_as="../e2e_edit")
+    set_widget(outside, info, "SimDAEditTuner", "seed", 8)
+    nodes_of(outside, "SaveVideo")[0]["mode"] = 2
+    status, answer = server.queue_prompt(workflow_to_api(outside, info))
+    assert status == 400, f"a save outside models/simda was queued ({status}): {answer}"
+    errors = answer["node_errors"][node_id(outside, "SimDASaveAdapters")]["errors"]
     text = " ".join(f"{e['message']} {e['details']}" for e in errors)
-    assert "'e2e_edit.safetensors' already exists in models/simda" in text and "choose another file name" in text, text
+    assert "'../e2e_edit' is not a file name prefix inside models/simda" in text, text
+    assert server.alive()
+    assert trainings(server, log_start) == 2, "the refused prompt trained"
+    assert adapter_files(server, "e2e_edit") == ["e2e_edit_00001.safetensors", "e2e_edit_00002.safetensors"]
+
+
+def adapter_files(server, stem: str) -> list[str]:
+    """The numbered adapter files ``<stem>_<counter>.safetensors`` in the server's models/simda."""
+    return sorted(path.name for path in server.simda_dir.glob(f"{stem}_*.safetensors"))
 
 
 # -- prompt travel, image to video, loop -----------------------------------------------------------
@@ -492,7 +505,8 @@ def small_clip(server, info: dict, name: str, prefix: str, **sampler) -> dict:
     workflow = load_workflow(name)
     set_widget(workflow, info, "CheckpointLoaderSimple", "ckpt_name", server.checkpoint_name)
     set_widget(workflow, info, "SimDAAdapterLoader", "adapter_name", server.adapter_name)
-    set_widgets(workflow, info, "SimDAVideoSampler", **{"frames": FRAMES, "width": SIZE, "height": SIZE, "steps": STEPS, **sampler})
+    small = {"frames": FRAMES, "width": SIZE, "height": SIZE, "steps": STEPS}
+    set_widgets(workflow, info, "SimDAVideoSampler", **{**small, **sampler})
     set_widget(workflow, info, "PrimitiveFloat", "value", FPS)
     set_widget(workflow, info, "SaveVideo", "filename_prefix", f"e2e/{prefix}")
     if name == "prompt_travel.json":
