@@ -88,7 +88,7 @@ def bench_tune(base, setting: Setting, mode, device) -> list[str]:
         adapters = initial_adapters(model_sites(base), seed=0, device=device)
         clone = training_patcher(base)
         apply_simda(clone, SimDAConfig(adapters=adapters, latent_shift=LatentShiftSettings(), gradient_checkpointing=checkpointing))
-        trainer = AdapterTrainer(clone, adapters, TuningRecipe(gradient_checkpointing=checkpointing), seed=0)
+        trainer = AdapterTrainer(clone, adapters, TuningRecipe(), seed=0)
         latent = setting.tune_size // 8
         x0 = torch.randn(setting.tune_frames, 4, latent, latent, device=device)
         context = conditioning(mode, device, 3)[0][0].repeat(setting.tune_frames, 1, 1)

@@ -63,7 +63,7 @@ def one_method(method: str, gpu: bool, steps: int) -> dict:
     adapters = initial_adapters(model_sites(training), seed=0, device=device)
     apply_simda(training, SimDAConfig(adapters=adapters, latent_shift=LatentShiftSettings(), gradient_checkpointing=True))
     mm.load_models_gpu([training])
-    trainer = AdapterTrainer(training, adapters, TuningRecipe(gradient_checkpointing=True), seed=0)
+    trainer = AdapterTrainer(training, adapters, TuningRecipe(), seed=0)
     g = torch.Generator().manual_seed(0)
     x0 = torch.randn(frames, 4, latent, latent, generator=g)
     context = torch.randn(frames, 77, 768, generator=g)

@@ -134,7 +134,7 @@ def tuning(device: torch.device, steps: int = 3) -> dict:
         training = training_patcher(base)
         apply_simda(training, SimDAConfig(adapters=adapters, latent_shift=LatentShiftSettings(), gradient_checkpointing=checkpointing))
         mm.load_models_gpu([training])
-        trainer = AdapterTrainer(training, adapters, TuningRecipe(learning_rate=1e-3, gradient_checkpointing=checkpointing), seed=3)
+        trainer = AdapterTrainer(training, adapters, TuningRecipe(learning_rate=1e-3), seed=3)
         with torch.inference_mode(False), torch.enable_grad():
             loss = trainer.loss(x0, context, clips=1, timesteps=torch.tensor([500]), noise=torch.randn(x0.shape, generator=g.manual_seed(4)))
             loss.backward()
@@ -304,7 +304,7 @@ def dynamic_vram(device: torch.device, steps: int = 3) -> dict:
     report["delegate_has_another_model"] = training.model is not model.model
     apply_simda(training, SimDAConfig(adapters=adapters, latent_shift=LatentShiftSettings(), gradient_checkpointing=True))
     mm.load_models_gpu([training])
-    trainer = AdapterTrainer(training, adapters, TuningRecipe(learning_rate=1e-3, gradient_checkpointing=True), seed=3)
+    trainer = AdapterTrainer(training, adapters, TuningRecipe(learning_rate=1e-3), seed=3)
     g = torch.Generator().manual_seed(0)
     x0, context = torch.randn(8, 4, 32, 32, generator=g), torch.randn(8, 77, 768, generator=g)
     with torch.inference_mode(False), torch.enable_grad():

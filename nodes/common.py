@@ -1,5 +1,5 @@
-"""What the SimDA nodes share: the family check, SDXL's size conditioning, registering SimDA on a clone with the error a
-user sees, the inversion record carried by LATENTs, and per-frame seeded clip noise."""
+"""What the SimDA nodes share: the family check, registering SimDA on a clone with the error a user sees, the inversion
+record carried by LATENTs, and per-frame seeded clip noise."""
 from __future__ import annotations
 
 import torch
@@ -27,28 +27,6 @@ def check_family(model, wanted: str, what: str) -> str:
             "load adapters trained for this model, or connect the matching checkpoint."
         )
     return family
-
-
-SIZE_CONDITIONING = ("width", "height", "crop_w", "crop_h", "target_width", "target_height")
-"""What SDXL's ADM embeds besides the pooled text (the host's ``model_base.SDXL.encode_adm``)."""
-
-
-def with_size_conditioning(model, conditioning: list, width: int, height: int) -> list:
-    """``conditioning`` for an SDXL-family ``model`` with the clip's frame size as SDXL's size
-    conditioning: ``width``/``height`` and the target size are the frame's pixels, the crop 0.
-    Values an entry already carries (CLIP Text Encode SDXL's) are kept; the host repeats the
-    embedding over the batch, so every frame gets the same one. Other families' conditioning and
-    the input lists are returned unchanged (new entries are made, never edited in place)."""
-    if model_family(model) != "sdxl":
-        return conditioning
-    size = {"width": width, "height": height, "crop_w": 0, "crop_h": 0}
-    out = []
-    for tensor, options in conditioning:
-        filled = {**size, **options}
-        filled.setdefault("target_width", filled["width"])
-        filled.setdefault("target_height", filled["height"])
-        out.append([tensor, filled])
-    return out
 
 
 def simda_clone(model, config: SimDAConfig):

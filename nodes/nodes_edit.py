@@ -156,7 +156,7 @@ class SimDAEditTuner(io.ComfyNode):
         if config.latent_shift is None:
             config = replace(config, latent_shift=LatentShiftSettings())
         device = model.load_device
-        recipe = TuningRecipe(steps=steps, learning_rate=learning_rate, gradient_checkpointing=gradient_checkpointing)
+        recipe = TuningRecipe(learning_rate=learning_rate)
 
         with torch.inference_mode(False), torch.enable_grad(), host_training_mode():
             adapters = trainable_adapters(model, device, seed)

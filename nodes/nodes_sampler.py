@@ -20,7 +20,7 @@ from ..simda_core.host_patch import get_config, unloaded_on_failure
 from ..simda_core.keyframes import paste_fixed
 from ..simda_core.inversion import INVERSION_SAMPLER
 from ..simda_core.sampler_noise import adds_fresh_noise, noise_free_samplers
-from .common import INVERSION_KEY, check_family, clip_noise, with_size_conditioning
+from .common import INVERSION_KEY, check_family, clip_noise
 
 log = logging.getLogger("SimDA")
 
@@ -191,7 +191,6 @@ class SimDAVideoSampler(io.ComfyNode):
         )
         if problem:
             raise ValueError(f"SimDA Video Sampler: {problem}.")
-        positive, negative = (with_size_conditioning(model, c, latent_image.shape[3] * 8, latent_image.shape[2] * 8) for c in (positive, negative))
         noise_mask = latent.get("noise_mask") if latent is not None else None
         if noise_mask is not None and start_latent is not None:
             raise ValueError(

@@ -20,9 +20,10 @@ NUM_TIMESTEPS = 1000
 
 @dataclass(frozen=True)
 class TuningRecipe:
-    """The authors' one-shot editing recipe; every number can be changed by the caller."""
+    """The authors' optimiser settings for one-shot editing; every number can be changed by the
+    caller. How many steps to train is the caller's loop; gradient checkpointing is a property of
+    the SimDA patches (``SimDAConfig.gradient_checkpointing``)."""
 
-    steps: int = 300
     learning_rate: float = 5e-5
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 1e-2
@@ -30,7 +31,6 @@ class TuningRecipe:
     max_grad_norm: float = 1.0
     mixed_precision: bool = True
     """fp16 autocast with loss scaling where the UNet runs on CUDA; ignored on the CPU."""
-    gradient_checkpointing: bool = False
 
 
 def initial_adapters(sites, seed: int = 0, device=None) -> SimDAAdapters:

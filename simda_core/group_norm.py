@@ -12,12 +12,8 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-from einops import rearrange
 
 from .layout import ClipLayout
-
-GroupNormLike = torch.nn.GroupNorm | Callable[[torch.Tensor], torch.Tensor]
-
 
 NormParameters = Callable[[torch.nn.GroupNorm, torch.Tensor], tuple]
 """``(weight, bias)`` of a GroupNorm layer for input ``x``, as the host computes with them
@@ -25,36 +21,18 @@ NormParameters = Callable[[torch.nn.GroupNorm, torch.Tensor], tuple]
 
 
 def frame_shared_group_norm(
-    x: torch.Tensor, layout: ClipLayout, group_norm: GroupNormLike, parameters: NormParameters | None = None
+    x: torch.Tensor, layout: ClipLayout, norm: torch.nn.GroupNorm, parameters: NormParameters | None = None
 ) -> torch.Tensor:
     """GroupNorm of ``x`` ``[clips * F, C, H, W]`` with statistics shared by the F frames of each clip.
 
-    ``group_norm`` is either a ``torch.nn.GroupNorm`` (the host's GroupNorm layers are ones): its
-    ``num_groups``, ``eps``, ``weight`` and ``bias`` are used directly, cast to ``x``'s device as
-    needed, and its ``forward`` is never looked up on the instance (so an object patch of that
-    ``forward`` may call this). Or any callable GroupNorm that accepts ``[N, C, *]``: it is
-    applied to a ``[clips, C, F, H, W]`` rearrangement (with the copies that takes).
-    ``parameters`` gives a layer's affine weights for this call as the host computes with them;
-    without it, a host layer that carries weight patches (``weight_function``/``bias_function``) is
-    run through its own class ``forward`` the same way, so the patches apply."""
-    if isinstance(group_norm, torch.nn.GroupNorm):
-        module = group_norm
-        if not layout.is_video:
-            return type(module).forward(module, x)
-        if parameters is not None:
-            weight, bias = parameters(module, x)
-            return _shared_statistics_norm(x, layout.clips, module.num_groups, weight, bias, module.eps)
-        if not _has_weight_patches(module):
-            return _shared_statistics_norm(x, layout.clips, module.num_groups, module.weight, module.bias, module.eps)
-        group_norm = lambda t: type(module).forward(module, t)  # noqa: E731
+    ``norm``'s ``num_groups`` and ``eps`` are used directly, its ``forward`` is never looked up on
+    the instance (so an object patch of that ``forward`` may call this), and its affine weights come
+    from ``parameters`` (the host's for this call) or else are the layer's own, cast to ``x``'s
+    device as needed. A batch that is not a video (one frame per clip) is the layer's own GroupNorm."""
     if not layout.is_video:
-        return group_norm(x)
-    clip = rearrange(x, "(b f) c h w -> b c f h w", f=layout.frames)
-    return rearrange(group_norm(clip), "b c f h w -> (b f) c h w")
-
-
-def _has_weight_patches(module: torch.nn.Module) -> bool:
-    return bool(getattr(module, "weight_function", None)) or bool(getattr(module, "bias_function", None))
+        return type(norm).forward(norm, x)
+    weight, bias = parameters(norm, x) if parameters is not None else (norm.weight, norm.bias)
+    return _shared_statistics_norm(x, layout.clips, norm.num_groups, weight, bias, norm.eps)
 
 
 def _shared_statistics_norm(

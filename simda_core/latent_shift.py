@@ -53,13 +53,6 @@ def source_frames(positions: torch.Tensor, distances: torch.Tensor, loop_length:
     return torch.where(exists, found, own)
 
 
-def earlier_frame(positions: tuple[int, ...], frame: int, distance: int, loop_length: int = 0) -> int:
-    """Index of the latest frame at least ``distance`` earlier in time than ``frame``, or
-    ``frame`` itself when there is none (see :func:`source_frames`)."""
-    sources = source_frames(torch.tensor(positions), torch.tensor([distance]), loop_length)
-    return int(sources[frame, 0])
-
-
 def build_key_value_index(
     frame_offsets: tuple[int, ...], loop_length: int, h: int, w: int, device: torch.device | str | None = None
 ) -> torch.Tensor:

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 import comfy.ops
 from simda_pack.simda_core.adapters import TemporalAdapter
 from simda_pack.simda_core.group_norm import frame_shared_group_norm
+from simda_pack.simda_core.host_patch import host_norm_parameters
 from simda_pack.simda_core.layout import ClipLayout
 
 
@@ -86,16 +87,6 @@ def test_group_norm_without_affine_and_of_one_frame():
     assert torch.equal(single, F.group_norm(x, 4, None, None, norm.eps))
 
 
-def test_group_norm_callable_form_still_works():
-    x = activations(2, 4, 32, 4, 4, seed=6)
-    norm = seeded_norm(8, 32, seed=2)
-    layout = ClipLayout.contiguous(2, 4)
-    with torch.no_grad():
-        via_callable = frame_shared_group_norm(x, layout, lambda t: norm(t))
-        via_module = frame_shared_group_norm(x, layout, norm)
-    assert relative_error(via_module, via_callable) <= 1e-6
-
-
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_group_norm_low_precision_matches_torch(dtype):
     # statistics in float32, output in the input's dtype: within two units of that dtype's
@@ -138,7 +129,7 @@ def test_group_norm_with_a_host_weight_patch_goes_through_the_layer():
         norm.weight.fill_(1.0)
         norm.bias.zero_()
     norm.weight_function = [lambda w: w * 2]  # the host's weight patch hook (e.g. a LoRA on norms)
-    got = frame_shared_group_norm(x, ClipLayout.contiguous(2, 4), norm)
+    got = frame_shared_group_norm(x, ClipLayout.contiguous(2, 4), norm, host_norm_parameters)  # as the patch calls it
     expected = from_clips(F.group_norm(to_clips(x, 4), 4, 2 * torch.ones(16), torch.zeros(16), norm.eps))
     assert relative_error(got, expected) <= 1e-6
 

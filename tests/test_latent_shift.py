@@ -10,11 +10,17 @@ import torch
 
 from simda_pack.simda_core import latent_shift
 from simda_pack.simda_core.latent_shift import (
-    earlier_frame,
     latent_shift_attention,
     latent_shift_keys_values,
 )
 from simda_pack.simda_core.layout import ClipLayout, ClipLayoutError
+
+
+def earlier_frame(positions: tuple[int, ...], frame: int, distance: int, loop_length: int = 0) -> int:
+    """Index of the latest frame at least ``distance`` earlier in time than ``frame``, or ``frame``
+    itself when there is none, as the code's ``source_frames`` finds it."""
+    sources = latent_shift.source_frames(torch.tensor(positions), torch.tensor([distance]), loop_length)
+    return int(sources[frame, 0])
 
 PATTERN = [[4, 3, 2, 1], [3, 2, 1, 0], [2, 1, 0, 0], [1, 2, 3, 4]]
 """The spec's P, written out here on purpose (not imported from the code under test)."""

@@ -27,7 +27,7 @@ from PIL import Image
 from sdxl_server import SDXL_COMMON, VEGA_TEST_UNET, cached_sdxl_models, random_taesd
 from test_latent_shift import reference_attention, reference_keys
 
-from simda_pack.nodes.common import check_family, with_size_conditioning
+from simda_pack.nodes.common import check_family
 from simda_pack.nodes.nodes_adapters import SimDAAdapterLoader
 from simda_pack.nodes.nodes_edit import SimDAEditTuner
 from simda_pack.nodes.nodes_latent_shift import SimDALatentShiftPatch
@@ -254,21 +254,10 @@ def test_latent_shift_patch_node_takes_an_sdxl_model(deep):
 
 # -- size conditioning ---------------------------------------------------------------------------
 
-def test_size_conditioning_fills_only_what_is_missing(deep):
-    given = conditioning(1) + conditioning(2, width=1024, height=768, crop_w=8, target_width=2048, target_height=1536)
-    filled = with_size_conditioning(deep, given, 192, 128)
-    assert {k: filled[0][1][k] for k in ("width", "height", "crop_w", "crop_h", "target_width", "target_height")} == \
-        dict(width=192, height=128, crop_w=0, crop_h=0, target_width=192, target_height=128)
-    assert {k: filled[1][1][k] for k in ("width", "height", "crop_w", "crop_h", "target_width", "target_height")} == \
-        dict(width=1024, height=768, crop_w=8, crop_h=0, target_width=2048, target_height=1536)
-    assert "width" not in given[0][1] and filled[0][0] is given[0][0]
-    sd1 = host.build_model(host.TINY_UNET, seed=None)
-    assert with_size_conditioning(sd1, given, 192, 128) is given
-
-
 def test_video_sampler_gives_every_frame_the_clips_size_conditioning(deep):
     """The ADM vector ``y`` of every frame of every UNet call is the host's SDXL encoding of the
-    clip's frame size (192x128 here), not the host's 768x768 default."""
+    clip's frame size (192x128 here), not the host's 768x768 default: the host fills it from the
+    latent (the pack adds nothing to the conditioning for it)."""
     positive, negative = conditioning(1), conditioning(2)
     seen = []
     probe = deep.clone()

@@ -25,7 +25,7 @@ def clip_batch(seed: int = 0):
 def trainer_for(base, adapters, checkpointing: bool, lr: float = 1e-3) -> tuple[AdapterTrainer, object]:
     clone = training_patcher(base)
     apply_simda(clone, SimDAConfig(adapters=adapters, latent_shift=LatentShiftSettings(), gradient_checkpointing=checkpointing))
-    recipe = TuningRecipe(learning_rate=lr, gradient_checkpointing=checkpointing, mixed_precision=False)
+    recipe = TuningRecipe(learning_rate=lr, mixed_precision=False)
     return AdapterTrainer(clone, adapters, recipe, seed=3), clone
 
 

@@ -2,11 +2,10 @@
 x4 upscaler's low-resolution conditioning, and each sample's timestep and noise from its number."""
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ..adapter_training import NUM_TIMESTEPS
+from ..prompt_schedule import common_token_length, repeat_tokens
 from ..degradations import ClipDegradation, DegradationConfig, apply_degradation, draw_degradation
 from ..video_data import derived_seed
 
@@ -53,8 +52,8 @@ class CaptionEncoder:
         longer than one 77-token chunk are repeated to a common length, as the host concatenates
         conditionings (attention over a key set repeated whole is unchanged)."""
         conds = [self(c) for c in captions]
-        tokens = math.lcm(*(c.shape[1] for c in conds))
-        conds = [c.repeat(1, tokens // c.shape[1], 1) for c in conds]
+        tokens = common_token_length([c.shape[1] for c in conds])
+        conds = [repeat_tokens(c, tokens) for c in conds]
         return torch.cat([c.expand(frames, -1, -1) for c in conds])
 
     def model_conds(self, model_patcher, captions: list[str], frames: int, width: int, height: int) -> dict[str, torch.Tensor]:

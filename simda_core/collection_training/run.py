@@ -105,10 +105,7 @@ def prepare_training(model, family: str, options: TrainingOptions, state: dict |
         gradient_checkpointing=options.gradient_checkpointing,
     ))
     comfy.model_management.load_models_gpu([training])
-    recipe = TuningRecipe(
-        steps=options.steps, learning_rate=options.learning_rate, mixed_precision=options.mixed_precision,
-        gradient_checkpointing=options.gradient_checkpointing,
-    )
+    recipe = TuningRecipe(learning_rate=options.learning_rate, mixed_precision=options.mixed_precision)
     trainer = AdapterTrainer(training, adapters, recipe, seed=options.seed)
     if state:
         trainer.load_state_dict(state["trainer"])
