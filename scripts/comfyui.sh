@@ -5,13 +5,13 @@
 set -uo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/hosts.sh"
 if [ -n "${COMFYUI_PATH:-}" ]; then
-  host=$("$pack_dir/scripts/setup_host.sh" | tail -n 1) || exit 1
+  install_host || exit 1
 else
-  host=$("$pack_dir/scripts/setup_host.sh" "${pinned_hosts[0]}" | tail -n 1)
+  install_host "${pinned_hosts[0]}"
   status=$?
   if [ "$status" = 3 ]; then
     echo "comfyui.sh: ComfyUI ${pinned_hosts[0]} cannot be installed here, so ComfyUI ${pinned_hosts[-1]} (from PyPI) is started instead." >&2
-    host=$("$pack_dir/scripts/setup_host.sh" "${pinned_hosts[-1]}" | tail -n 1) || exit 1
+    install_host "${pinned_hosts[-1]}" || exit 1
   elif [ "$status" != 0 ]; then
     exit "$status"
   fi

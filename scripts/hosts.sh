@@ -32,3 +32,11 @@ venv_of_host() {  # venv_of_host HOST_FOLDER: the venv that runs that ComfyUI
 host_version() {  # host_version HOST_FOLDER: the version its comfyui_version.py states
   sed -nE 's/^__version__ *= *"([^"]+)".*/\1/p' "$1/comfyui_version.py" 2>/dev/null || true
 }
+
+install_host() {  # install_host [VERSION]: sets $host (setup_host.sh's folder); status 3: not installable here
+  local status
+  host=$("$pack_dir/scripts/setup_host.sh" "$@" | tail -n 1)
+  status=$?
+  [ "$status" = 0 ] || host=""
+  return "$status"
+}

@@ -18,9 +18,9 @@ failed=()
 ran=0
 for target in "${targets[@]}"; do
   if [ "$target" = user ]; then
-    host=$("$pack_dir/scripts/setup_host.sh" | tail -n 1) || exit 1
+    install_host || exit 1
   else
-    host=$("$pack_dir/scripts/setup_host.sh" "$target" | tail -n 1)
+    install_host "$target"
     status=$?
     if [ "$status" = 3 ]; then
       echo "test.sh: ComfyUI $target cannot be installed on this machine (see the line above); its run is left out." >&2
