@@ -249,7 +249,9 @@ def finish_dynamic_vram() -> bool:
 
     if not hasattr(comfy.model_patcher, "ModelPatcherDynamic"):
         return False
-    devices = mm.get_all_torch_devices()
+    devices = [device for device in mm.get_all_torch_devices() if device.type == "cuda"]
+    if not devices:  # main.py switches it on only for NVIDIA (and new AMD) devices
+        return False
     try:
         ready = comfy_aimdo.control.init_devices((d.index, 0) for d in devices)
     except TypeError:
