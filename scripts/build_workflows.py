@@ -2,6 +2,10 @@
 graph, with widget order and socket types taken from a running ComfyUI's /object_info.
 
     python scripts/build_workflows.py --server http://127.0.0.1:8188
+
+The shipped files are generated against ComfyUI 0.3.75 with VideoHelperSuite installed (its server
+from `scripts/comfyui.sh` with `COMFYUI_PATH=.hosts/0.3.75/ComfyUI`); ComfyUI 0.33's frontend loads
+them as they are (tests/test_workflow_builder.py, tests/test_frontend.py).
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ WORKFLOWS = Path(__file__).resolve().parents[1] / "example_workflows"
 NEGATIVE = "blurry, low quality, watermark, text, deformed, flicker"
 CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
 ADAPTERS = "simda_sd15.safetensors"
+PROMPT = "a red panda walking through a snowy forest, cinematic, detailed"
 
 
 KEYED_PREFIX = "VHS_"
@@ -110,14 +115,43 @@ class Graph:
         }
 
 
-def text_to_video(info: dict, with_adapters: bool) -> dict:
-    g = Graph(info)
-    ckpt = g.add("CheckpointLoaderSimple", (0, 200), ckpt_name=CHECKPOINT, size=(320, 100))
-    pos = g.add("CLIPTextEncode", (380, 0), title="Prompt", size=(400, 160),
-                text="a red panda walking through a snowy forest, cinematic, detailed")
-    neg = g.add("CLIPTextEncode", (380, 220), title="Negative prompt", size=(400, 160), text=NEGATIVE)
+def checkpoint(g: Graph, name: str = CHECKPOINT, title: str | None = None) -> int:
+    """Load Checkpoint at the left of the graph."""
+    return g.add("CheckpointLoaderSimple", (0, 200), title=title, ckpt_name=name, size=(320, 100))
+
+
+def prompts(g: Graph, ckpt: int, text: str, title: str = "Prompt", negative_at: int = 220,
+            negative_height: int = 160) -> tuple[int, int]:
+    """The prompt and the negative prompt (CLIP Text Encode) on the checkpoint's CLIP."""
+    pos = g.add("CLIPTextEncode", (380, 0), title=title, size=(400, 160), text=text)
+    neg = g.add("CLIPTextEncode", (380, negative_at), title="Negative prompt", size=(400, negative_height), text=NEGATIVE)
     g.link(ckpt, 1, pos, "clip")
     g.link(ckpt, 1, neg, "clip")
+    return pos, neg
+
+
+def video_sampler(g: Graph, model: int, pos: int, neg: int, size=(320, 380), title: str | None = None,
+                  **widgets) -> int:
+    """SimDA Video Sampler (DDIM, 50 steps, cfg 7.5, seed 42 unless given) on ``model``'s MODEL."""
+    settings = dict(steps=50, cfg=7.5, sampler_name="ddim", scheduler="ddim_uniform", seed=42) | widgets
+    sampler = g.add("SimDAVideoSampler", (840, 100), title=title, size=size, **settings)
+    g.link(model, 0, sampler, "model")
+    g.link(pos, 0, sampler, "positive")
+    g.link(neg, 0, sampler, "negative")
+    return sampler
+
+
+def save_webp(g: Graph, decode: int, rate: int, prefix: str, title: str | None = None) -> None:
+    """Save Animated WEBP of the decoded frames at the Frame rate node's fps."""
+    webp = g.add("SaveAnimatedWEBP", (1460, 420), title=title, filename_prefix=prefix, size=(360, 360))
+    g.link(decode, 0, webp, "images")
+    g.link(rate, 0, webp, "fps")
+
+
+def text_to_video(info: dict, with_adapters: bool) -> dict:
+    g = Graph(info)
+    ckpt = checkpoint(g)
+    pos, neg = prompts(g, ckpt, PROMPT)
     model_src = (ckpt, 0)
     if with_adapters:
         loader = g.add("SimDAAdapterLoader", (380, 420), adapter_name=ADAPTERS, strength=1.0, size=(320, 110))
@@ -125,30 +159,15 @@ def text_to_video(info: dict, with_adapters: bool) -> dict:
         model_src = (loader, 0)
     shift = g.add("SimDALatentShiftPatch", (380, 560) if with_adapters else (380, 420), size=(320, 250))
     g.link(*model_src, shift, "model")
-    sampler = g.add("SimDAVideoSampler", (840, 100), size=(320, 380), frames=16, width=512, height=512, steps=50,
-                    cfg=7.5, sampler_name="ddim", scheduler="ddim_uniform", seed=42)
-    g.link(shift, 0, sampler, "model")
-    g.link(pos, 0, sampler, "positive")
-    g.link(neg, 0, sampler, "negative")
-    decode = g.add("VAEDecode", (1200, 100), size=(220, 50))
-    g.link(sampler, 0, decode, "samples")
-    g.link(ckpt, 2, decode, "vae")
-    fps = g.add("PrimitiveFloat", (1200, 200), title="Frame rate", value=8.0, size=(220, 60))
-    create = g.add("CreateVideo", (1460, 0), size=(260, 80))
-    g.link(decode, 0, create, "images")
-    g.link(fps, 0, create, "fps")
+    sampler = video_sampler(g, shift, pos, neg, frames=16, width=512, height=512)
     prefix = "simda/text_to_video" if with_adapters else "simda/latent_shift"
-    save = g.add("SaveVideo", (1760, 0), size=(360, 360), **save_video_widgets(info, prefix))
-    g.link(create, 0, save, "video")
-    webp = g.add("SaveAnimatedWEBP", (1460, 420), filename_prefix=prefix, size=(360, 360))
-    g.link(decode, 0, webp, "images")
-    g.link(fps, 0, webp, "fps")
+    decode, rate = save_clip(g, sampler, ckpt, prefix)
+    save_webp(g, decode, rate, prefix)
     return g.to_json()
 
 
 X4_CHECKPOINT = "x4-upscaler-ema.safetensors"
 SR_ADAPTERS = "simda_sr_x4.safetensors"
-PROMPT = "a red panda walking through a snowy forest, cinematic, detailed"
 
 
 def text_to_video_upscaled(info: dict) -> dict:
@@ -156,20 +175,13 @@ def text_to_video_upscaled(info: dict) -> dict:
     upscaler to 1024x1024, saved as mp4. The super-resolution Adapter Loader ships bypassed: the
     plain x4 model with latent shift runs as is; un-bypass it once there are SR adapters."""
     g = Graph(info)
-    ckpt = g.add("CheckpointLoaderSimple", (0, 200), ckpt_name=CHECKPOINT, size=(320, 100))
-    pos = g.add("CLIPTextEncode", (380, 0), title="Prompt", size=(400, 160), text=PROMPT)
-    neg = g.add("CLIPTextEncode", (380, 220), title="Negative prompt", size=(400, 160), text=NEGATIVE)
-    g.link(ckpt, 1, pos, "clip")
-    g.link(ckpt, 1, neg, "clip")
+    ckpt = checkpoint(g)
+    pos, neg = prompts(g, ckpt, PROMPT)
     loader = g.add("SimDAAdapterLoader", (380, 420), adapter_name=ADAPTERS, strength=1.0, size=(320, 110))
     g.link(ckpt, 0, loader, "model")
     shift = g.add("SimDALatentShiftPatch", (380, 560), size=(320, 250))
     g.link(loader, 0, shift, "model")
-    sampler = g.add("SimDAVideoSampler", (840, 100), title="SimDA Video Sampler (256x256)", size=(320, 380), frames=16,
-                    width=256, height=256, steps=50, cfg=7.5, sampler_name="ddim", scheduler="ddim_uniform", seed=42)
-    g.link(shift, 0, sampler, "model")
-    g.link(pos, 0, sampler, "positive")
-    g.link(neg, 0, sampler, "negative")
+    sampler = video_sampler(g, shift, pos, neg, title="SimDA Video Sampler (256x256)", frames=16, width=256, height=256)
     decode = g.add("VAEDecode", (1200, 100), size=(220, 50))
     g.link(sampler, 0, decode, "samples")
     g.link(ckpt, 2, decode, "vae")
@@ -270,7 +282,7 @@ def save_clip(g: Graph, sampler: int, ckpt: int, prefix: str, x: int = 1200, fps
 def prompt_travel(info: dict) -> dict:
     """Per-frame prompts: a cat turns into a tiger over 16 frames (SimDA Prompt Travel as positive)."""
     g = Graph(info)
-    ckpt = g.add("CheckpointLoaderSimple", (0, 200), ckpt_name=CHECKPOINT, size=(320, 100))
+    ckpt = checkpoint(g)
     travel = g.add("SimDAPromptTravel", (380, 0), title="Prompt travel (frame: prompt)", size=(420, 200), frames=16,
                    prompts="0: a cat walking through a sunny garden, detailed\n"
                            "8: a lynx walking through a sunny garden, detailed\n"
@@ -279,11 +291,7 @@ def prompt_travel(info: dict) -> dict:
     g.link(ckpt, 1, travel, "clip")
     g.link(ckpt, 1, neg, "clip")
     shift = simda_model(g, ckpt, (380, 420))
-    sampler = g.add("SimDAVideoSampler", (840, 100), size=(320, 380), frames=16, width=512, height=512, steps=50,
-                    cfg=7.5, sampler_name="ddim", scheduler="ddim_uniform", seed=42)
-    g.link(shift, 0, sampler, "model")
-    g.link(travel, 0, sampler, "positive")
-    g.link(neg, 0, sampler, "negative")
+    sampler = video_sampler(g, shift, travel, neg, frames=16, width=512, height=512)
     save_clip(g, sampler, ckpt, "simda/prompt_travel")
     return g.to_json()
 
@@ -291,26 +299,19 @@ def prompt_travel(info: dict) -> dict:
 def image_to_video(info: dict) -> dict:
     """One image fixed as frame 0 of a 16-frame clip (SimDA Keyframes); latent shift carries it on."""
     g = Graph(info)
-    ckpt = g.add("CheckpointLoaderSimple", (0, 200), ckpt_name=CHECKPOINT, size=(320, 100))
+    ckpt = checkpoint(g)
     image = g.add("LoadImage", (0, 360), title="First frame", image="first_frame.png", size=(320, 320))
     scale = g.add("ImageScale", (0, 800), upscale_method="lanczos", width=512, height=512, crop="center",
                   size=(320, 130))
     g.link(image, 0, scale, "image")
-    pos = g.add("CLIPTextEncode", (380, 0), title="Prompt (describes the image and the motion)", size=(400, 160),
-                text="a sailing boat on a calm sea, gentle waves, cinematic")
-    neg = g.add("CLIPTextEncode", (380, 200), title="Negative prompt", size=(400, 140), text=NEGATIVE)
-    g.link(ckpt, 1, pos, "clip")
-    g.link(ckpt, 1, neg, "clip")
+    pos, neg = prompts(g, ckpt, "a sailing boat on a calm sea, gentle waves, cinematic",
+                       title="Prompt (describes the image and the motion)", negative_at=200, negative_height=140)
     shift = simda_model(g, ckpt, (380, 380))
     keys = g.add("SimDAKeyframes", (380, 820), title="SimDA Keyframes (image at frame 0)", frames=16,
                  keyframe_frames="0", size=(320, 160))
     g.link(ckpt, 2, keys, "vae")
     g.link(scale, 0, keys, "images")
-    sampler = g.add("SimDAVideoSampler", (840, 100), size=(320, 420), steps=50, cfg=7.5, sampler_name="ddim",
-                    scheduler="ddim_uniform", seed=42)
-    g.link(shift, 0, sampler, "model")
-    g.link(pos, 0, sampler, "positive")
-    g.link(neg, 0, sampler, "negative")
+    sampler = video_sampler(g, shift, pos, neg, size=(320, 420))
     g.link(keys, 0, sampler, "latent")
     save_clip(g, sampler, ckpt, "simda/image_to_video")
     return g.to_json()
@@ -319,23 +320,13 @@ def image_to_video(info: dict) -> dict:
 def loop(info: dict) -> dict:
     """A seamless loop: the Latent-Shift Patch's loop mode (the last frame leads into the first)."""
     g = Graph(info)
-    ckpt = g.add("CheckpointLoaderSimple", (0, 200), ckpt_name=CHECKPOINT, size=(320, 100))
-    pos = g.add("CLIPTextEncode", (380, 0), title="Prompt", size=(400, 160),
-                text="a campfire burning at night, sparks rising, loopable, detailed")
-    neg = g.add("CLIPTextEncode", (380, 200), title="Negative prompt", size=(400, 140), text=NEGATIVE)
-    g.link(ckpt, 1, pos, "clip")
-    g.link(ckpt, 1, neg, "clip")
+    ckpt = checkpoint(g)
+    pos, neg = prompts(g, ckpt, "a campfire burning at night, sparks rising, loopable, detailed", negative_at=200,
+                       negative_height=140)
     shift = simda_model(g, ckpt, (380, 380), loop=True)
-    sampler = g.add("SimDAVideoSampler", (840, 100), size=(320, 380), frames=16, width=512, height=512, steps=50,
-                    cfg=7.5, sampler_name="ddim", scheduler="ddim_uniform", seed=42)
-    g.link(shift, 0, sampler, "model")
-    g.link(pos, 0, sampler, "positive")
-    g.link(neg, 0, sampler, "negative")
+    sampler = video_sampler(g, shift, pos, neg, frames=16, width=512, height=512)
     decode, rate = save_clip(g, sampler, ckpt, "simda/loop")
-    webp = g.add("SaveAnimatedWEBP", (1460, 420), title="Save Animated WEBP (repeats forever)",
-                 filename_prefix="simda/loop", size=(360, 360))
-    g.link(decode, 0, webp, "images")
-    g.link(rate, 0, webp, "fps")
+    save_webp(g, decode, rate, "simda/loop", title="Save Animated WEBP (repeats forever)")
     return g.to_json()
 
 
@@ -346,19 +337,11 @@ def sdxl_latent_shift_training_free(info: dict) -> dict:
     """Latent shift alone on an SDXL checkpoint (no adapters, no training): 16 frames at 1024x1024;
     the Video Sampler gives every frame SDXL's size conditioning."""
     g = Graph(info)
-    ckpt = g.add("CheckpointLoaderSimple", (0, 200), title="Load an SDXL checkpoint", ckpt_name=SDXL_CHECKPOINT,
-                 size=(320, 100))
-    pos = g.add("CLIPTextEncode", (380, 0), title="Prompt", size=(400, 160), text=PROMPT)
-    neg = g.add("CLIPTextEncode", (380, 220), title="Negative prompt", size=(400, 160), text=NEGATIVE)
-    g.link(ckpt, 1, pos, "clip")
-    g.link(ckpt, 1, neg, "clip")
+    ckpt = checkpoint(g, SDXL_CHECKPOINT, title="Load an SDXL checkpoint")
+    pos, neg = prompts(g, ckpt, PROMPT)
     shift = g.add("SimDALatentShiftPatch", (380, 420), size=(320, 270))
     g.link(ckpt, 0, shift, "model")
-    sampler = g.add("SimDAVideoSampler", (840, 100), size=(320, 380), frames=16, width=1024, height=1024, steps=50,
-                    cfg=7.5, sampler_name="ddim", scheduler="ddim_uniform", seed=42)
-    g.link(shift, 0, sampler, "model")
-    g.link(pos, 0, sampler, "positive")
-    g.link(neg, 0, sampler, "negative")
+    sampler = video_sampler(g, shift, pos, neg, frames=16, width=1024, height=1024)
     save_clip(g, sampler, ckpt, "simda/sdxl_latent_shift")
     return g.to_json()
 
@@ -414,6 +397,14 @@ def main() -> None:
     else:
         with urllib.request.urlopen(f"{args.server}/object_info") as response:
             info = json.load(response)
+    WORKFLOWS.mkdir(exist_ok=True)
+    for name, workflow in build_all(info).items():
+        (WORKFLOWS / name).write_text(json.dumps(workflow, indent=1) + "\n")
+        print("wrote", WORKFLOWS / name)
+
+
+def build_all(info: dict) -> dict[str, dict]:
+    """Every workflow this host's ``/object_info`` can build, by file name."""
     builds = {
         "text_to_video.json": text_to_video(info, with_adapters=True),
         "latent_shift_training_free.json": text_to_video(info, with_adapters=False),
@@ -428,10 +419,7 @@ def main() -> None:
         builds["loop.json"] = loop(info)
     if "VHS_LoadVideo" in info:  # a server with VideoHelperSuite installed (scripts/setup_packs.sh)
         builds["vhs_video_edit.json"] = vhs_video_edit(info)
-    WORKFLOWS.mkdir(exist_ok=True)
-    for name, workflow in builds.items():
-        (WORKFLOWS / name).write_text(json.dumps(workflow, indent=1) + "\n")
-        print("wrote", WORKFLOWS / name)
+    return builds
 
 
 if __name__ == "__main__":
