@@ -6,7 +6,6 @@ import contextlib
 import copy
 import importlib.util
 import inspect
-import os
 import sys
 from pathlib import Path
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 
-import pytest
 import torch
 
 import host
@@ -43,10 +42,6 @@ def test_fresh_temporal_adapters_have_the_authors_initial_statistics():
         else:
             assert p.abs().sum() > 0, name
 
-
-@pytest.fixture(scope="module")
-def base():
-    return host.build_model(host.TINY_UNET, seed=0)
 
 
 def clip(seed: int = 0, frames: int = 4):

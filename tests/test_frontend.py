@@ -44,7 +44,7 @@ from test_workflows import bigbuckbunny, decode_mp4
 
 if str(PACK_DIR / "scripts") not in sys.path:
     sys.path.insert(0, str(PACK_DIR / "scripts"))
-from workflow_format import set_widget_value, widget_value, workflow_to_api  # noqa: E402
+from workflow_format import set_widget_value, workflow_to_api  # noqa: E402
 
 try:
     from playwright.sync_api import sync_playwright

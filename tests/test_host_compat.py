@@ -32,19 +32,11 @@ from simda_pack.simda_core.config import LatentShiftSettings, SimDAConfig
 from simda_pack.simda_core.host_patch import SimDAPatchError, apply_simda, get_config, model_sites
 from simda_pack.simda_core.model_info import adapter_storage_dtype
 
+pytestmark = pytest.mark.usefixtures("unload_host_models")
+
 ON_CLONE = comfy.patcher_extension.CallbacksMP.ON_CLONE
 
 
-@pytest.fixture(autouse=True)
-def unload_host_models():
-    comfy.model_management.unload_all_models()
-    yield
-    comfy.model_management.unload_all_models()
-
-
-@pytest.fixture(scope="module")
-def base():
-    return host.build_model(host.TINY_UNET, seed=0)
 
 
 def video_batch(frames: int = 4, groups: int = 2, seed: int = 0, size=(8, 8), tokens: int = 8):

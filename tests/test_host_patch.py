@@ -38,6 +38,8 @@ from simda_pack.simda_core.host_patch import ADDITIONAL_MODELS_KEY, ATTACHMENT, 
 from simda_pack.simda_core.layout import ClipLayout, unwrap_positions
 from simda_pack.simda_core.unet_sites import find_resblock_norms
 
+pytestmark = pytest.mark.usefixtures("unload_host_models")
+
 DIFFUSION_MODEL = comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL
 CONTEXT = 32  # host.TINY_UNET's context_dim
 TOKENS = 8
@@ -46,17 +48,6 @@ TRANSFORMER_BLOCKS = 16  # SD1.x layout: input 1,2,4,5,7,8 + middle + output 3..
 
 # -- helpers ---------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def base():
-    return host.build_model(host.TINY_UNET, seed=0)
-
-
-@pytest.fixture(autouse=True)
-def unload_host_models():
-    """Each test starts and ends with nothing loaded by the host's memory manager."""
-    comfy.model_management.unload_all_models()
-    yield
-    comfy.model_management.unload_all_models()
 
 
 def random_adapters(patcher, seed: int, dtype=None) -> SimDAAdapters:

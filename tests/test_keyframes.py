@@ -11,11 +11,12 @@ import torch
 
 import host  # noqa: F401  (puts the host on sys.path, imports the pack as simda_pack)
 
-import comfy.model_management
 from simda_pack.nodes.nodes_keyframes import SimDAKeyframes
 from simda_pack.nodes.nodes_latent_shift import SimDALatentShiftPatch
 from simda_pack.nodes.nodes_sampler import SimDAVideoSampler
 from simda_pack.simda_core.keyframes import KeyframeError, keyframed_clip, parse_frame_list
+
+pytestmark = pytest.mark.usefixtures("unload_host_models")
 
 FRAMES, STEPS = 6, 4
 _g = torch.Generator().manual_seed(77)
@@ -25,16 +26,6 @@ KEY_A = torch.randn(1, 4, 8, 8, generator=_g)
 KEY_B = torch.randn(1, 4, 8, 8, generator=_g)
 
 
-@pytest.fixture(scope="module")
-def base():
-    return host.build_model(host.TINY_UNET, seed=0)
-
-
-@pytest.fixture(autouse=True)
-def unload_host_models():
-    comfy.model_management.unload_all_models()
-    yield
-    comfy.model_management.unload_all_models()
 
 
 def result(output):

@@ -38,6 +38,8 @@ from simda_pack.simda_core.host_patch import apply_simda, model_sites
 from test_prompt_travel import checkpoint, cond_rows, encode, record_cross_attention, simda_model  # noqa: F401
 from test_workflows import bigbuckbunny, decode_mp4
 
+pytestmark = pytest.mark.usefixtures("unload_host_models")
+
 DIFFUSION_MODEL = comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL
 FRAMES, SIZE, STEPS = 10, 64, 2
 """ADE clips: 10 frames in windows of 4 (overlap 2), 64x64, two steps."""
@@ -182,12 +184,6 @@ def ade():
         spec.loader.exec_module(module)
     return sys.modules["simda_test_ade"].NODE_CLASS_MAPPINGS
 
-
-@pytest.fixture(autouse=True)
-def unload_host_models():
-    comfy.model_management.unload_all_models()
-    yield
-    comfy.model_management.unload_all_models()
 
 
 def evolved(ade, model, context: str, noise_type: str = "default", length: int = 4, stride: int = 1):

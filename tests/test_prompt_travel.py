@@ -24,6 +24,8 @@ from simda_pack.nodes.nodes_sampler import SimDAVideoSampler
 from simda_pack.simda_core.frame_windows import window_conds, window_context, window_frames
 from simda_pack.simda_core.prompt_schedule import PromptScheduleError, frame_weights, parse_schedule
 
+pytestmark = pytest.mark.usefixtures("unload_host_models")
+
 FRAMES = 8
 SCHEDULE = "0: a cat walking in a garden\n4: a tiger walking in a garden\n7: a (tiger:1.4) running on a beach"
 
@@ -68,12 +70,6 @@ def checkpoint():
     model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=False, output_clip=True)
     return model, clip
 
-
-@pytest.fixture(autouse=True)
-def unload_host_models():
-    comfy.model_management.unload_all_models()
-    yield
-    comfy.model_management.unload_all_models()
 
 
 def encode(clip, text):

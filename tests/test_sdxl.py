@@ -41,6 +41,8 @@ from simda_pack.simda_core.host_patch import apply_simda, get_config, model_site
 from simda_pack.simda_core.model_info import model_family
 from simda_pack.simda_core.unet_sites import find_resblock_norms
 
+pytestmark = pytest.mark.usefixtures("unload_host_models")
+
 DEEP_SDXL_UNET = dict(
     SDXL_COMMON, model_channels=64, channel_mult=[1, 1, 1], num_res_blocks=[2, 2, 2], num_head_channels=32,
     transformer_depth=[0, 0, 2, 2, 10, 10], transformer_depth_middle=10, transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10],
@@ -65,12 +67,6 @@ def build_sdxl(unet_config: dict, config_class=comfy.supported_models.SDXL, seed
 def deep():
     return build_sdxl(DEEP_SDXL_UNET, seed=3)
 
-
-@pytest.fixture(autouse=True)
-def unload_host_models():
-    comfy.model_management.unload_all_models()
-    yield
-    comfy.model_management.unload_all_models()
 
 
 def conditioning(seed: int, **options):
