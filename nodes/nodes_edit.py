@@ -24,7 +24,7 @@ from ..simda_core.adapter_training import (
     loaded_for_training,
     training_patcher,
 )
-from ..simda_core.clip_agreement import conditioning_mismatch, frames_per_clip_mismatch
+from ..simda_core.clip_agreement import clip_mismatch
 from ..simda_core.config import LatentShiftSettings, SimDAConfig
 from ..simda_core.host_patch import apply_simda, get_config, model_sites, unloaded_on_failure
 from ..simda_core.inversion import host_sampler_inversion, inversion_record
@@ -143,9 +143,8 @@ class SimDAEditTuner(io.ComfyNode):
             )
         picked = select_frames(source_frames, frames, start_frame, stride)
         config = get_config(model) or SimDAConfig()
-        problem = frames_per_clip_mismatch(picked.shape[0], config.frames_per_clip) or conditioning_mismatch(
-            {"source_prompt": source_prompt, "inversion": inversion_conditioning}, picked.shape[0], config.frames_per_clip
-        )
+        conditionings = {"source_prompt": source_prompt, "inversion": inversion_conditioning}
+        problem = clip_mismatch(conditionings, picked.shape[0], config.frames_per_clip)
         if problem:
             raise ValueError(f"SimDA Edit Tuner: {problem}.")
         pixels = fit_frames(picked, width, height)
@@ -183,7 +182,6 @@ class SimDAEditTuner(io.ComfyNode):
         return io.NodeOutput(tuned, start, result, source_fps / stride)
 
 
-COUNTER = re.compile(r"_(\d{5})\.safetensors$")
 SAVE_ATTEMPTS = 100
 
 
@@ -205,10 +203,9 @@ def next_adapter_path(filename_prefix: str) -> str:
     there, as the host's own save nodes number their files."""
     folder, stem = prefix_parts(filename_prefix)
     directory = os.path.join(save_folder(), folder)
-    taken = [
-        int(match.group(1)) for name in (os.listdir(directory) if os.path.isdir(directory) else [])
-        if name.startswith(f"{stem}_") and (match := COUNTER.search(name)) and name == f"{stem}_{match.group(1)}.safetensors"
-    ]
+    numbered = re.compile(re.escape(stem) + r"_(\d{5})\.safetensors")
+    names = os.listdir(directory) if os.path.isdir(directory) else []
+    taken = [int(match.group(1)) for match in map(numbered.fullmatch, names) if match]
     return os.path.join(directory, f"{stem}_{max(taken, default=0) + 1:05d}.safetensors")
 
 

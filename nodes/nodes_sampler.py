@@ -13,7 +13,7 @@ import latent_preview
 import torch
 from comfy_api.latest import io
 
-from ..simda_core.clip_agreement import conditioning_mismatch, frames_per_clip_mismatch
+from ..simda_core.clip_agreement import clip_mismatch
 from ..simda_core.config import SimDAConfig
 from ..simda_core.frame_windows import host_window_indices, window_conds
 from ..simda_core.host_patch import get_config, unloaded_on_failure
@@ -186,9 +186,7 @@ class SimDAVideoSampler(io.ComfyNode):
             latent_image = torch.zeros([frames, channels, height // 8, width // 8], device=comfy.model_management.intermediate_device())
         frames = latent_image.shape[0]
         frames_per_clip = (get_config(model) or SimDAConfig()).frames_per_clip
-        problem = frames_per_clip_mismatch(frames, frames_per_clip) or conditioning_mismatch(
-            {"positive": positive, "negative": negative}, frames, frames_per_clip
-        )
+        problem = clip_mismatch({"positive": positive, "negative": negative}, frames, frames_per_clip)
         if problem:
             raise ValueError(f"SimDA Video Sampler: {problem}.")
         noise_mask = latent.get("noise_mask") if latent is not None else None

@@ -51,3 +51,8 @@ def frames_per_clip_mismatch(frames: int, frames_per_clip: int) -> str | None:
             f"the Latent-Shift Patch); use a multiple of {frames_per_clip} frames, or set frames_per_clip to 0"
         )
     return None
+
+
+def clip_mismatch(conditionings: dict[str, list], frames: int, frames_per_clip: int = 0) -> str | None:
+    """Both checks of a sampling or tuning run, ``frames_per_clip`` first: one sentence, or None."""
+    return frames_per_clip_mismatch(frames, frames_per_clip) or conditioning_mismatch(conditionings, frames, frames_per_clip)

@@ -31,7 +31,7 @@ import torch
 
 from . import patches
 from .adapters import AdapterSite
-from .clip_agreement import conditioning_mismatch, frames_per_clip_mismatch
+from .clip_agreement import clip_mismatch
 from .config import SimDAConfig
 from .frame_windows import window_context, window_frames
 from .layout import ClipLayout, ClipLayoutError
@@ -192,9 +192,7 @@ def _sampling_check(runtime: SimDARuntime):
         frames = int(latent_image.shape[0])
         frames_per_clip = runtime.config.frames_per_clip
         conditionings = getattr(getattr(executor, "class_obj", None), "conds", None) or {}
-        problem = frames_per_clip_mismatch(frames, frames_per_clip) or conditioning_mismatch(
-            conditionings, frames, frames_per_clip
-        )
+        problem = clip_mismatch(conditionings, frames, frames_per_clip)
         if problem:
             raise SimDAPatchError(f"SimDA: {problem}.")
         return executor(noise, latent_image, *args, **kwargs)
