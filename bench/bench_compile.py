@@ -86,7 +86,7 @@ def window_options(patcher, indices) -> dict:
     """``transformer_options`` of one context window's UNet call, as the host's context handler
     sets them (its own IndexListContextWindow), made outside the compiled region as there."""
     import comfy.context_windows
-    from simda_core.model_info import call_options
+    from simda_core.host.unet_call import call_options
 
     options = call_options(patcher, list(bench_unet.COND_OR_UNCOND))
     options["context_window"] = comfy.context_windows.IndexListContextWindow(list(indices))

@@ -78,9 +78,10 @@ def bench_t2v(base, adapters, setting: Setting, mode, device) -> list[str]:
 
 
 def bench_tune(base, setting: Setting, mode, device) -> list[str]:
-    from simda_core.config import LatentShiftSettings, SimDAConfig
-    from simda_core.host_patch import apply_simda, model_sites
-    from simda_core.adapter_training import AdapterTrainer, TuningRecipe, initial_adapters, training_patcher
+    from simda_core.host.register import apply_simda, model_sites
+    from simda_core.host.training import training_patcher
+    from simda_core.model.config import LatentShiftSettings, SimDAConfig
+    from simda_core.training.trainer import AdapterTrainer, TuningRecipe, initial_adapters
 
     rows = []
     for checkpointing in (True, False):

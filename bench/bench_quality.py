@@ -69,7 +69,7 @@ def bigbuckbunny(size: int) -> torch.Tensor:
 
 
 def write_mp4(frames: torch.Tensor, path: Path) -> Path:
-    from simda_pack.simda_core.collection_training.reports import write_mp4 as write
+    from simda_pack.simda_core.training.collection.reports import write_mp4 as write
 
     write(frames, path)
     return path
@@ -97,13 +97,14 @@ def held_out_loss(model, clip, vae, held_out: torch.Tensor, trained_adapters: di
     noise; ``AdapterTrainer.loss`` computes the loss as a training step does, without the update."""
     import comfy.model_management
 
-    from simda_pack.simda_core.adapter_training import NUM_TIMESTEPS, AdapterTrainer, TuningRecipe, initial_adapters
-    from simda_pack.simda_core.collection_training.conditioning import (
-        CaptionEncoder, clip_degradations, encode_frames, sample_draws, sr_conditioning)
-    from simda_pack.simda_core.config import LatentShiftSettings, SimDAConfig
-    from simda_pack.simda_core.degradations import DegradationConfig
-    from simda_pack.simda_core.host_patch import apply_simda, model_sites
-    from simda_pack.simda_core.video_data import derived_seed
+    from simda_pack.simda_core.host.register import apply_simda, model_sites
+    from simda_pack.simda_core.model.config import LatentShiftSettings, SimDAConfig
+    from simda_pack.simda_core.training.collection.conditioning import (
+        CaptionEncoder, clip_degradations, encode_frames, sample_draws, sr_conditioning,
+    )
+    from simda_pack.simda_core.training.degradations import DegradationConfig
+    from simda_pack.simda_core.training.trainer import AdapterTrainer, NUM_TIMESTEPS, TuningRecipe, initial_adapters
+    from simda_pack.simda_core.training.video_data import derived_seed
 
     frames, count, draws = args.frames, args.loss_clips, args.loss_timesteps
     starts = torch.linspace(0, len(held_out) - frames, count).round().long().tolist()
@@ -173,7 +174,7 @@ def seam_scores(out: torch.Tensor, truth: torch.Tensor, groups, tiles, scale: in
     where a tile starts or ends inside the picture; the squared gradient across it in the output
     (``scale`` output pixels per latent pixel) against the gradient across every other latent-grid
     line (the VAE's own grid pattern cancels)."""
-    from simda_pack.simda_core import quality
+    from simda_pack.simda_core.training import quality
 
     handover = sorted({g.start + g.context - 1 for g in groups[1:]})
     inside = [p for p in range(out.shape[0] - 1) if p not in handover]
@@ -232,9 +233,9 @@ def main() -> None:
     from test_upscaler import x4_checkpoint_with_text_encoder
 
     from simda_pack.nodes.nodes_adapters import SimDAAdapterLoader
-    from simda_pack.simda_core import quality
-    from simda_pack.simda_core.degradations import DegradationConfig, degrade_clip
-    from simda_pack.simda_core.video_data import derived_seed
+    from simda_pack.simda_core.training import quality
+    from simda_pack.simda_core.training.degradations import DegradationConfig, degrade_clip
+    from simda_pack.simda_core.training.video_data import derived_seed
 
     started = time.perf_counter()
     device = comfy.model_management.get_torch_device()
@@ -303,7 +304,7 @@ def main() -> None:
         held_loss = held_out_loss(model, clip, vae, held_out, state["adapters"], args)
         held_loss["seconds"] = time.perf_counter() - t0
 
-        from simda_pack.simda_core.tiling import frame_groups, spatial_tiles
+        from simda_pack.simda_core.video.tiling import frame_groups, spatial_tiles
 
         seam_truth = held_out[:args.seam_frames]
         seam_low = degrade_clip(seam_truth, config, derived_seed(0, "bench degradation"), 0, 0)

@@ -2,7 +2,7 @@
 (which backward cannot save), without changing the host's shared UNet:
 
 - ``weight_wrappers``: the training clone puts an identity weight wrapper on every host layer
-  (``adapter_training.training_patcher``), so each layer computes with a per-call copy;
+  (``host.training.training_patcher``), so each layer computes with a per-call copy;
 - ``private_copy``: the training clone runs on a private deep copy of the UNet made of ordinary tensors.
 
 Each runs in its own process (peak RSS is per process), on the same seeded UNet and batch:
@@ -39,9 +39,10 @@ def one_method(method: str, gpu: bool, steps: int) -> dict:
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.supported_models
-    from simda_core.adapter_training import AdapterTrainer, TuningRecipe, initial_adapters, training_patcher
-    from simda_core.config import LatentShiftSettings, SimDAConfig
-    from simda_core.host_patch import apply_simda, model_sites
+    from simda_core.host.register import apply_simda, model_sites
+    from simda_core.host.training import training_patcher
+    from simda_core.model.config import LatentShiftSettings, SimDAConfig
+    from simda_core.training.trainer import AdapterTrainer, TuningRecipe, initial_adapters
 
     device = torch.device("cuda" if gpu else "cpu")
     config = comfy.supported_models.SD15(dict(bench_unet.SD15_UNET if gpu else CPU_UNET))

@@ -164,9 +164,9 @@ def build_unet(mode: Mode, device: torch.device):
 def random_adapters(patcher, device: torch.device):
     """Adapters for every site of the UNet, built as the Adapter Loader builds them (host casting
     layers, the UNet's dtype) and filled with seeded non-zero weights so every branch computes."""
-    from simda_core.adapters import SimDAAdapters
-    from simda_core.model_info import adapter_storage_dtype
-    from simda_core.host_patch import model_sites
+    from simda_core.host.family import adapter_storage_dtype
+    from simda_core.host.register import model_sites
+    from simda_core.model.adapters import SimDAAdapters
 
     adapters = SimDAAdapters(
         model_sites(patcher), dtype=adapter_storage_dtype(patcher), device=device
@@ -177,8 +177,8 @@ def random_adapters(patcher, device: torch.device):
 
 def variant_patcher(base, spec: dict | None, adapters):
     """A clone of ``base`` carrying what ``spec`` asks for, registered by the pack's apply_simda."""
-    from simda_core.config import LatentShiftSettings, SimDAConfig
-    from simda_core.host_patch import apply_simda
+    from simda_core.host.register import apply_simda
+    from simda_core.model.config import LatentShiftSettings, SimDAConfig
 
     patcher = base.clone()
     if spec is None:
@@ -214,7 +214,7 @@ def make_inputs(mode: Mode, size: int, frames: int, device: torch.device) -> Inp
 
 def unet_call(patcher, inputs: Inputs) -> torch.Tensor:
     """The diffusion model called the way the host's sampler calls it (options, wrappers, groups)."""
-    from simda_core.model_info import call_options
+    from simda_core.host.unet_call import call_options
 
     options = call_options(patcher, list(COND_OR_UNCOND))
     extra = {} if inputs.y is None else {"y": inputs.y}

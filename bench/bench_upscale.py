@@ -117,10 +117,10 @@ def reduced_x4():
 
 def sr_adapters(model):
     """Random super-resolution adapters on a clone of ``model``, registered as the Adapter Loader does."""
-    from simda_pack.simda_core.adapters import SimDAAdapters
-    from simda_pack.simda_core.config import SimDAConfig
-    from simda_pack.simda_core.model_info import adapter_storage_dtype
-    from simda_pack.simda_core.host_patch import apply_simda, model_sites
+    from simda_pack.simda_core.host.family import adapter_storage_dtype
+    from simda_pack.simda_core.host.register import apply_simda, model_sites
+    from simda_pack.simda_core.model.adapters import SimDAAdapters
+    from simda_pack.simda_core.model.config import SimDAConfig
 
     adapters = SimDAAdapters(model_sites(model), dtype=adapter_storage_dtype(model),
                              device=model.load_device)

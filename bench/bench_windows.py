@@ -34,10 +34,10 @@ from bench_unet import PACK_DIR, device_name  # noqa: E402
 if str(PACK_DIR) not in sys.path:
     sys.path.insert(0, str(PACK_DIR))
 
-from simda_core import latent_shift  # noqa: E402
-from simda_core.adapters import TemporalAdapter  # noqa: E402
-from simda_core.group_norm import frame_shared_group_norm  # noqa: E402
-from simda_core.layout import ClipLayout  # noqa: E402
+from simda_core.model import latent_shift  # noqa: E402
+from simda_core.model.adapters import TemporalAdapter  # noqa: E402
+from simda_core.model.group_norm import frame_shared_group_norm  # noqa: E402
+from simda_core.model.layout import ClipLayout  # noqa: E402
 
 SD15_ATTENTION_GRIDS = (64, 64, 32, 32, 16, 16, 8, 16, 16, 16, 32, 32, 32, 64, 64, 64)
 """Latent grid side of each self-attention call in one SD1.5 UNet call at 512 px, 16 in all:

@@ -71,7 +71,7 @@ def tiny_patcher(device: torch.device, dtype: torch.dtype = torch.float32, infer
 
 
 def unet_call(patcher, x, timesteps, context):
-    from simda_core.model_info import call_options
+    from simda_core.host.unet_call import call_options
 
     patcher.patch_model()
     try:
@@ -84,8 +84,8 @@ def unet_call(patcher, x, timesteps, context):
 def fixture_precision(device: torch.device) -> dict:
     import comfy.utils
     from simda_core import formats
-    from simda_core.config import LatentShiftSettings, SimDAConfig
-    from simda_core.host_patch import apply_simda, model_sites
+    from simda_core.host.register import apply_simda, model_sites
+    from simda_core.model.config import LatentShiftSettings, SimDAConfig
 
     state = torch.load(FIXTURE / "unet" / "diffusion_pytorch_model.bin", map_location="cpu", weights_only=True)
     mapping = comfy.utils.unet_to_diffusers(dict(TINY_UNET))
@@ -113,9 +113,10 @@ def tuning(device: torch.device, steps: int = 3) -> dict:
     """Adapter training on inference-tensor weights (as the host loads them) with and without
     gradient checkpointing, from the same adapters and batch."""
     import comfy.model_management as mm
-    from simda_core.adapter_training import AdapterTrainer, TuningRecipe, initial_adapters, training_patcher
-    from simda_core.config import LatentShiftSettings, SimDAConfig
-    from simda_core.host_patch import apply_simda, model_sites
+    from simda_core.host.register import apply_simda, model_sites
+    from simda_core.host.training import training_patcher
+    from simda_core.model.config import LatentShiftSettings, SimDAConfig
+    from simda_core.training.trainer import AdapterTrainer, TuningRecipe, initial_adapters
 
     base = tiny_patcher(device, inference=True)
     params_before = {n: p for n, p in base.model.diffusion_model.named_parameters()}
@@ -172,8 +173,8 @@ def sampler_and_upscaler(device: torch.device) -> dict:
     import_pack()
     from simda_pack.nodes.nodes_sampler import SimDAVideoSampler
     from simda_pack.nodes.nodes_upscale import sampling_budget
-    from simda_pack.simda_core.config import LatentShiftSettings, SimDAConfig
-    from simda_pack.simda_core.host_patch import apply_simda
+    from simda_pack.simda_core.host.register import apply_simda
+    from simda_pack.simda_core.model.config import LatentShiftSettings, SimDAConfig
 
     base = tiny_patcher(device)
     patched = apply_simda(base.clone(), SimDAConfig(latent_shift=LatentShiftSettings(), frame_group_norm=True))
@@ -281,9 +282,10 @@ def dynamic_vram(device: torch.device, steps: int = 3) -> dict:
         return {"dynamic_vram": "off (needs CUDA, comfy-aimdo and a 0.33+ host; run with --dynamic-vram)"}
     from simda_pack.nodes.nodes_sampler import SimDAVideoSampler
     from simda_pack.nodes.nodes_upscale import sampling_budget
-    from simda_pack.simda_core.adapter_training import AdapterTrainer, TuningRecipe, initial_adapters, training_patcher
-    from simda_pack.simda_core.config import LatentShiftSettings, SimDAConfig
-    from simda_pack.simda_core.host_patch import apply_simda, model_sites
+    from simda_pack.simda_core.host.register import apply_simda, model_sites
+    from simda_pack.simda_core.host.training import training_patcher
+    from simda_pack.simda_core.model.config import LatentShiftSettings, SimDAConfig
+    from simda_pack.simda_core.training.trainer import AdapterTrainer, TuningRecipe, initial_adapters
     config = comfy.supported_models.SD15(dict(bench_unet.SD15_UNET))
     config.set_inference_dtype(torch.float16, None)
     base = comfy.model_base.BaseModel(config, device="cpu")

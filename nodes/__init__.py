@@ -10,12 +10,12 @@ from .folders import register_simda_folder
 register_simda_folder()
 
 from .nodes_adapters import SimDAAdapterLoader  # noqa: E402
-from .nodes_latent_shift import SimDALatentShiftPatch  # noqa: E402
-from .nodes_sampler import SimDAVideoSampler  # noqa: E402
 from .nodes_edit import SimDAEditTuner, SimDASaveAdapters  # noqa: E402
-from .nodes_upscale import SimDAVideoUpscaler  # noqa: E402
-from .nodes_prompts import SimDAPromptTravel  # noqa: E402
 from .nodes_keyframes import SimDAKeyframes  # noqa: E402
+from .nodes_latent_shift import SimDALatentShiftPatch  # noqa: E402
+from .nodes_prompts import SimDAPromptTravel  # noqa: E402
+from .nodes_sampler import SimDAVideoSampler  # noqa: E402
+from .nodes_upscale import SimDAVideoUpscaler  # noqa: E402
 
 
 class SimDAExtension(ComfyExtension):

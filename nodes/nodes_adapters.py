@@ -6,12 +6,12 @@ from dataclasses import replace
 
 from comfy_api.latest import io
 
-from ..simda_core.config import SimDAConfig
 from ..simda_core.formats import AdapterFileError, build_adapters, read_adapter_file
-from ..simda_core.host_patch import get_config, model_sites
-from ..simda_core.model_info import adapter_storage_dtype
-from .common import check_family, simda_clone
+from ..simda_core.host.family import adapter_storage_dtype
+from ..simda_core.host.register import get_config, model_sites
+from ..simda_core.model.config import SimDAConfig
 from .folders import adapter_files, adapter_path
+from .simda_model import check_family, simda_clone
 
 log = logging.getLogger("SimDA")
 

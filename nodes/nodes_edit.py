@@ -13,24 +13,19 @@ import latent_preview
 import torch
 from comfy_api.latest import io
 
-from ..simda_core.adapters import SimDAAdapters
 from ..simda_core.formats import AdapterFileError, save_adapters
-from ..simda_core.adapter_training import (
-    AdapterTrainer,
-    HostConditioning,
-    TuningRecipe,
-    host_training_mode,
-    initial_adapters,
-    loaded_for_training,
-    training_patcher,
-)
-from ..simda_core.clip_agreement import clip_mismatch
-from ..simda_core.config import LatentShiftSettings, SimDAConfig
-from ..simda_core.host_patch import apply_simda, get_config, model_sites, unloaded_on_failure
-from ..simda_core.inversion import host_sampler_inversion, inversion_record
-from ..simda_core.video_data import fit_frames
-from .common import INVERSION_KEY, check_family, simda_clone
+from ..simda_core.host.memory import unloaded_on_failure
+from ..simda_core.host.register import apply_simda, get_config, model_sites
+from ..simda_core.host.samplers import host_sampler_inversion
+from ..simda_core.host.training import host_training_mode, loaded_for_training, training_patcher
+from ..simda_core.model.adapters import SimDAAdapters
+from ..simda_core.model.config import LatentShiftSettings, SimDAConfig
+from ..simda_core.training.trainer import AdapterTrainer, HostConditioning, TuningRecipe, initial_adapters
+from ..simda_core.training.video_data import fit_frames
+from ..simda_core.video.clip_agreement import clip_mismatch
+from ..simda_core.video.inversion import INVERSION_KEY, inversion_record
 from .folders import save_folder
+from .simda_model import check_family, simda_clone
 
 log = logging.getLogger("SimDA")
 

@@ -6,7 +6,7 @@ import logging
 import torch
 from comfy_api.latest import io
 
-from ..simda_core.keyframes import KeyframeError, keyframed_clip, parse_frame_list
+from ..simda_core.video.keyframes import KeyframeError, keyframed_clip, parse_frame_list
 
 log = logging.getLogger("SimDA")
 

@@ -6,9 +6,9 @@ from dataclasses import replace
 
 from comfy_api.latest import io
 
-from ..simda_core.config import LatentShiftSettings, SimDAConfig
-from ..simda_core.host_patch import get_config, model_sites, shift_sites
-from .common import check_family, simda_clone
+from ..simda_core.host.register import get_config, model_sites, shift_sites
+from ..simda_core.model.config import LatentShiftSettings, SimDAConfig
+from .simda_model import check_family, simda_clone
 
 LEVELS = (
     ("full_resolution", "the latent's own size (64x64 for 512x512)"),

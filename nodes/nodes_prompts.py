@@ -5,7 +5,7 @@ import logging
 
 from comfy_api.latest import io
 
-from ..simda_core.prompt_schedule import (
+from ..simda_core.video.prompt_schedule import (
     PromptScheduleError, common_token_length, frame_weights, interpolate, parse_schedule, repeat_tokens,
 )
 

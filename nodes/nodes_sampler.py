@@ -13,14 +13,16 @@ import latent_preview
 import torch
 from comfy_api.latest import io
 
-from ..simda_core.clip_agreement import clip_mismatch
-from ..simda_core.config import SimDAConfig
-from ..simda_core.frame_windows import host_window_indices, window_conds
-from ..simda_core.host_patch import get_config, unloaded_on_failure
-from ..simda_core.keyframes import paste_fixed
-from ..simda_core.inversion import INVERSION_SAMPLER
-from ..simda_core.sampler_noise import adds_fresh_noise, noise_free_samplers
-from .common import INVERSION_KEY, check_family, clip_noise
+from ..simda_core.host.memory import unloaded_on_failure
+from ..simda_core.host.register import get_config
+from ..simda_core.host.samplers import adds_fresh_noise, noise_free_samplers
+from ..simda_core.model.config import SimDAConfig
+from ..simda_core.video.clip_agreement import clip_mismatch
+from ..simda_core.video.clip_noise import clip_noise
+from ..simda_core.video.frame_windows import host_window_indices, window_conds
+from ..simda_core.video.inversion import INVERSION_KEY, INVERSION_SAMPLER
+from ..simda_core.video.keyframes import paste_fixed
+from .simda_model import check_family
 
 log = logging.getLogger("SimDA")
 
@@ -83,7 +85,7 @@ def check_start_latent(
 ) -> torch.Tensor:
     """The samples of an inverted ``start_latent``, after checking that this sampling walks the
     inversion back: same frames and size, same steps and schedule, denoise 1, and a sampler that
-    adds no fresh noise (``sampler_noise.adds_fresh_noise``)."""
+    adds no fresh noise (``host.samplers.adds_fresh_noise``)."""
     samples = start["samples"]
     if samples.ndim != 4:
         raise ValueError(f"SimDA Video Sampler: start_latent must be a batch of frame latents [F, C, H, W], got shape {list(samples.shape)}.")

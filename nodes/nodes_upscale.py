@@ -9,7 +9,6 @@ group borders keep their temporal context and tile borders leave no seam.
 """
 from __future__ import annotations
 
-import importlib
 import logging
 from dataclasses import dataclass, replace
 
@@ -22,20 +21,16 @@ import torch
 from comfy_api.latest import io
 
 from ..simda_core.formats import FAMILIES
-from ..simda_core.config import LatentShiftSettings, SimDAConfig
-from ..simda_core.host_patch import get_config, unloaded_on_failure
-from ..simda_core.model_info import compute_dtype, free_device_memory, is_dynamic, resident_weight_bytes
-from ..simda_core.tiling import (
-    FrameGroup,
-    PieceSizes,
-    Tile,
-    blend_piece_,
-    choose_sizes,
-    frame_groups,
-    piece_mask,
-    spatial_tiles,
+from ..simda_core.host.family import compute_dtype
+from ..simda_core.host.memory import free_device_memory, is_dynamic, resident_weight_bytes, unloaded_on_failure
+from ..simda_core.host.register import get_config
+from ..simda_core.host.x4 import x4_conditioning
+from ..simda_core.model.config import LatentShiftSettings, SimDAConfig
+from ..simda_core.video.clip_noise import clip_noise
+from ..simda_core.video.tiling import (
+    FrameGroup, PieceSizes, Tile, blend_piece_, choose_sizes, frame_groups, piece_mask, spatial_tiles,
 )
-from .common import check_family, clip_noise, simda_clone
+from .simda_model import check_family, simda_clone
 
 log = logging.getLogger("SimDA")
 
@@ -184,7 +179,7 @@ def upscaler_model(model, latent_shift: bool):
 def sampling_budget(model) -> float:
     """Bytes one sampling call may use for activations: the device's free memory once the host has
     made room for this MODEL alone (other models' weights are unloaded when sampling starts), minus
-    this MODEL's resident weights and the host's inference reserve (see model_info). A streamed
+    this MODEL's resident weights and the host's inference reserve (see simda_core/host/memory.py). A streamed
     (dynamic) model's device buffers are not added back: the newest ModelPatcher's free-memory
     query already counts them as free (0.33 ``get_free_memory`` adds aimdo's reclaimable vbars, and
     ``ModelPatcherDynamic.loaded_size`` is those same vbars)."""
@@ -242,18 +237,6 @@ class PieceProgress:
     def piece_done(self) -> None:
         self.done += self.steps
         self.bar.update_absolute(self.done, self.total)
-
-
-def x4_conditioning():
-    """The host's ``SD_4XUpscale_Conditioning`` node class, looked up when the Upscaler runs (if a
-    host moved it, only this node stops, with a sentence saying what it needs)."""
-    try:
-        return importlib.import_module("comfy_extras.nodes_sdupscale").SD_4XUpscale_Conditioning
-    except (ImportError, AttributeError):
-        raise RuntimeError(
-            "SimDA Video Upscaler needs the host's SD_4XUpscale_Conditioning node (comfy_extras/nodes_sdupscale.py, "
-            "in ComfyUI 0.3.75 and newer), which this ComfyUI does not have; update ComfyUI."
-        ) from None
 
 
 def sample_piece(model, pixels: torch.Tensor, positive, negative, latent: torch.Tensor, noise: torch.Tensor,

@@ -22,10 +22,10 @@ RESIZE_MODES = ("bilinear", "bicubic", "area", "nearest-exact")
 
 
 def degradation_defaults():
-    """``simda_core.degradations.DegradationConfig()``: the flags' defaults are the config's own."""
+    """``simda_core.training.degradations.DegradationConfig()``: the flags' defaults are the config's own."""
     if str(PACK_DIR) not in sys.path:
         sys.path.insert(0, str(PACK_DIR))
-    from simda_core.degradations import DegradationConfig
+    from simda_core.training.degradations import DegradationConfig
 
     return DegradationConfig()
 
@@ -139,8 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
     setup_host()
-    from simda_core.collection_training import TrainingOptions, main as train
-    from simda_core.degradations import DegradationConfig
+    from simda_core.training.collection import TrainingOptions, main as train
+    from simda_core.training.degradations import DegradationConfig
 
     degradation = DegradationConfig(
         kind=args.degradation, blur_probability=args.blur_probability, blur_sigma=tuple(args.blur_sigma),

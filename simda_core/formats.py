@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .adapters import SPATIAL_RATIO, TEMPORAL_RATIO, AdapterSite, SimDAAdapters
+from .model.adapters import AdapterSite, SPATIAL_RATIO, SimDAAdapters, TEMPORAL_RATIO
 
 FORMAT_NAME = "simda-adapters"
 FORMAT_VERSION = 1
@@ -59,7 +59,7 @@ class AdapterFile:
 def adapter_metadata(
     adapters: SimDAAdapters, family: str, frames_trained: int = 0, extra: dict[str, str] | None = None
 ) -> dict[str, str]:
-    from .unet_sites import level_channels
+    from .model.unet_sites import level_channels
 
     meta = {
         "format": FORMAT_NAME,

@@ -36,9 +36,9 @@ import comfy.sd
 import comfy.supported_models
 import comfy.taesd.taesd
 import comfy.utils
-from simda_pack.simda_core.adapters import SimDAAdapters
 from simda_pack.simda_core.formats import save_adapters
-from simda_pack.simda_core.host_patch import model_sites
+from simda_pack.simda_core.host.register import model_sites
+from simda_pack.simda_core.model.adapters import SimDAAdapters
 
 CACHE_DIR = PACK_DIR / ".cache"
 

@@ -8,10 +8,10 @@ import torch
 
 import host
 import comfy.model_management
-from simda_pack.simda_core.adapter_training import initial_adapters
-from simda_pack.simda_core.adapters import SimDAAdapters, TemporalAdapter
-from simda_pack.simda_core.config import SimDAConfig
-from simda_pack.simda_core.host_patch import apply_simda, model_sites
+from simda_pack.simda_core.host.register import apply_simda, model_sites
+from simda_pack.simda_core.model.adapters import SimDAAdapters, TemporalAdapter
+from simda_pack.simda_core.model.config import SimDAConfig
+from simda_pack.simda_core.training.trainer import initial_adapters
 
 
 def test_fresh_temporal_adapters_have_the_authors_initial_statistics():

@@ -8,8 +8,8 @@ import torch
 
 import comfy.utils
 from simda_pack.simda_core import formats
-from simda_pack.simda_core.host_patch import apply_simda, model_sites
-from simda_pack.simda_core.config import LatentShiftSettings, SimDAConfig
+from simda_pack.simda_core.host.register import apply_simda, model_sites
+from simda_pack.simda_core.model.config import LatentShiftSettings, SimDAConfig
 
 FIXTURE = host.FIXTURES / "simda_authors_tiny"
 CASES = ["io_f6_16x16", "io_f3_16x16", "io_f8_12x12", "io_f1_16x16", "io_f2_12x12"]

@@ -21,10 +21,10 @@ import torch
 from test_host_compat import host_loaded_model, random_adapters
 from test_upscaler import smooth_frames, upscale, x4  # noqa: F401  (x4 is a fixture)
 
-from simda_pack.nodes.common import simda_clone
 from simda_pack.nodes.nodes_edit import SimDAEditTuner
 from simda_pack.nodes.nodes_sampler import SimDAVideoSampler
-from simda_pack.simda_core.config import LatentShiftSettings, SimDAConfig
+from simda_pack.nodes.simda_model import simda_clone
+from simda_pack.simda_core.model.config import LatentShiftSettings, SimDAConfig
 
 Interrupt = mm.InterruptProcessingException
 

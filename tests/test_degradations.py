@@ -11,8 +11,8 @@ import kornia
 import pytest
 import torch
 
-from simda_pack.simda_core.degradations import (
-    RESIZE_MODES, ClipDegradation, DegradationConfig, apply_degradation, degrade_clip, draw_degradation,
+from simda_pack.simda_core.training.degradations import (
+    ClipDegradation, DegradationConfig, RESIZE_MODES, apply_degradation, degrade_clip, draw_degradation,
 )
 
 NONE = DegradationConfig(blur_probability=0.0, noise_probability=0.0, jpeg_probability=0.0)

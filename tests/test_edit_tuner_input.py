@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from simda_pack.nodes.nodes_edit import SimDAEditTuner
-from simda_pack.simda_core.host_patch import get_config
+from simda_pack.simda_core.host.register import get_config
 
 CONDITIONING = [[torch.zeros(1, 8, host.TINY_UNET["context_dim"]), {}]]
 
@@ -69,7 +69,7 @@ def test_the_edit_tuner_and_the_trainer_fit_frames_one_antialiased_way():
     import comfy.utils
 
     from simda_pack.nodes import nodes_edit
-    from simda_pack.simda_core import video_data
+    from simda_pack.simda_core.training import video_data
 
     rows, columns = torch.meshgrid(torch.arange(720), torch.arange(1280), indexing="ij")
     board = ((rows + columns) % 2).float()[None, :, :, None].expand(2, 720, 1280, 3)

@@ -12,8 +12,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from simda_pack.simda_core import formats, host_patch
+from simda_pack.simda_core import formats
 from simda_pack.simda_core.formats import AdapterFileError
+from simda_pack.simda_core.host import register
 
 AUTHORS_FIXTURE = host.FIXTURES / "simda_authors_tiny"
 OTHER_UNET = dict(host.TINY_UNET, channel_mult=[1, 2, 4, 4])
@@ -22,12 +23,12 @@ OTHER_UNET = dict(host.TINY_UNET, channel_mult=[1, 2, 4, 4])
 
 @pytest.fixture(scope="module")
 def tiny_sites():
-    return host_patch.model_sites(host.build_model(host.TINY_UNET))
+    return register.model_sites(host.build_model(host.TINY_UNET))
 
 
 @pytest.fixture(scope="module")
 def other_sites():
-    return host_patch.model_sites(host.build_model(OTHER_UNET))
+    return register.model_sites(host.build_model(OTHER_UNET))
 
 
 def trained_adapters(sites, seed=0):

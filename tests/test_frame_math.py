@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 
 import comfy.ops
-from simda_pack.simda_core.adapters import TemporalAdapter
-from simda_pack.simda_core.group_norm import frame_shared_group_norm
-from simda_pack.simda_core.host_patch import host_norm_parameters
-from simda_pack.simda_core.layout import ClipLayout
+from simda_pack.simda_core.host.register import host_norm_parameters
+from simda_pack.simda_core.model.adapters import TemporalAdapter
+from simda_pack.simda_core.model.group_norm import frame_shared_group_norm
+from simda_pack.simda_core.model.layout import ClipLayout
 
 
 def to_clips(x, frames):
@@ -265,7 +265,7 @@ def test_last_frame_reaches_frame_zero_only_in_a_loop():
 def test_frame_math_compiles_in_one_graph_and_once_for_all_window_positions():
     from torch._dynamo.utils import counters
 
-    from simda_pack.simda_core.latent_shift import latent_shift_attention
+    from simda_pack.simda_core.model.latent_shift import latent_shift_attention
 
     clips, frames, channels, h, w, heads = 2, 4, 16, 4, 4, 2
     adapter = seeded_adapter(channels, seed=8)

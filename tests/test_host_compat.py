@@ -26,11 +26,12 @@ import comfy.supported_models
 from live_server import cached_test_models
 from simda_pack.nodes.nodes_edit import SimDAEditTuner
 from simda_pack.simda_core import formats
-from simda_pack.simda_core.adapter_training import AdapterTrainer, TuningRecipe, initial_adapters, training_patcher
-from simda_pack.simda_core.adapters import SimDAAdapters
-from simda_pack.simda_core.config import LatentShiftSettings, SimDAConfig
-from simda_pack.simda_core.host_patch import SimDAPatchError, apply_simda, get_config, model_sites
-from simda_pack.simda_core.model_info import adapter_storage_dtype
+from simda_pack.simda_core.host.family import adapter_storage_dtype
+from simda_pack.simda_core.host.register import SimDAPatchError, apply_simda, get_config, model_sites
+from simda_pack.simda_core.host.training import training_patcher
+from simda_pack.simda_core.model.adapters import SimDAAdapters
+from simda_pack.simda_core.model.config import LatentShiftSettings, SimDAConfig
+from simda_pack.simda_core.training.trainer import AdapterTrainer, TuningRecipe, initial_adapters
 
 pytestmark = pytest.mark.usefixtures("unload_host_models")
 
@@ -301,9 +302,9 @@ def test_a_looping_clip_under_host_context_windows_wraps_around_the_whole_clip(b
     clone = loop_clone(base, True, adapters=True)
     windowed = host.context_windows(clone, 4, 1, "standard_static", 1, True)
     layouts = []
-    import simda_pack.simda_core.host_patch as host_patch_module
+    import simda_pack.simda_core.host.register as register_module
 
-    original = host_patch_module.ClipLayout.from_batch
+    original = register_module.ClipLayout.from_batch
 
     def recording(*args, **kwargs):
         layout = original(*args, **kwargs)
@@ -312,10 +313,10 @@ def test_a_looping_clip_under_host_context_windows_wraps_around_the_whole_clip(b
 
     cond = [[torch.randn(1, 8, host.TINY_UNET["context_dim"], generator=torch.Generator().manual_seed(33)), {}]]
     try:
-        host_patch_module.ClipLayout.from_batch = recording
+        register_module.ClipLayout.from_batch = recording
         (latent,) = SimDAVideoSampler.execute(windowed, cond, cond, 8, 64, 64, 0, 2, 1.0, "euler", "normal", 1.0, 0.0).result
     finally:
-        host_patch_module.ClipLayout.from_batch = original
+        register_module.ClipLayout.from_batch = original
     assert torch.isfinite(latent["samples"]).all()
     assert layouts and all(layout.loop_length == 8 for layout in layouts), [l.loop_length for l in layouts]
 
@@ -327,7 +328,7 @@ def test_memory_sizing_asks_the_model_where_the_host_offers_it(base):
     by streamed weights) and ``is_dynamic()``; 0.3.75's has neither. The sizing helpers use the MODEL's
     answers when they exist and the host's module-level query otherwise; a CPU MODEL is never dynamic."""
     from simda_pack.nodes.nodes_upscale import sampling_budget
-    from simda_pack.simda_core.model_info import free_device_memory, resident_weight_bytes
+    from simda_pack.simda_core.host.memory import free_device_memory, resident_weight_bytes
 
     device = torch.device("cpu")
     clone = base.clone()

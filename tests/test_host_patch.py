@@ -29,14 +29,16 @@ from comfy_extras.nodes_hypertile import HyperTile
 
 from simda_pack.nodes.nodes_adapters import SimDAAdapterLoader
 from simda_pack.nodes.nodes_latent_shift import SimDALatentShiftPatch
-from simda_pack.simda_core import patches
-from simda_pack.simda_core.adapters import SimDAAdapters
 from simda_pack.simda_core.formats import save_adapters
-from simda_pack.simda_core.config import LatentShiftSettings, SimDAConfig
-from simda_pack.simda_core.model_info import adapter_storage_dtype
-from simda_pack.simda_core.host_patch import ADDITIONAL_MODELS_KEY, ATTACHMENT, SimDAPatchError, apply_simda, get_config, model_sites
-from simda_pack.simda_core.layout import ClipLayout, unwrap_positions
-from simda_pack.simda_core.unet_sites import find_resblock_norms
+from simda_pack.simda_core.host.family import adapter_storage_dtype
+from simda_pack.simda_core.host.register import (
+    ADDITIONAL_MODELS_KEY, ATTACHMENT, SimDAPatchError, apply_simda, get_config, model_sites,
+)
+from simda_pack.simda_core.model import hooks
+from simda_pack.simda_core.model.adapters import SimDAAdapters
+from simda_pack.simda_core.model.config import LatentShiftSettings, SimDAConfig
+from simda_pack.simda_core.model.layout import ClipLayout, unwrap_positions
+from simda_pack.simda_core.model.unet_sites import find_resblock_norms
 
 pytestmark = pytest.mark.usefixtures("unload_host_models")
 
@@ -517,7 +519,7 @@ def test_context_windows_hand_each_window_to_simda_as_a_clip(base, monkeypatch, 
     cfg 1 (cond only, half the work) where the cond/uncond batching is not what is tested."""
     windowed = host.context_windows(everything_on(base, seed=13), 6, 2, schedule, stride, closed_loop)
     calls = []
-    real_shift = patches.latent_shift_attention
+    real_shift = hooks.latent_shift_attention
 
     def recording_shift(q, k, v, heads, layout, h, w, attention):
         calls[-1]["layouts"].add(layout)
@@ -534,7 +536,7 @@ def test_context_windows_hand_each_window_to_simda_as_a_clip(base, monkeypatch, 
         })
         return executor(x, *args, **kwargs)
 
-    monkeypatch.setattr(patches, "latent_shift_attention", recording_shift)
+    monkeypatch.setattr(hooks, "latent_shift_attention", recording_shift)
     windowed.add_wrapper_with_key(DIFFUSION_MODEL, "test_probe", probe)
     out = sample(windowed, frames=12, steps=11, cfg=cfg)
 

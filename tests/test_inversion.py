@@ -24,11 +24,12 @@ import comfy.samplers
 import pytest
 import torch
 
-from simda_pack.nodes.common import INVERSION_KEY
 from simda_pack.nodes.nodes_edit import invert_clip
 from simda_pack.nodes.nodes_sampler import check_start_latent
-from simda_pack.simda_core.inversion import ddim_invert, host_sampler_inversion, inversion_record
-from simda_pack.simda_core.sampler_noise import KNOWN_NOISE_FREE, adds_fresh_noise, probe_adds_fresh_noise
+from simda_pack.simda_core.host.samplers import (
+    KNOWN_NOISE_FREE, adds_fresh_noise, host_sampler_inversion, probe_adds_fresh_noise,
+)
+from simda_pack.simda_core.video.inversion import INVERSION_KEY, ddim_invert, inversion_record
 
 STEPS = 50
 MU, STD = 0.4, 0.6
@@ -238,10 +239,10 @@ def test_a_sampler_the_pack_does_not_know_is_probed_once(monkeypatch):
     """With no remembered answers (as for samplers a later host adds), the Video Sampler's check
     probes the chosen sampler once and caches the answer: euler walks an inversion back, euler
     ancestral is refused."""
-    from simda_pack.simda_core import sampler_noise
+    from simda_pack.simda_core.host import samplers
 
-    monkeypatch.setattr(sampler_noise, "KNOWN_NOISE_FREE", ())
-    monkeypatch.setattr(sampler_noise, "KNOWN_NOISE_ADDING", ())
+    monkeypatch.setattr(samplers, "KNOWN_NOISE_FREE", ())
+    monkeypatch.setattr(samplers, "KNOWN_NOISE_ADDING", ())
     probe_adds_fresh_noise.cache_clear()
     try:
         start = inverted_start()

@@ -14,7 +14,7 @@ import host  # noqa: F401  (puts the host on sys.path, imports the pack as simda
 from simda_pack.nodes.nodes_keyframes import SimDAKeyframes
 from simda_pack.nodes.nodes_latent_shift import SimDALatentShiftPatch
 from simda_pack.nodes.nodes_sampler import SimDAVideoSampler
-from simda_pack.simda_core.keyframes import KeyframeError, keyframed_clip, parse_frame_list
+from simda_pack.simda_core.video.keyframes import KeyframeError, keyframed_clip, parse_frame_list
 
 pytestmark = pytest.mark.usefixtures("unload_host_models")
 

@@ -8,12 +8,9 @@ import host  # noqa: F401  (registers the pack as simda_pack)
 import pytest
 import torch
 
-from simda_pack.simda_core import latent_shift
-from simda_pack.simda_core.latent_shift import (
-    latent_shift_attention,
-    latent_shift_keys_values,
-)
-from simda_pack.simda_core.layout import ClipLayout, ClipLayoutError
+from simda_pack.simda_core.model import latent_shift
+from simda_pack.simda_core.model.latent_shift import latent_shift_attention, latent_shift_keys_values
+from simda_pack.simda_core.model.layout import ClipLayout, ClipLayoutError
 
 
 def earlier_frame(positions: tuple[int, ...], frame: int, distance: int, loop_length: int = 0) -> int:

@@ -42,15 +42,10 @@ import pytest
 import torch
 
 from simda_pack.nodes.nodes_edit import invert_clip
-from simda_pack.simda_core.adapters import SimDAAdapters
-from simda_pack.simda_core.config import LatentShiftSettings, SimDAConfig
-from simda_pack.simda_core.host_patch import apply_simda, model_sites
-from simda_pack.simda_core.adapter_training import (
-    AdapterTrainer,
-    TuningRecipe,
-    denoising_target,
-    unet_output,
-)
+from simda_pack.simda_core.host.register import apply_simda, model_sites
+from simda_pack.simda_core.model.adapters import SimDAAdapters
+from simda_pack.simda_core.model.config import LatentShiftSettings, SimDAConfig
+from simda_pack.simda_core.training.trainer import AdapterTrainer, TuningRecipe, denoising_target, unet_output
 
 FRAMES = 8
 LATENT_SIZE = 8  # latent grid of both data sets (the video: 64x64 pixels)

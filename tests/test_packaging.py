@@ -22,7 +22,7 @@ NODE_IDS = {
 }
 RUNTIME_CODE = sorted([PACK_DIR / "__init__.py", *(PACK_DIR / "nodes").glob("*.py"), *(PACK_DIR / "simda_core").rglob("*.py")])
 # The collection trainer is a command, not loaded by ComfyUI; it is checked for the rest.
-SERVER_LOADED = [p for p in RUNTIME_CODE if p.parent.name != "collection_training" and p.name != "video_data.py"]
+SERVER_LOADED = [p for p in RUNTIME_CODE if p.parent.name != "collection" and p.name != "video_data.py"]
 
 
 def requirement_names(lines: list[str]) -> list[str]:

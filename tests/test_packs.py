@@ -32,9 +32,9 @@ import comfy.model_management
 import comfy.patcher_extension
 import comfy.sample
 from simda_pack.nodes.nodes_sampler import SimDAVideoSampler
-from simda_pack.simda_core.adapters import SimDAAdapters
-from simda_pack.simda_core.config import LatentShiftSettings, SimDAConfig
-from simda_pack.simda_core.host_patch import apply_simda, model_sites
+from simda_pack.simda_core.host.register import apply_simda, model_sites
+from simda_pack.simda_core.model.adapters import SimDAAdapters
+from simda_pack.simda_core.model.config import LatentShiftSettings, SimDAConfig
 from test_prompt_travel import checkpoint, cond_rows, encode, record_cross_attention, simda_model  # noqa: F401
 from test_workflows import bigbuckbunny, decode_mp4
 

@@ -21,8 +21,8 @@ import comfy.sd
 from simda_pack.nodes.nodes_latent_shift import SimDALatentShiftPatch
 from simda_pack.nodes.nodes_prompts import SimDAPromptTravel
 from simda_pack.nodes.nodes_sampler import SimDAVideoSampler
-from simda_pack.simda_core.frame_windows import window_conds, window_context, window_frames
-from simda_pack.simda_core.prompt_schedule import PromptScheduleError, frame_weights, parse_schedule
+from simda_pack.simda_core.video.frame_windows import window_conds, window_context, window_frames
+from simda_pack.simda_core.video.prompt_schedule import PromptScheduleError, frame_weights, parse_schedule
 
 pytestmark = pytest.mark.usefixtures("unload_host_models")
 

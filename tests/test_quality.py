@@ -12,7 +12,7 @@ import kornia
 import pytest
 import torch
 
-from simda_pack.simda_core import quality
+from simda_pack.simda_core.training import quality
 
 FRAMES, SIZE = 6, 48
 

@@ -9,10 +9,10 @@ import comfy.supported_models
 import torch
 
 from simda_pack.nodes.nodes_latent_shift import SimDALatentShiftPatch
-from simda_pack.simda_core.adapters import SimDAAdapters
-from simda_pack.simda_core.config import LatentShiftSettings, SimDAConfig
-from simda_pack.simda_core.model_info import model_family
-from simda_pack.simda_core.host_patch import apply_simda, get_config, model_sites
+from simda_pack.simda_core.host.family import model_family
+from simda_pack.simda_core.host.register import apply_simda, get_config, model_sites
+from simda_pack.simda_core.model.adapters import SimDAAdapters
+from simda_pack.simda_core.model.config import LatentShiftSettings, SimDAConfig
 
 SD2_TINY = dict(
     host.TINY_UNET, model_channels=64, context_dim=48, use_linear_in_transformer=True, channel_mult=[1, 2, 2, 2],

@@ -27,19 +27,20 @@ from PIL import Image
 from sdxl_server import SDXL_COMMON, VEGA_TEST_UNET, cached_sdxl_models, random_taesd
 from test_latent_shift import reference_attention, reference_keys
 
-from simda_pack.nodes.common import check_family
 from simda_pack.nodes.nodes_adapters import SimDAAdapterLoader
 from simda_pack.nodes.nodes_edit import SimDAEditTuner
 from simda_pack.nodes.nodes_latent_shift import SimDALatentShiftPatch
 from simda_pack.nodes.nodes_sampler import SimDAVideoSampler
-from simda_pack.simda_core import patches
-from simda_pack.simda_core.adapter_training import AdapterTrainer, TuningRecipe, initial_adapters, training_patcher
-from simda_pack.simda_core.adapters import SimDAAdapters
-from simda_pack.simda_core.config import LatentShiftSettings, SimDAConfig
+from simda_pack.nodes.simda_model import check_family
 from simda_pack.simda_core.formats import build_adapters, read_adapter_file, save_adapters
-from simda_pack.simda_core.host_patch import apply_simda, get_config, model_sites, shift_block_key, shift_sites
-from simda_pack.simda_core.model_info import model_family
-from simda_pack.simda_core.unet_sites import find_resblock_norms
+from simda_pack.simda_core.host.family import model_family
+from simda_pack.simda_core.host.register import apply_simda, get_config, model_sites, shift_block_key, shift_sites
+from simda_pack.simda_core.host.training import training_patcher
+from simda_pack.simda_core.model import hooks
+from simda_pack.simda_core.model.adapters import SimDAAdapters
+from simda_pack.simda_core.model.config import LatentShiftSettings, SimDAConfig
+from simda_pack.simda_core.model.unet_sites import find_resblock_norms
+from simda_pack.simda_core.training.trainer import AdapterTrainer, TuningRecipe, initial_adapters
 
 pytestmark = pytest.mark.usefixtures("unload_host_models")
 
@@ -172,7 +173,7 @@ def test_latent_shift_at_every_sdxl_block_is_the_spec_on_a_non_square_grid(deep)
             out = ours(q, k, v, extra_options)
             seen[key] = (q, k, v, extra_options["activations_shape"], extra_options["n_heads"], out)
             return out
-        return patches.mark(attn1)
+        return hooks.mark(attn1)
 
     for key in list(replaced):
         replaced[key] = recording(key, replaced[key])
@@ -346,7 +347,7 @@ def sdxl_checkpoint():
 
 
 def test_caption_conditioning_is_the_hosts_sdxl_adm_vector_and_nothing_for_sd1(sdxl_checkpoint):
-    from simda_pack.simda_core.collection_training.conditioning import CaptionEncoder
+    from simda_pack.simda_core.training.collection.conditioning import CaptionEncoder
 
     model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(
         str(sdxl_checkpoint), output_vae=False, output_clip=True, te_model_options={"dtype": torch.float32}

@@ -24,10 +24,10 @@ import pytest
 import torch
 from PIL import Image
 
-from simda_pack.simda_core.collection_training.conditioning import clip_degradations, low_resolution, sr_conditioning
-from simda_pack.simda_core.degradations import DegradationConfig
 from simda_pack.simda_core.formats import read_adapter_file
-from simda_pack.simda_core.video_data import ClipSampling, derived_seed, load_sample
+from simda_pack.simda_core.training.collection.conditioning import clip_degradations, low_resolution, sr_conditioning
+from simda_pack.simda_core.training.degradations import DegradationConfig
+from simda_pack.simda_core.training.video_data import ClipSampling, derived_seed, load_sample
 
 SIZE, FRAMES = 64, 4
 

@@ -32,10 +32,11 @@ from PIL import Image
 
 from simda_pack.nodes.nodes_adapters import SimDAAdapterLoader
 from simda_pack.simda_core.formats import build_adapters, read_adapter_file, save_adapters
-from simda_pack.simda_core.model_info import call_options, model_family
-from simda_pack.simda_core.host_patch import model_sites
-from simda_pack.simda_core.collection_training.conditioning import low_resolution, sr_conditioning
-from simda_pack.simda_core.adapter_training import denoising_target, initial_adapters, unet_output
+from simda_pack.simda_core.host.family import model_family
+from simda_pack.simda_core.host.register import model_sites
+from simda_pack.simda_core.host.unet_call import call_options
+from simda_pack.simda_core.training.collection.conditioning import low_resolution, sr_conditioning
+from simda_pack.simda_core.training.trainer import denoising_target, initial_adapters, unet_output
 
 CAPTIONS = ("a red square moving right", "a blue box sliding")
 STEPS = 2

@@ -42,10 +42,10 @@ import pytest
 import torch
 from PIL import Image
 
-from simda_pack.simda_core import video_data
 from simda_pack.simda_core.formats import build_adapters, read_adapter_file
-from simda_pack.simda_core.host_patch import model_sites
-from simda_pack.simda_core.video_data import ClipSampling, GlobalBatchPlan, VideoDataError
+from simda_pack.simda_core.host.register import model_sites
+from simda_pack.simda_core.training import video_data
+from simda_pack.simda_core.training.video_data import ClipSampling, GlobalBatchPlan, VideoDataError
 
 SCRIPT = PACK_DIR / "scripts" / "train_simda.py"
 ONE_LEVEL_UNET = dict(
@@ -353,7 +353,7 @@ def test_the_global_batch_does_not_depend_on_the_number_of_processes():
 
 def adapter_trainer(loss_scaling):
     """An AdapterTrainer of a host ModelPatcher with trained-looking adapters (every output non-zero)."""
-    from simda_pack.simda_core.adapter_training import AdapterTrainer, TuningRecipe, initial_adapters
+    from simda_pack.simda_core.training.trainer import AdapterTrainer, TuningRecipe, initial_adapters
 
     patcher = host.build_model(host.TINY_UNET, seed=1)
     adapters = initial_adapters(model_sites(patcher), seed=2)
@@ -409,7 +409,7 @@ def poisoning_trainer(monkeypatch, bad_calls: set[int], loss_scaling: str | None
     """The command's own run module trains with an AdapterTrainer whose loss is NaN at ``bad_calls``
     (1-based), and with ``loss_scaling`` (the CPU loss scaler stands in for fp16 on CUDA)."""
     load_script().setup_host()
-    import simda_core.collection_training.run as run_module  # the copy the command imports
+    import simda_core.training.collection.run as run_module  # the copy the command imports
 
     class Poisoning(run_module.AdapterTrainer):
         def __init__(self, *args, **kwargs):

@@ -7,10 +7,11 @@ import host  # noqa: F401  (puts the host on sys.path, imports the pack as simda
 import pytest
 import torch
 
-from simda_pack.simda_core.config import LatentShiftSettings, SimDAConfig
+from simda_pack.simda_core.model.config import LatentShiftSettings, SimDAConfig
 
-from simda_pack.simda_core.host_patch import apply_simda, model_sites
-from simda_pack.simda_core.adapter_training import AdapterTrainer, TuningRecipe, initial_adapters, training_patcher
+from simda_pack.simda_core.host.register import apply_simda, model_sites
+from simda_pack.simda_core.host.training import training_patcher
+from simda_pack.simda_core.training.trainer import AdapterTrainer, TuningRecipe, initial_adapters
 
 FRAMES = 4
 
@@ -91,7 +92,7 @@ def test_tuning_loss_combines_every_conditioning_entry_as_the_host_does(base):
     """The Edit Tuner's loss sees the whole source CONDITIONING: each entry is run and the
     entries are combined by their strengths (the host's calc_cond_batch), and one entry gives what
     a direct UNet call with its tensor gives."""
-    from simda_pack.simda_core.adapter_training import HostConditioning, host_conditioned_output, unet_output
+    from simda_pack.simda_core.training.trainer import HostConditioning, host_conditioned_output, unet_output
 
     adapters = initial_adapters(model_sites(base), seed=5)
     host.randomize_(adapters, 5)

@@ -33,15 +33,20 @@ from comfy_extras.nodes_sdupscale import SD_4XUpscale_Conditioning
 
 from simda_pack.nodes.nodes_adapters import SimDAAdapterLoader
 from simda_pack.nodes.nodes_latent_shift import SimDALatentShiftPatch
-from simda_pack.nodes.common import clip_noise
 from simda_pack.nodes.nodes_sampler import SimDAVideoSampler
-from simda_pack.nodes.nodes_upscale import MAX_OUTPUT_SIDE, Settings, SimDAVideoUpscaler, upscale_latents, upscaler_model
-from simda_pack.simda_core.adapters import SimDAAdapters
+from simda_pack.nodes.nodes_upscale import (
+    MAX_OUTPUT_SIDE, Settings, SimDAVideoUpscaler, upscale_latents, upscaler_model,
+)
 from simda_pack.simda_core.formats import build_adapters, read_adapter_file, save_adapters
-from simda_pack.simda_core.config import SimDAConfig
-from simda_pack.simda_core.model_info import call_options, model_family
-from simda_pack.simda_core.host_patch import apply_simda, get_config, model_sites
-from simda_pack.simda_core.tiling import PieceSizes, choose_sizes, cosine_ramp, frame_groups, piece_mask, spatial_tiles
+from simda_pack.simda_core.host.family import model_family
+from simda_pack.simda_core.host.register import apply_simda, get_config, model_sites
+from simda_pack.simda_core.host.unet_call import call_options
+from simda_pack.simda_core.model.adapters import SimDAAdapters
+from simda_pack.simda_core.model.config import SimDAConfig
+from simda_pack.simda_core.video.clip_noise import clip_noise
+from simda_pack.simda_core.video.tiling import (
+    PieceSizes, choose_sizes, cosine_ramp, frame_groups, piece_mask, spatial_tiles,
+)
 
 CACHE_DIR = PACK_DIR / ".cache"
 X4_TEST_UNET = dict(

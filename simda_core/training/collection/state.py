@@ -10,8 +10,8 @@ from typing import Callable
 
 import torch
 
-from ..adapter_training import AdapterTrainer
-from ..adapters import SimDAAdapters
+from ...model.adapters import SimDAAdapters
+from ..trainer import AdapterTrainer
 from .data_parallel import Processes
 from .options import TrainingOptions, TrainingSetupError
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from ..adapter_training import NUM_TIMESTEPS
-from ..prompt_schedule import common_token_length, repeat_tokens
+from ...host.x4 import x4_conditioning
+from ...video.prompt_schedule import common_token_length, repeat_tokens
 from ..degradations import ClipDegradation, DegradationConfig, apply_degradation, draw_degradation
+from ..trainer import NUM_TIMESTEPS
 from ..video_data import derived_seed
 
 SR_SCALE = 4
@@ -89,7 +90,7 @@ def low_resolution(frames: torch.Tensor, degradation: ClipDegradation | None = N
 
 def clip_degradations(config: DegradationConfig, seed: int, step: int, slots) -> list[ClipDegradation]:
     """The degradation of each clip of this process's shard: one draw per clip from the run's seed,
-    the step and the clip's slot in the global batch (``simda_core.degradations``), so a step's
+    the step and the clip's slot in the global batch (``simda_core.training.degradations``), so a step's
     inputs are the same on resume and on any number of processes."""
     return [draw_degradation(config, seed, step, slot) for slot in slots]
 
@@ -105,8 +106,6 @@ def sr_conditioning(model_patcher, frames: torch.Tensor, x0: torch.Tensor, seed:
     augmentation noise seeded, both from the sample's number only. ``x0``: the clips' latents
     ``[clips * F, 4, H/4, W/4]``. Returns ``{'c_concat': [clips * F, 3, H/4, W/4], 'y': [clips * F]}``
     for :meth:`AdapterTrainer.loss`."""
-    from comfy_extras.nodes_sdupscale import SD_4XUpscale_Conditioning
-
     base, device = model_patcher.model, model_patcher.load_device
     frames_per_clip = frames.shape[1]
     low, high = noise_augmentation
@@ -118,7 +117,7 @@ def sr_conditioning(model_patcher, frames: torch.Tensor, x0: torch.Tensor, seed:
         level = low + (high - low) * float(torch.rand((), generator=generator))
         augmentation_seed = int(torch.randint(0, 2**62, (), generator=generator))
         clip_input = low_resolution(frames[clip], degradations[clip] if degradations is not None else None)
-        conditioned = SD_4XUpscale_Conditioning.execute(clip_input, [[None, {}]], [], float(SR_SCALE), level)
+        conditioned = x4_conditioning("the SimDA trainer").execute(clip_input, [[None, {}]], [], float(SR_SCALE), level)
         options = conditioned.args[0][0][1]  # {'concat_image': [F, 3, h, w], 'noise_augmentation': level}
         clip_latents = x0[clip * frames_per_clip:(clip + 1) * frames_per_clip]
         # The host's augmentation reseeds the global RNG (torch.manual_seed); keep ours as it was.

@@ -10,10 +10,12 @@ from pathlib import Path
 
 import torch
 
+from ...host.samplers import sample_ddim
+from ...host.x4 import x4_conditioning
 from .. import quality
 from ..degradations import draw_degradation
 from ..video_data import ClipSampling, derived_seed, load_sample
-from .conditioning import SR_SCALE, CaptionEncoder, low_resolution
+from .conditioning import CaptionEncoder, SR_SCALE, low_resolution
 from .options import TrainingOptions
 from .state import atomic_write
 
@@ -104,16 +106,12 @@ def sample_clip(model_patcher, captions: CaptionEncoder, vae, prompt: str, frame
                 steps: int, cfg: float, seed: int) -> torch.Tensor:
     """One clip from the model being trained, through the host's sampler (DDIM, the empty prompt as
     negative): ``[F, H, W, 3]`` in 0..1."""
-    import comfy.sample
-
     channels = model_patcher.get_model_object("latent_format").latent_channels
     latent = torch.zeros([frames, channels, height // 8, width // 8])
     noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(seed))
     positive, negative = captions.conditioning(prompt, width, height), captions.conditioning("", width, height)
     with torch.no_grad():
-        samples = comfy.sample.sample(
-            model_patcher, noise, steps, cfg, "ddim", "ddim_uniform", positive, negative, latent, disable_pbar=True, seed=seed,
-        )
+        samples = sample_ddim(model_patcher, noise, steps, cfg, positive, negative, latent, seed)
         return vae.decode(samples).reshape(-1, height, width, 3).float().cpu()
 
 
@@ -122,18 +120,12 @@ def upscale_clip(model_patcher, captions: CaptionEncoder, vae, low: torch.Tensor
     """An x4 MODEL upscales a clip's low-resolution frames ``[F, h, w, 3]`` to ``[F, 4h, 4w, 3]`` as
     the Video Upscaler does for a clip in one piece (SD 4x Upscale Conditioning, the host's sampler;
     DDIM, the empty prompt as negative), in 0..1."""
-    import comfy.sample
-    from comfy_extras.nodes_sdupscale import SD_4XUpscale_Conditioning
-
-    positive, negative, latent = SD_4XUpscale_Conditioning.execute(
+    positive, negative, latent = x4_conditioning("the SimDA trainer").execute(
         low, [[captions(prompt), {}]], [[captions(""), {}]], float(SR_SCALE), noise_augmentation
     ).args
     noise = torch.randn(latent["samples"].shape, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
-        samples = comfy.sample.sample(
-            model_patcher, noise, steps, cfg, "ddim", "ddim_uniform", positive, negative, latent["samples"],
-            disable_pbar=True, seed=seed,
-        )
+        samples = sample_ddim(model_patcher, noise, steps, cfg, positive, negative, latent["samples"], seed)
         frames = low.shape[0]
         return vae.decode(samples).reshape(frames, low.shape[1] * SR_SCALE, low.shape[2] * SR_SCALE, 3).float().cpu()
 

@@ -1,5 +1,5 @@
 """DDIM inversion of a clip (the starting noise for editing, SIMDA_SPEC.md section 5); which of the
-host's samplers may start from it is decided in ``sampler_noise.py``.
+host's samplers may start from it is decided in ``host/samplers.py``, which also runs it as a host sampler.
 
 Tune-A-Video and SimDA invert in the VP parametrisation ``x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps``:
 each step asks the UNet for the noise of the CURRENT latent (at level ``t``) while telling it the
@@ -30,8 +30,12 @@ StepReport = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
 """``report(index, x, sigma, clean)``: after step ``index`` the latent ``x`` lies at ``sigma``;
 ``clean`` is the clean-latent estimate the step moved."""
 
+INVERSION_KEY = "simda_inversion"
+"""LATENT entry that marks DDIM-inverted noise: ``{"steps", "scheduler", "sampler"}`` it was made with."""
+
 INVERSION_SAMPLER = "ddim"
 """The host sampler whose step the inversion walks backwards (the record's ``sampler``)."""
+
 
 def inversion_record(steps: int, scheduler: str) -> dict:
     """What a sampler needs to walk an inversion back (the LATENT's ``simda_inversion`` entry): the
@@ -68,31 +72,3 @@ def ddim_invert(
     return x
 
 
-def host_sampler_inversion():
-    """A host ``KSAMPLER`` that runs :func:`ddim_invert` instead of sampling, so the inversion
-    goes through the host's guider (conditioning, patches, wrappers, model loading). Give it the
-    ascending schedule ``[0, s1, ..., s_max]`` and zero noise; it returns the latent at ``s_max``.
-    Its callback reports, per step, the latent, the sigma it now lies at, and the step's clean
-    estimate as ``denoised``."""
-    import comfy.samplers
-
-    def invert(model, x, sigmas, extra_args=None, callback=None, disable=None):
-        extra_args = extra_args or {}
-        s_in = x.new_ones([x.shape[0]])
-        sampling = model.inner_model.inner_model.model_sampling if hasattr(model, "inner_model") else None
-
-        def denoise(x_, sigma):
-            return model(x_, sigma * s_in, **extra_args)
-
-        def input_scale(sigma):
-            if sampling is None:
-                return vp_input_scale(sigma)
-            return sampling.calculate_input(sigma.reshape(1), torch.ones((1,), dtype=x.dtype, device=x.device))[0]
-
-        def report(index, current, sigma, clean):
-            if callback is not None:
-                callback({"i": index, "x": current, "sigma": sigma, "sigma_hat": sigma, "denoised": clean})
-
-        return ddim_invert(denoise, x, sigmas, report, input_scale)
-
-    return comfy.samplers.KSAMPLER(invert)

@@ -1,6 +1,6 @@
-"""The one module that knows the host's hooks: it registers SimDA's pieces (``patches.py``) on a
-ComfyUI ``ModelPatcher`` clone, so they are applied when the host loads that clone and removed
-when it unloads it (docs/HOST_COMPAT.md maps every hook in 0.3.75 and in the newest host).
+"""Registration of SimDA on a ComfyUI ``ModelPatcher`` clone: SimDA's hook functions
+(``model/hooks.py``) go onto the host's hook points, so the host applies them when it loads that
+clone and removes them when it unloads it (docs/HOST_COMPAT.md maps every hook in each host).
 
 What goes where (see docs/ARCHITECTURE.md):
 - spatial attention adapter -> ``attn1_output_patch``;
@@ -20,23 +20,22 @@ Module paths never change, so weight patches (LoRA) still find their keys.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
-import functools
 import weakref
 from dataclasses import replace
 from typing import Callable
 
 import torch
 
-from . import patches
-from .adapters import AdapterSite
-from .clip_agreement import clip_mismatch
-from .config import SimDAConfig
-from .frame_windows import window_context, window_frames
-from .layout import ClipLayout, ClipLayoutError
-from .runtime import SimDARuntime
-from .unet_sites import find_adapter_sites, find_resblock_norms, find_resblocks
+from ..model import hooks
+from ..model.adapters import AdapterSite
+from ..model.config import SimDAConfig
+from ..model.layout import ClipLayout, ClipLayoutError
+from ..model.runtime import SimDARuntime
+from ..model.unet_sites import find_adapter_sites, find_resblock_norms, find_resblocks
+from ..video.clip_agreement import clip_mismatch
+from ..video.frame_windows import window_context, window_frames
+from .attention import host_norm_parameters, layer_attention
 
 ATTACHMENT = "simda"
 BOUND_UNET = "simda_unet"
@@ -88,7 +87,7 @@ def _describe(fn) -> str:
 def find_conflicts(transformer_options: dict, shift_keys: list[tuple[str, int, int]]) -> str | None:
     """A sentence naming a patch that cannot coexist with latent shift, or None."""
     for patch in transformer_options.get("patches", {}).get("attn1_patch", []):
-        if not patches.is_simda(patch):
+        if not hooks.is_simda(patch):
             return (
                 f"another patch changes the self-attention tokens ({_describe(patch)}, e.g. HyperTile); "
                 "latent-shift attention needs each frame's whole token grid: remove that node from this MODEL's chain "
@@ -97,7 +96,7 @@ def find_conflicts(transformer_options: dict, shift_keys: list[tuple[str, int, i
     replaced = transformer_options.get("patches_replace", {}).get("attn1", {})
     for key in shift_keys:
         fn = replaced.get(key)
-        if fn is not None and not patches.is_simda(fn):
+        if fn is not None and not hooks.is_simda(fn):
             return (
                 f"another node already replaces self-attention at {key} ({_describe(fn)}); SimDA's latent-shift "
                 "attention needs that slot: use one of the two on this MODEL, not both"
@@ -105,37 +104,7 @@ def find_conflicts(transformer_options: dict, shift_keys: list[tuple[str, int, i
     return None
 
 
-# -- the host's attention and the per-call wrapper ------------------------------------------------
-
-def host_attention(q, k, v, heads, extra_options, preferred_attention=None):
-    """The host's selected attention, given the call's options (``extra_options`` holds every
-    ``transformer_options`` key but the patches), so a user's attention override is honoured; and
-    the layer's own attention choice (``CrossAttention.comfy_attention``, ComfyUI 0.38) where the
-    layer has one."""
-    import comfy.ldm.modules.attention as host_attention_module
-
-    choice = {} if preferred_attention is None else {"preferred_attention": preferred_attention}
-    return host_attention_module.optimized_attention(
-        q, k, v, heads, attn_precision=extra_options.get("attn_precision"), transformer_options=extra_options, **choice
-    )
-
-
-def layer_attention(unet, site: AdapterSite, index: int):
-    """The host attention call for the self-attention of block ``index`` of ``site``: with that
-    layer's ``comfy_attention`` where the host gives layers one (0.38), else the plain call."""
-    preferred = getattr(unet.get_submodule(site.block_path(index)).attn1, "comfy_attention", None)
-    return host_attention if preferred is None else functools.partial(host_attention, preferred_attention=preferred)
-
-
-def host_norm_parameters(norm, x):
-    """A host GroupNorm's ``(weight, bias)`` for this call, as its own forward would use them:
-    through the host's ``cast_bias_weight`` when the host casts that layer per call (low-VRAM
-    offload, manual cast, weight patches applied on the fly), else the layer's own tensors."""
-    if getattr(norm, "comfy_cast_weights", False) or getattr(norm, "weight_function", None) or getattr(norm, "bias_function", None):
-        import comfy.ops
-
-        return comfy.ops.cast_bias_weight(norm, x)[:2]
-    return norm.weight, norm.bias
+# -- the per-call wrapper ------------------------------------------------
 
 
 def _call_wrapper(runtime: SimDARuntime, shift_keys: list[tuple[str, int, int]], unet_ref: Callable):
@@ -180,7 +149,7 @@ def _call_wrapper(runtime: SimDARuntime, shift_keys: list[tuple[str, int, int]],
         with runtime.using(layout, shift_active):
             return executor(x, *args, **kwargs)
 
-    return patches.mark(wrapper)
+    return hooks.mark(wrapper)
 
 
 def _sampling_check(runtime: SimDARuntime):
@@ -197,33 +166,7 @@ def _sampling_check(runtime: SimDARuntime):
             raise SimDAPatchError(f"SimDA: {problem}.")
         return executor(noise, latent_image, *args, **kwargs)
 
-    return patches.mark(wrapper)
-
-
-# -- leaving the shared UNet as it was -------------------------------------------------------------
-
-def unload(model_patcher) -> None:
-    """Take ``model_patcher`` and its additional models out of the host's loaded models, unpatched:
-    the shared UNet no longer carries its object patches or weight changes."""
-    import comfy.model_management as mm
-
-    ours = [model_patcher, *model_patcher.get_nested_additional_models()]
-    for index in reversed(range(len(mm.current_loaded_models))):
-        loaded = mm.current_loaded_models[index]
-        if any(loaded.model is patcher for patcher in ours):
-            loaded.model_unload()
-            mm.current_loaded_models.pop(index)
-
-
-@contextlib.contextmanager
-def unloaded_on_failure(model_patcher):
-    """Cancel, an error or out-of-memory inside the block unloads ``model_patcher`` before the
-    exception goes on, so nothing of it stays applied to the shared UNet until the host's next load."""
-    try:
-        yield model_patcher
-    except BaseException:
-        unload(model_patcher)
-        raise
+    return hooks.mark(wrapper)
 
 
 # -- registering a config on a clone --------------------------------------------------------------
@@ -233,14 +176,14 @@ def _remove_previous(model_patcher, previous: SimDAConfig | None) -> None:
 
     if previous is not None:
         for key in previous.object_patch_keys:
-            model_patcher.object_patches.pop(key, None)
+            model_patcher.object_hooks.pop(key, None)
     to = model_patcher.model_options.setdefault("transformer_options", {})
     registered = to.get("patches", {})
     if "attn1_output_patch" in registered:
-        registered["attn1_output_patch"] = [p for p in registered["attn1_output_patch"] if not patches.is_simda(p)]
+        registered["attn1_output_patch"] = [p for p in registered["attn1_output_patch"] if not hooks.is_simda(p)]
     replaced = to.get("patches_replace", {}).get("attn1")
     if replaced:
-        for key in [k for k, fn in replaced.items() if patches.is_simda(fn)]:
+        for key in [k for k, fn in replaced.items() if hooks.is_simda(fn)]:
             del replaced[key]
     model_patcher.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, KEY)
     model_patcher.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, KEY)
@@ -333,28 +276,28 @@ def apply_simda(model_patcher, config: SimDAConfig):
     adapters = config.active_adapters
     if adapters is not None or config.gradient_checkpointing:
         for site in sites:
-            object_patch(site.path, patches.temporal_adapter_then_transformer(unet.get_submodule(site.path), site.path, runtime_ref))
+            object_patch(site.path, hooks.temporal_adapter_then_transformer(unet.get_submodule(site.path), site.path, runtime_ref))
     if config.gradient_checkpointing:
         for path in find_resblocks(unet):
-            object_patch(path, patches.checkpointed_resblock(unet.get_submodule(path), runtime_ref))
+            object_patch(path, hooks.checkpointed_resblock(unet.get_submodule(path), runtime_ref))
     if adapters is not None:
         by_block = {}
         for site in sites:
             for index in range(site.depth):
                 block_path = site.block_path(index)
                 block = unet.get_submodule(block_path)
-                object_patch(f"{block_path}.ff", patches.ffn_with_adapter(block, block_path, runtime_ref))
-                object_patch(f"{block_path}.norm3", patches.pass_through)
+                object_patch(f"{block_path}.ff", hooks.ffn_with_adapter(block, block_path, runtime_ref))
+                object_patch(f"{block_path}.norm3", hooks.pass_through)
                 by_block[shift_block_key(site, index)] = adapters.attention_adapter(block_path)
-        model_patcher.set_model_attn1_output_patch(patches.attention_adapters(by_block, runtime))
+        model_patcher.set_model_attn1_output_patch(hooks.attention_adapters(by_block, runtime))
         model_patcher.set_additional_models(ADDITIONAL_MODELS_KEY, [carried[0] if carried else adapter_patcher(adapters, model_patcher)])
 
     if config.uses_frame_group_norm:
         for path in find_resblock_norms(unet):
-            object_patch(path, patches.frame_group_norm(unet.get_submodule(path), runtime_ref, host_norm_parameters))
+            object_patch(path, hooks.frame_group_norm(unet.get_submodule(path), runtime_ref, host_norm_parameters))
 
     for site, index in shifted:
-        replace_fn = patches.latent_shift_self_attention(runtime, layer_attention(unet, site, index))
+        replace_fn = hooks.latent_shift_self_attention(runtime, layer_attention(unet, site, index))
         model_patcher.set_model_attn1_replace(replace_fn, *shift_block_key(site, index))
 
     unet_ref = weakref.ref(unet)

@@ -1,16 +1,11 @@
-"""What the SimDA nodes share: the family check, registering SimDA on a clone with the error a user sees, the inversion
-record carried by LATENTs, and per-frame seeded clip noise."""
+"""The MODEL a SimDA node receives: its family checked against what the node or its adapters were
+made for, and SimDA registered on a clone of it with the error a user sees."""
 from __future__ import annotations
 
-import torch
-
-from ..simda_core.config import SimDAConfig
 from ..simda_core.formats import FAMILIES
-from ..simda_core.host_patch import SimDAPatchError, apply_simda
-from ..simda_core.model_info import model_family
-
-INVERSION_KEY = "simda_inversion"
-"""LATENT entry that marks DDIM-inverted noise: ``{"steps", "scheduler", "sampler"}`` it was made with."""
+from ..simda_core.host.family import model_family
+from ..simda_core.host.register import SimDAPatchError, apply_simda
+from ..simda_core.model.config import SimDAConfig
 
 
 def check_family(model, wanted: str, what: str) -> str:
@@ -40,14 +35,3 @@ def simda_clone(model, config: SimDAConfig):
     return patched
 
 
-def clip_noise(shape: tuple[int, ...], seed: int, shared: float) -> torch.Tensor:
-    """Noise for the F frames of a clip, reproducible per frame: frame i's noise depends on the
-    seed and i only (a longer clip keeps the frames of a shorter one). ``shared`` mixes in one
-    noise map common to all frames, keeping unit variance (0 = independent, 1 = identical)."""
-    frames, *frame_shape = shape
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    common = torch.randn(frame_shape, generator=generator)
-    own = torch.stack([torch.randn(frame_shape, generator=generator) for _ in range(frames)])
-    if shared <= 0:
-        return own
-    return (1.0 - shared) ** 0.5 * own + shared**0.5 * common

@@ -5,7 +5,7 @@ frames are the targets, their 4x downscales the concat image (see :func:`conditi
 
 One step: this process's shard of the global batch (``video_data.GlobalBatchPlan``) -> frames to
 latents with the checkpoint's VAE, captions to context with its CLIP -> the denoising loss of
-``adapter_training.AdapterTrainer`` on the SimDA-patched host UNet -> gradients averaged over processes ->
+``training.trainer.AdapterTrainer`` on the SimDA-patched host UNet -> gradients averaged over processes ->
 clip, AdamW step. Every random draw of a sample (clip, start frame, crop, timestep, noise) comes from
 the run's seed and the sample's number, so N processes with the same global batch train like one.
 
@@ -18,7 +18,7 @@ only rank 0 writes files, logs and the progress bar. Output folder:
 
 Modules: ``options`` (what a run takes), ``data_parallel`` (torchrun group), ``state`` (output
 folder, resume), ``conditioning`` (batch -> UNet inputs), ``reports`` (loss curve, sample clips),
-``run`` (the loop). The training step itself is ``simda_core.adapter_training``, shared with the
+``run`` (the loop). The training step itself is ``simda_core.training.trainer``, shared with the
 Edit Tuner node.
 """
 from __future__ import annotations

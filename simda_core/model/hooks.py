@@ -1,5 +1,5 @@
 """SimDA's pieces as small functions in the shapes the host's patch points take (see
-``host_patch.py`` for where each one is registered). Nothing here imports the host: each function
+``host/register.py`` for where each one is registered). Nothing here imports the host: each function
 gets the module it wraps, the call state (:class:`SimDARuntime`, by weak reference where the host
 keeps the function on its modules) and, for attention, the host's attention function.
 

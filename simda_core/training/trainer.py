@@ -6,14 +6,13 @@ host's, called with the SimDA patches of a ModelPatcher clone; only adapter para
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from .adapters import SimDAAdapters
-from .model_info import call_options, is_dynamic
+from ..host.unet_call import HostConditioning, denoising_target, host_conditioned_output, unet_output
+from ..model.adapters import SimDAAdapters
 
 NUM_TIMESTEPS = 1000
 
@@ -40,178 +39,6 @@ def initial_adapters(sites, seed: int = 0, device=None) -> SimDAAdapters:
         torch.manual_seed(seed)
         adapters = SimDAAdapters(sites, dtype=torch.float32, device="cpu")
     return adapters.to(device) if device is not None else adapters
-
-
-def _fresh(weight: torch.Tensor) -> torch.Tensor:
-    """Weight wrapper: the layer's weight as a tensor autograd may save for backward. The host
-    already hands a wrapped layer a per-call copy; an inference tensor is copied here otherwise."""
-    return weight.clone() if weight.is_inference() else weight
-
-
-_fresh.simda_patch = True
-
-
-def training_patcher(model_patcher):
-    """A clone of ``model_patcher`` to train adapters through, leaving the host's UNet as it is.
-
-    - A MODEL whose weights the host streams (the newest host's Dynamic VRAM: ``is_dynamic()``) is
-      trained through the host's non-dynamic delegate: streamed weights share reused buffers, and a
-      tensor saved for backward could be overwritten by the next layer's cast.
-    - The host loads weights as inference tensors, which backward cannot save. Every weight and bias
-      of the host's layers gets a weight wrapper on this clone (the mechanism the host's own LoRA
-      training uses), so each layer computes with a per-call copy; the shared UNet's parameter
-      objects, their values and the host's pinned-memory bookkeeping are never touched.
-    """
-    patcher = model_patcher
-    if is_dynamic(patcher):
-        delegate = getattr(patcher, "get_non_dynamic_delegate", None)
-        if delegate is None:
-            raise RuntimeError(
-                "SimDA: this ComfyUI streams the model's weights (Dynamic VRAM) but offers no non-dynamic copy to train "
-                "through; start ComfyUI with --disable-dynamic-vram to tune SimDA adapters."
-            )
-        try:
-            patcher = delegate()
-        except RuntimeError as error:
-            # The host's delegate is a fresh load through the loader's cached_patcher_init; a MODEL
-            # from a loader that registered none cannot have one (model_patcher.py, 0.33 and 0.38).
-            if "cached_patcher_init" not in str(error):
-                raise
-            raise RuntimeError(
-                "SimDA: this MODEL streams its weights (Dynamic VRAM) and came from a loader that cannot reload it "
-                "without streaming, which training needs; load the checkpoint with ComfyUI's own Load Checkpoint node, "
-                "or start ComfyUI with --disable-dynamic-vram to tune SimDA adapters."
-            ) from None
-    patcher = patcher.clone()
-    for name, module in patcher.model.named_modules():
-        if not hasattr(module, "weight_function"):
-            continue
-        for param in ("weight", "bias"):
-            if getattr(module, param, None) is not None:
-                patcher.add_weight_wrapper(f"{name}.{param}", _fresh)
-    return patcher
-
-
-def release_training_wrappers(model_patcher) -> None:
-    """Take :func:`training_patcher`'s weight wrappers off the host's layers once training is done
-    (the host leaves wrappers of a fully loaded model on its layers until the next load)."""
-    for module in model_patcher.model.modules():
-        for attribute in ("weight_function", "bias_function"):
-            functions = getattr(module, attribute, None)
-            if functions:
-                setattr(module, attribute, [f for f in functions if f is not _fresh])
-
-
-@contextlib.contextmanager
-def loaded_for_training(training):
-    """``training`` (from :func:`training_patcher`) loaded whole, with the memory headroom the host's
-    own training node asks for (``load_models_gpu(..., memory_required=1e20, force_full_load=True)``:
-    0.3.75 ``nodes_train.py`` l. 595, 0.33 l. 1226); afterwards, also after Cancel, an error or
-    out-of-memory, its weight wrappers are off the host's layers and it is unloaded, so the shared
-    UNet carries nothing of it."""
-    import comfy.model_management as mm
-
-    from .host_patch import unload
-
-    try:
-        mm.load_models_gpu([training], memory_required=1e20, force_full_load=True)
-        yield training
-    finally:
-        release_training_wrappers(training)
-        unload(training)
-
-
-@contextlib.contextmanager
-def host_training_mode():
-    """The host's ``in_training`` flag on while adapters train (newest host; feature-detected)."""
-    import comfy.model_management as mm
-
-    if not hasattr(mm, "in_training"):
-        yield
-        return
-    saved = mm.in_training
-    mm.in_training = True
-    try:
-        yield
-    finally:
-        mm.in_training = saved
-
-
-def denoising_target(model_sampling, sigma: torch.Tensor, x_noisy: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
-    """The raw UNet output that would denoise ``x_noisy`` to ``x0`` exactly: the noise for an
-    epsilon model, v for a v-prediction model. Found from the host's own ``calculate_denoised``,
-    which is affine in the output: ``denoised = a * x + b * out``."""
-    zeros = torch.zeros_like(x_noisy)
-    a_x = model_sampling.calculate_denoised(sigma, zeros, x_noisy)
-    b = model_sampling.calculate_denoised(sigma, torch.ones_like(x_noisy), zeros)
-    return (x0 - a_x) / b
-
-
-def unet_output(
-    model_patcher, x_noisy: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor, groups: int,
-    conds: dict[str, torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """The host UNet's raw output for a noisy batch of ``groups`` clips (the patcher must be
-    loaded/patched), through the host's own model call as sampling makes it: the MODEL's
-    ``model_function_wrapper`` where one is set, then ``BaseModel.apply_model`` with its
-    ``APPLY_MODEL`` wrappers (so what other packs register there applies while training too).
-
-    ``conds``: the model's extra conditioning of the batch (``BaseModel.extra_conds`` processed to
-    the batch size, e.g. the x4 upscaler's ``c_concat`` and ``y``, SDXL's ``y``), passed by name
-    as the host passes them. The host returns the denoised estimate; the raw output is the one
-    that denoises to it (:func:`denoising_target`)."""
-    base = model_patcher.model
-    cond_or_uncond = [0] * groups
-    inputs = {
-        "c_crossattn": context,
-        "transformer_options": call_options(model_patcher, cond_or_uncond, training=torch.is_grad_enabled()),
-        **(conds or {}),
-    }
-    wrapper = model_patcher.model_options.get("model_function_wrapper")
-    if wrapper is not None:
-        denoised = wrapper(base.apply_model, {"input": x_noisy, "timestep": sigma, "c": inputs, "cond_or_uncond": cond_or_uncond})
-    else:
-        denoised = base.apply_model(x_noisy, sigma, **inputs)
-    return denoising_target(base.model_sampling, sigma, x_noisy, denoised)
-
-
-class HostConditioning:
-    """A CONDITIONING as the host's sampler uses it, for a training loss: every entry (with its
-    strength, area, mask, timestep range, pooled output and the model's extra conditioning, e.g.
-    SDXL's size vector) is run and the entries are combined by the host's own ``calc_cond_batch``,
-    exactly as one cond of a sampling step."""
-
-    def __init__(self, model_patcher, conditioning: list, x0: torch.Tensor, seed: int = 0):
-        import comfy.sampler_helpers
-        import comfy.samplers
-
-        if not conditioning:
-            raise ValueError("the conditioning is empty; connect a CLIP Text Encode output.")
-        converted = comfy.sampler_helpers.convert_cond(conditioning)
-        device = model_patcher.load_device
-        self.conds = comfy.samplers.process_conds(
-            model_patcher.model, x0, {"positive": converted}, device, latent_image=x0, seed=seed
-        )["positive"]
-
-    def denoised(self, model_patcher, x_noisy: torch.Tensor, sigma: torch.Tensor, training: bool) -> torch.Tensor:
-        import comfy.samplers
-
-        base = model_patcher.model
-        options = dict(model_patcher.model_options)
-        options["transformer_options"] = call_options(model_patcher, [0], training=training)
-        previous = getattr(base, "current_patcher", None)
-        base.current_patcher = model_patcher  # as the host's sampler sets it for the run
-        try:
-            return comfy.samplers.calc_cond_batch(base, [self.conds], x_noisy, sigma, options)[0]
-        finally:
-            base.current_patcher = previous
-
-
-def host_conditioned_output(model_patcher, conditioning: HostConditioning, x_noisy: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """The raw UNet output (noise or v) that the host's combined prediction for ``conditioning``
-    amounts to: the output that would denoise ``x_noisy`` to that prediction."""
-    denoised = conditioning.denoised(model_patcher, x_noisy, sigma, training=torch.is_grad_enabled())
-    return denoising_target(model_patcher.model.model_sampling, sigma, x_noisy, denoised)
 
 
 class AdapterTrainer:

@@ -1,6 +1,7 @@
-"""Which of the host's samplers add fresh noise at every step (and so undo an inverted start).
+"""The host's samplers as SimDA uses them: which add fresh noise at every step (and so undo an
+inverted start), and the DDIM inversion run as a host sampler.
 
-No host API says it. The samplers of ComfyUI 0.3.75 were read and run once (the two lists below);
+No host API says which samplers add noise. The samplers of ComfyUI 0.3.75 were read and run once (the two lists below);
 a sampler the pack does not know, one a newer host added, is probed once per process: it samples
 a toy model twice from the same start with zero noise and two different seeds (and two states of
 torch's global generator), and adds noise exactly when the two results differ.
@@ -10,6 +11,8 @@ from __future__ import annotations
 import functools
 
 import torch
+
+from ..video.inversion import ddim_invert, vp_input_scale
 
 KNOWN_NOISE_FREE = (
     "ddim", "euler", "euler_cfg_pp", "heun", "heunpp2", "dpm_2", "lms", "dpm_fast", "dpm_adaptive",
@@ -99,3 +102,44 @@ def _toy_setup():
     start = 3 * torch.randn(1, 4, 8, 8, generator=generator)
     context = torch.randn(1, 6, TOY_UNET["context_dim"], generator=generator)
     return patcher, sigmas, start, context
+
+
+def host_sampler_inversion():
+    """A host ``KSAMPLER`` that runs :func:`ddim_invert` instead of sampling, so the inversion
+    goes through the host's guider (conditioning, patches, wrappers, model loading). Give it the
+    ascending schedule ``[0, s1, ..., s_max]`` and zero noise; it returns the latent at ``s_max``.
+    Its callback reports, per step, the latent, the sigma it now lies at, and the step's clean
+    estimate as ``denoised``."""
+    import comfy.samplers
+
+    def invert(model, x, sigmas, extra_args=None, callback=None, disable=None):
+        extra_args = extra_args or {}
+        s_in = x.new_ones([x.shape[0]])
+        sampling = model.inner_model.inner_model.model_sampling if hasattr(model, "inner_model") else None
+
+        def denoise(x_, sigma):
+            return model(x_, sigma * s_in, **extra_args)
+
+        def input_scale(sigma):
+            if sampling is None:
+                return vp_input_scale(sigma)
+            return sampling.calculate_input(sigma.reshape(1), torch.ones((1,), dtype=x.dtype, device=x.device))[0]
+
+        def report(index, current, sigma, clean):
+            if callback is not None:
+                callback({"i": index, "x": current, "sigma": sigma, "sigma_hat": sigma, "denoised": clean})
+
+        return ddim_invert(denoise, x, sigmas, report, input_scale)
+
+    return comfy.samplers.KSAMPLER(invert)
+
+
+def sample_ddim(model_patcher, noise, steps: int, cfg: float, positive, negative, latent, seed: int):
+    """Latents sampled by the host's KSampler with DDIM (``ddim_uniform``), without a progress bar:
+    the trainer's sample clips."""
+    import comfy.sample
+
+    return comfy.sample.sample(
+        model_patcher, noise, steps, cfg, "ddim", "ddim_uniform", positive, negative, latent, disable_pbar=True,
+        seed=seed,
+    )

@@ -10,11 +10,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..adapter_training import AdapterTrainer, TuningRecipe, host_training_mode, initial_adapters, training_patcher
-from ..formats import AdapterFileError, save_adapters
-from ..config import LatentShiftSettings, SimDAConfig
-from ..host_patch import apply_simda, model_sites
-from ..model_info import model_family
+from ...formats import AdapterFileError, save_adapters
+from ...host.family import model_family
+from ...host.loaders import load_checkpoint
+from ...host.memory import load
+from ...host.register import apply_simda, model_sites
+from ...host.training import host_training_mode, training_patcher
+from ...model.config import LatentShiftSettings, SimDAConfig
+from ..trainer import AdapterTrainer, TuningRecipe, initial_adapters
 from ..video_data import (
     ClipSampling,
     GlobalBatchPlan,
@@ -26,7 +29,7 @@ from ..video_data import (
     find_clips,
     read_csv,
 )
-from .conditioning import SR_SCALE, CaptionEncoder, clip_degradations, encode_frames, sample_draws, sr_conditioning
+from .conditioning import CaptionEncoder, SR_SCALE, clip_degradations, encode_frames, sample_draws, sr_conditioning
 from .data_parallel import Processes, init_processes
 from .options import SR_FAMILY, TRAINABLE_FAMILIES, TrainingOptions, TrainingSetupError
 from .reports import LOSS_CSV, LOSS_PNG, UpscalingSamples, plot_loss, sample_clip, write_animation, write_loss_csv
@@ -52,17 +55,8 @@ def load_collection(options: TrainingOptions):
 
 def load_host_model(options: TrainingOptions):
     """MODEL, CLIP and VAE from the checkpoint, through the host's own loader, and the family."""
-    import comfy.model_management
-    import comfy.sd
-
-    on_cuda = comfy.model_management.get_torch_device().type == "cuda"
-    unet_dtype = torch.float16 if (options.mixed_precision and on_cuda) else torch.float32
     try:
-        model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(
-            str(options.checkpoint), output_vae=True, output_clip=True, model_options={"dtype": unet_dtype},
-            # the host keeps the text encoder in fp16 even on the CPU, where fp16 matmuls are many times slower
-            te_model_options={} if on_cuda else {"dtype": torch.float32},
-        )
+        model, clip, vae = load_checkpoint(str(options.checkpoint), options.mixed_precision)
     except RuntimeError as e:
         reason = " ".join(str(e).split()).removeprefix("ERROR: ")
         raise TrainingSetupError(
@@ -86,8 +80,6 @@ def load_host_model(options: TrainingOptions):
 def prepare_training(model, family: str, options: TrainingOptions, state: dict | None, processes: Processes):
     """A SimDA-patched clone of ``model`` (latent shift on) with trainable adapters, fresh or from
     ``state``, the same in every process, loaded by the host and ready for backward; its trainer."""
-    import comfy.model_management
-
     device = model.load_device
     adapters = initial_adapters(model_sites(model), derived_seed(options.seed, "adapters"), device)
     if state:
@@ -104,7 +96,7 @@ def prepare_training(model, family: str, options: TrainingOptions, state: dict |
         adapters=adapters, family=family, latent_shift=LatentShiftSettings(),
         gradient_checkpointing=options.gradient_checkpointing,
     ))
-    comfy.model_management.load_models_gpu([training])
+    load(training)
     recipe = TuningRecipe(learning_rate=options.learning_rate, mixed_precision=options.mixed_precision)
     trainer = AdapterTrainer(training, adapters, recipe, seed=options.seed)
     if state:
@@ -140,7 +132,6 @@ def run(options: TrainingOptions, processes: Processes) -> Path:
                 log.warning("SimDA trainer: the global batch changes from %s to %d; the data order changes with it.",
                             state.get("global_batch"), global_batch)
 
-    import comfy.model_management
     from tqdm import tqdm
 
     model, clip, vae, family = load_host_model(options)
@@ -199,7 +190,7 @@ def run(options: TrainingOptions, processes: Processes) -> Path:
         context = captions.context(batch["captions"], options.frames)
         numbers = [plan.sample_number(step, slot) for slot in slots]
         timesteps, noise = sample_draws(options.seed, numbers, (options.frames, *x0.shape[1:]))
-        comfy.model_management.load_models_gpu([training])  # no-op unless encoding moved it out
+        load(training)  # no-op unless encoding moved it out
         if super_resolution:
             conds = sr_conditioning(training, frames, x0, options.seed, numbers, options.noise_augmentation,
                                     clip_degradations(options.degradation, options.seed, step, slots))
