@@ -176,7 +176,7 @@ def _remove_previous(model_patcher, previous: SimDAConfig | None) -> None:
 
     if previous is not None:
         for key in previous.object_patch_keys:
-            model_patcher.object_hooks.pop(key, None)
+            model_patcher.object_patches.pop(key, None)
     to = model_patcher.model_options.setdefault("transformer_options", {})
     registered = to.get("patches", {})
     if "attn1_output_patch" in registered:
