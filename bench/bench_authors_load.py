@@ -140,7 +140,8 @@ def write_checkpoint(folder: Path, seed: int = 0) -> dict[str, Path]:
         fan_in = max(1, int(torch.tensor(shape[1:]).prod())) if len(shape) > 1 else 1
         state[key] = torch.randn(shape, generator=generator) / fan_in**0.5
     config = {
-        "_class_name": "UNet3DConditionModel", "_diffusers_version": "0.11.1", "block_out_channels": list(BLOCK_CHANNELS),
+        "_class_name": "UNet3DConditionModel", "_diffusers_version": "0.11.1",
+        "block_out_channels": list(BLOCK_CHANNELS),
         "layers_per_block": LAYERS_PER_BLOCK, "cross_attention_dim": CONTEXT_DIM, "attention_head_dim": 8,
         "in_channels": 4, "out_channels": 4, "sample_size": 64,
     }
@@ -202,7 +203,9 @@ def child(path: Path, whole: bool) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--keep", type=Path, help="Write the checkpoint here and keep it (default: a temporary folder).")
+    parser.add_argument(
+        "--keep", type=Path, help="Write the checkpoint here and keep it (default: a temporary folder)."
+    )
     parser.add_argument("--json", type=Path, help="Write the figures as JSON here.")
     parser.add_argument("--whole", action="store_true", help="Also measure loading every tensor of each file.")
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)

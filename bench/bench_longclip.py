@@ -60,7 +60,9 @@ def ade_nodes():
         return None
     name = "bench_ade"
     if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ADE_DIR / "__init__.py", submodule_search_locations=[str(ADE_DIR)])
+        spec = importlib.util.spec_from_file_location(
+            name, ADE_DIR / "__init__.py", submodule_search_locations=[str(ADE_DIR)]
+        )
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         spec.loader.exec_module(module)
@@ -145,7 +147,9 @@ def run(device: torch.device | str = "cpu", mode: str | None = None, contexts: l
     base = bench_unet.build_unet(bench_mode, device)
     adapters = bench_unet.random_adapters(base, device)
     conds = conditioning(bench_mode, device)
-    variants = {name: bench_unet.variant_patcher(base, bench_unet.VARIANTS[name], adapters) for name in ("plain", "simda")}
+    variants = {
+        name: bench_unet.variant_patcher(base, bench_unet.VARIANTS[name], adapters) for name in ("plain", "simda")
+    }
     makers = {
         "host standard_static": lambda p: host_windows(p, cw.ContextSchedules.STATIC_STANDARD),
         "host standard_uniform": lambda p: host_windows(p, cw.ContextSchedules.UNIFORM_STANDARD),

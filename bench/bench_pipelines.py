@@ -72,7 +72,8 @@ def bench_t2v(base, adapters, setting: Setting, mode, device) -> list[str]:
     t_plain, m_plain = sample_seconds(plain, setting, mode, device)
     t_simda, m_simda = sample_seconds(simda, setting, mode, device)
     return [
-        f"| t2v plain (independent frames) | {setting.frames} x {setting.size}^2, {setting.steps} steps | {t_plain:.2f} s | 1.00 | {m_plain:.2f} |",
+        f"| t2v plain (independent frames) | {setting.frames} x {setting.size}^2, {setting.steps} steps "
+        f"| {t_plain:.2f} s | 1.00 | {m_plain:.2f} |",
         f"| t2v SimDA (adapters + shift + GN) | same | {t_simda:.2f} s | {t_simda / t_plain:.2f} | {m_simda:.2f} |",
     ]
 
@@ -87,7 +88,10 @@ def bench_tune(base, setting: Setting, mode, device) -> list[str]:
     for checkpointing in (True, False):
         adapters = initial_adapters(model_sites(base), seed=0, device=device)
         clone = training_patcher(base)
-        apply_simda(clone, SimDAConfig(adapters=adapters, latent_shift=LatentShiftSettings(), gradient_checkpointing=checkpointing))
+        apply_simda(
+            clone,
+            SimDAConfig(adapters=adapters, latent_shift=LatentShiftSettings(), gradient_checkpointing=checkpointing),
+        )
         trainer = AdapterTrainer(clone, adapters, TuningRecipe(), seed=0)
         latent = setting.tune_size // 8
         x0 = torch.randn(setting.tune_frames, 4, latent, latent, device=device)
@@ -104,13 +108,17 @@ def bench_tune(base, setting: Setting, mode, device) -> list[str]:
             unet_bench.synchronize(device)
             per_step = (mode.clock() - start) / setting.tune_steps
         except torch.OutOfMemoryError as e:
-            rows.append(f"| tune, checkpointing {checkpointing} | {setting.tune_frames} x {setting.tune_size}^2 | out of memory: {e} | | |")
+            rows.append(
+                f"| tune, checkpointing {checkpointing} | {setting.tune_frames} x {setting.tune_size}^2 "
+                f"| out of memory: {e} | | |"
+            )
             continue
         finally:
             clone.unpatch_model()
         peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
         rows.append(
-            f"| tune, checkpointing {'on' if checkpointing else 'off'} | {setting.tune_frames} x {setting.tune_size}^2 | "
+            f"| tune, checkpointing {'on' if checkpointing else 'off'} "
+            f"| {setting.tune_frames} x {setting.tune_size}^2 | "
             f"{per_step * 1000:.0f} ms/step, 300 steps = {per_step * 300:.1f} s | | {peak:.2f} |"
         )
     return rows

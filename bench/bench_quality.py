@@ -64,7 +64,8 @@ def bigbuckbunny(size: int) -> torch.Tensor:
     side = min(height, width)
     top, left = (height - side) // 2, (width - side) // 2
     square = clip[:, top:top + side, left:left + side].movedim(-1, 1)
-    small = torch.nn.functional.interpolate(square, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    small = torch.nn.functional.interpolate(square, size=(size, size), mode="bilinear", antialias=True,
+                                            align_corners=False)
     return small.clamp(0, 1).movedim(1, -1)
 
 
@@ -83,7 +84,8 @@ def train(checkpoint: Path, clips: Path, held_out: Path, output: Path, args) -> 
             "--width", args.size, "--height", args.size, "--steps", args.train_steps, "--batch", "1", "--lr", args.lr,
             "--seed", "0", "--workers", "0", "--sample-every", args.train_steps, "--sample-steps", args.sample_steps,
             "--sample-cfg", args.cfg, "--sample-clip", held_out, "--degradation", args.degradation,
-            "--checkpoint-every", args.train_steps, "--save-every", args.train_steps, "--noise-augmentation", "0", "0.1"]
+            "--checkpoint-every", args.train_steps, "--save-every", args.train_steps,
+            "--noise-augmentation", "0", "0.1"]
     return script.main([str(a) for a in argv])
 
 
@@ -126,34 +128,40 @@ def held_out_loss(model, clip, vae, held_out: torch.Tensor, trained_adapters: di
             samples.append((clip_x0, conds, timestep, noise))
 
     device = model.load_device
-    untrained = initial_adapters(model_sites(model), derived_seed(0, "adapters"), device)  # the trainer's step 0 (seed 0)
+    # the trainer's step 0 (seed 0)
+    untrained = initial_adapters(model_sites(model), derived_seed(0, "adapters"), device)
     trained = initial_adapters(model_sites(model), derived_seed(0, "adapters"), device)
     trained.load_file_state_dict({k: v.to(device) for k, v in trained_adapters.items()})
 
     def patched(adapters):
         patcher = model.clone()
-        apply_simda(patcher, SimDAConfig(adapters=adapters, family="sd_x4_upscaler", latent_shift=LatentShiftSettings()))
+        apply_simda(patcher, SimDAConfig(adapters=adapters, family="sd_x4_upscaler",
+                                         latent_shift=LatentShiftSettings()))
         return patcher
 
-    variants = {"host UNet, no SimDA": (model, untrained), "SimDA, untrained adapters (step 0)": (patched(untrained), untrained),
+    variants = {"host UNet, no SimDA": (model, untrained),
+                "SimDA, untrained adapters (step 0)": (patched(untrained), untrained),
                 "SimDA, trained adapters": (patched(trained), trained)}
     losses = {}
     for name, (patcher, adapters) in variants.items():
         comfy.model_management.load_models_gpu([patcher])
         trainer = AdapterTrainer(patcher, adapters, TuningRecipe(mixed_precision=False))  # only its loss is used
         with torch.no_grad():
-            losses[name] = [float(trainer.loss(x, context, 1, timesteps=t, noise=n, conds=conds)) for x, conds, t, n in samples]
+            losses[name] = [float(trainer.loss(x, context, 1, timesteps=t, noise=n, conds=conds))
+                            for x, conds, t, n in samples]
         adapters.requires_grad_(False)
         print(f"  held-out loss, {name}: {sum(losses[name]) / len(samples):.5f}", flush=True)
     mean = {name: sum(v) / len(v) for name, v in losses.items()}
     a, u = losses["SimDA, trained adapters"], losses["SimDA, untrained adapters (step 0)"]
-    return {"clip_starts": starts, "timesteps": [int(s[2]) for s in samples[:draws]], "per_sample": losses, "mean": mean,
+    return {"clip_starts": starts, "timesteps": [int(s[2]) for s in samples[:draws]], "per_sample": losses,
+            "mean": mean,
             "ratio_trained_untrained": mean["SimDA, trained adapters"] / mean["SimDA, untrained adapters (step 0)"],
             "ratio_trained_host": mean["SimDA, trained adapters"] / mean["host UNet, no SimDA"],
             "trained_lower": sum(x < y for x, y in zip(a, u)), "samples": len(samples)}
 
 
-def upscale(model, vae, low, positive, negative, args, group: int, context: int, tile: int, overlap: int) -> torch.Tensor:
+def upscale(model, vae, low, positive, negative, args, group: int, context: int, tile: int,
+            overlap: int) -> torch.Tensor:
     """The Video Upscaler node with explicit piece sizes (``group`` frames, ``tile`` input pixels)."""
     from simda_pack.nodes.nodes_upscale import SimDAVideoUpscaler
 
@@ -161,7 +169,8 @@ def upscale(model, vae, low, positive, negative, args, group: int, context: int,
                     scheduler="karras", frames_per_group=group, context_frames=context, tile_size=tile,
                     tile_overlap=overlap, latent_shift=True)
     with torch.no_grad():
-        return SimDAVideoUpscaler.execute(frames=[low], model=[model], vae=[vae], positive=[positive], negative=[negative],
+        return SimDAVideoUpscaler.execute(frames=[low], model=[model], vae=[vae], positive=[positive],
+                                          negative=[negative],
                                           **{k: [v] for k, v in settings.items()})[0].float().cpu()
 
 
@@ -203,23 +212,32 @@ def seam_scores(out: torch.Tensor, truth: torch.Tensor, groups, tiles, scale: in
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--checkpoint", type=Path, help="x4 upscaler checkpoint with its text encoder (default: the tests' random one)")
-    parser.add_argument("--size", type=int, default=64, help="output side in pixels (input = size / 4; default %(default)s)")
+    parser.add_argument("--checkpoint", type=Path,
+                        help="x4 upscaler checkpoint with its text encoder (default: the tests' random one)")
+    parser.add_argument("--size", type=int, default=64,
+                        help="output side in pixels (input = size / 4; default %(default)s)")
     parser.add_argument("--frames", type=int, default=4, help="frames per clip (default %(default)s)")
     parser.add_argument("--train-steps", type=int, default=2, help="trainer steps (default %(default)s)")
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--sample-steps", type=int, default=2, help="sampling steps of every upscale (default %(default)s)")
+    parser.add_argument("--sample-steps", type=int, default=2,
+                        help="sampling steps of every upscale (default %(default)s)")
     parser.add_argument("--cfg", type=float, default=2.0)
     parser.add_argument("--degradation", choices=("realistic", "bicubic"), default="realistic")
-    parser.add_argument("--loss-clips", type=int, default=4, help="held-out clips of the held-out loss (default %(default)s)")
+    parser.add_argument("--loss-clips", type=int, default=4,
+                        help="held-out clips of the held-out loss (default %(default)s)")
     parser.add_argument("--loss-timesteps", type=int, default=3,
                         help="fixed timesteps per held-out clip, spread over 0..999 (default %(default)s)")
-    parser.add_argument("--seam-frames", type=int, default=8, help="frames of the seam measurement (default %(default)s)")
-    parser.add_argument("--seam-group", type=int, default=4, help="frames per group of the forced plan (default %(default)s)")
-    parser.add_argument("--seam-context", type=int, default=2, help="context frames per group of the forced plan (default %(default)s)")
+    parser.add_argument("--seam-frames", type=int, default=8,
+                        help="frames of the seam measurement (default %(default)s)")
+    parser.add_argument("--seam-group", type=int, default=4,
+                        help="frames per group of the forced plan (default %(default)s)")
+    parser.add_argument("--seam-context", type=int, default=2,
+                        help="context frames per group of the forced plan (default %(default)s)")
     parser.add_argument("--seam-tile", type=int, default=16,
-                        help="tile side of the forced plan, input pixels; below size / 4 for several tiles (default %(default)s)")
-    parser.add_argument("--seam-overlap", type=int, default=8, help="tile overlap of the forced plan, input pixels (default %(default)s)")
+                        help="tile side of the forced plan, input pixels; below size / 4 for several tiles "
+                             "(default %(default)s)")
+    parser.add_argument("--seam-overlap", type=int, default=8,
+                        help="tile overlap of the forced plan, input pixels (default %(default)s)")
     parser.add_argument("--out", type=Path, help="also write the rows as JSON here")
     parser.add_argument("--picture", type=Path, help="copy the trainer's last side-by-side PNG here")
     args = parser.parse_args()
@@ -286,7 +304,8 @@ def main() -> None:
         rows = []
         for name, call in [
             ("plain x4, frame by frame", lambda: frame_by_frame(model, vae, low, positive, negative, mode, 0)),
-            ("Video Upscaler, no SR adapters", lambda: simda_upscaler(model, vae, low, positive, negative, mode, 0, 0, 0)),
+            ("Video Upscaler, no SR adapters",
+             lambda: simda_upscaler(model, vae, low, positive, negative, mode, 0, 0, 0)),
             (f"Video Upscaler, SR adapters ({args.train_steps} steps)",
              lambda: simda_upscaler(with_adapters, vae, low, positive, negative, mode, 0, 0, 0)),
         ]:
@@ -312,8 +331,8 @@ def main() -> None:
         context = min(args.seam_context, args.seam_group - 1)
         split_groups = frame_groups(args.seam_frames, args.seam_group, context)
         split_tiles = spatial_tiles(side, side, args.seam_tile, args.seam_tile, args.seam_overlap)
-        plan_text = (f"{len(split_groups)} groups of {args.seam_group} ({context} context) x {len(split_tiles)} tiles of "
-                     f"{min(args.seam_tile, side)} px (overlap {args.seam_overlap})")
+        plan_text = (f"{len(split_groups)} groups of {args.seam_group} ({context} context) x "
+                     f"{len(split_tiles)} tiles of {min(args.seam_tile, side)} px (overlap {args.seam_overlap})")
         seams = []
         for adapters_name, seam_model in (("no SR adapters", model), ("SR adapters", with_adapters)):
             for plan_name, plan in (("one piece", (args.seam_frames, 0, side, 0)),
@@ -335,16 +354,18 @@ def main() -> None:
         f"{split}-{len(frames) - 1} held out; ground truth = held-out frames {split}-{split + args.frames - 1}",
         f"- input: ground truth degraded 4x ({args.degradation}, one fixed draw) to {args.size // 4}x{args.size // 4}; "
         f"{args.sample_steps} sampling steps, cfg {args.cfg}, seed 0",
-        f"- trainer: {args.train_steps} steps in {train_seconds:.0f} s, loss first {losses[0]:.4f}, last {losses[-1]:.4f}",
+        f"- trainer: {args.train_steps} steps in {train_seconds:.0f} s, loss first {losses[0]:.4f}, "
+        f"last {losses[-1]:.4f}",
         f"- whole run {time.perf_counter() - started:.0f} s wall",
         "",
         "| variant | PSNR dB | SSIM | temporal consistency | s |",
         "|---|---|---|---|---|",
-        *(f"| {r['variant']} | {r['psnr']:.2f} | {r['ssim']:.4f} | {r['temporal_consistency']:.4f} | {r['seconds']:.1f} |"
+        *(f"| {r['variant']} | {r['psnr']:.2f} | {r['ssim']:.4f} | {r['temporal_consistency']:.4f} | "
+          f"{r['seconds']:.1f} |"
           for r in rows),
         "",
-        f"Held-out loss ({held_loss['samples']} samples: {args.loss_clips} held-out clips of {args.frames} frames starting at "
-        f"held-out frames {held_loss['clip_starts']}, timesteps {held_loss['timesteps']}, seeded noise; "
+        f"Held-out loss ({held_loss['samples']} samples: {args.loss_clips} held-out clips of {args.frames} frames "
+        f"starting at held-out frames {held_loss['clip_starts']}, timesteps {held_loss['timesteps']}, seeded noise; "
         f"{held_loss['seconds']:.0f} s):",
         "",
         "| UNet | mean loss |",
@@ -355,11 +376,13 @@ def main() -> None:
         f"{held_loss['trained_lower']} of {held_loss['samples']} samples); trained / host UNet: "
         f"{held_loss['ratio_trained_host']:.4f}",
         "",
-        f"Seams ({args.seam_frames} held-out frames; the forced plan's handover pairs {seams[0]['handover_pairs']}, tile "
+        f"Seams ({args.seam_frames} held-out frames; the forced plan's handover pairs {seams[0]['handover_pairs']}, "
+        "tile "
         f"borders at latent lines {seams[0]['column_borders']} of {side}; the one-piece rows are measured at the same "
         "places as a control):",
         "",
-        "| variant | plan | pieces | frame diff handover / inside | TC handover | TC inside | tile border / grid gradient | s |",
+        "| variant | plan | pieces | frame diff handover / inside | TC handover | TC inside "
+        "| tile border / grid gradient | s |",
         "|---|---|---|---|---|---|---|---|",
         *(f"| {r['variant']} | {r['plan']} | {r['pieces']} | {r.get('diff_ratio', float('nan')):.3f} | "
           f"{r.get('tc_handover', float('nan')):.4f} | {r.get('tc_inside', float('nan')):.4f} | "

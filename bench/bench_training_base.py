@@ -7,8 +7,8 @@
 
 Each runs in its own process (peak RSS is per process), on the same seeded UNet and batch:
 
-    python bench/bench_training_base.py            # CPU: SD1.5-width UNet at 2 levels, 4 frames of 32x32 latents
-    python bench/bench_training_base.py --gpu      # CUDA: full SD1.5 UNet, fp16 autocast, 16 frames 64x64 (peak CUDA memory)
+    python bench/bench_training_base.py       # CPU: SD1.5-width UNet at 2 levels, 4 frames of 32x32 latents
+    python bench/bench_training_base.py --gpu # CUDA: full SD1.5 UNet, fp16 autocast, 16 frames 64x64 (peak CUDA memory)
 """
 from __future__ import annotations
 
@@ -62,7 +62,9 @@ def one_method(method: str, gpu: bool, steps: int) -> dict:
         training.model = private
     frames, latent = (16, 64) if gpu else (4, 32)
     adapters = initial_adapters(model_sites(training), seed=0, device=device)
-    apply_simda(training, SimDAConfig(adapters=adapters, latent_shift=LatentShiftSettings(), gradient_checkpointing=True))
+    apply_simda(
+        training, SimDAConfig(adapters=adapters, latent_shift=LatentShiftSettings(), gradient_checkpointing=True)
+    )
     mm.load_models_gpu([training])
     trainer = AdapterTrainer(training, adapters, TuningRecipe(), seed=0)
     g = torch.Generator().manual_seed(0)
@@ -94,11 +96,14 @@ def main() -> None:
         return
     rows = []
     for method in METHODS:
-        command = [sys.executable, __file__, "--method", method, "--steps", str(args.steps)] + (["--gpu"] if args.gpu else [])
+        command = [sys.executable, __file__, "--method", method, "--steps", str(args.steps)] + (
+            ["--gpu"] if args.gpu else []
+        )
         done = subprocess.run(command, capture_output=True, text=True, check=True)
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
     reference = rows[0]
-    print(f"| method | step (s) | peak {'CUDA memory' if args.gpu else 'RSS'} (MiB) | time vs weight_wrappers | peak vs weight_wrappers |")
+    print(f"| method | step (s) | peak {'CUDA memory' if args.gpu else 'RSS'} (MiB) | time vs weight_wrappers | "
+          "peak vs weight_wrappers |")
     print("|---|---|---|---|---|")
     for row in rows:
         print(f"| {row['method']} | {row['step_s']:.3f} | {row['peak_bytes'] / 2**20:.0f} | "

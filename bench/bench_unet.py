@@ -51,7 +51,8 @@ SD15_UNET = dict(
     # popped from the end by the host: output_blocks 0-2 (lowest level) have no transformer, 3-11 one each
     transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
     context_dim=768, num_heads=8, use_linear_in_transformer=False, use_spatial_transformer=True, legacy=False,
-    adm_in_channels=None, use_temporal_attention=False, use_temporal_resblock=False, image_size=32, use_checkpoint=False,
+    adm_in_channels=None, use_temporal_attention=False, use_temporal_resblock=False, image_size=32,
+    use_checkpoint=False,
 )
 """The host's SD1.5 UNet (model_detection's SD15 layout): 16 transformers, 860M parameters."""
 
@@ -92,9 +93,12 @@ MODES = {
         "CPU smoke run: SD1.5 layout at 1/10 width (32 channels), fp32, 1 thread, CPU time per call; "
         "NOT comparable with the GPU targets",
     ),
-    "sdxl-gpu": Mode(SDXL_UNET, torch.float16, (1024,), 16, 5, 2, None, time.perf_counter, "full-size SDXL UNet, fp16", "SDXL"),
+    "sdxl-gpu": Mode(
+        SDXL_UNET, torch.float16, (1024,), 16, 5, 2, None, time.perf_counter, "full-size SDXL UNet, fp16", "SDXL"
+    ),
     "sdxl-cpu": Mode(
-        {**SDXL_UNET, "model_channels": 32, "num_head_channels": 32}, torch.float32, (64, 128), 8, 3, 1, 1, time.process_time,
+        {**SDXL_UNET, "model_channels": 32, "num_head_channels": 32}, torch.float32, (64, 128), 8, 3, 1, 1,
+        time.process_time,
         "CPU smoke run: SDXL layout (depths 2/10, linear proj, 2048 context, ADM) at 1/10 width (32 channels), fp32, "
         "1 thread, CPU time per call; NOT comparable with the GPU runs", "SDXL",
     ),
@@ -312,7 +316,10 @@ def summarize(row: dict, warmup: int, outputs: dict) -> dict:
     if "error" in row or not calls:
         return row
     timed_ms = [1000 * c["seconds"] for c in calls]
-    row.update(median_ms=statistics.median(timed_ms), all_ms=timed_ms, finite=bool(torch.isfinite(outputs[row["variant"]]).all()))
+    row.update(
+        median_ms=statistics.median(timed_ms), all_ms=timed_ms,
+        finite=bool(torch.isfinite(outputs[row["variant"]]).all()),
+    )
     if "peak_mib" in calls[0]:
         row["peak_mib"] = max(c["peak_mib"] for c in calls)
     print(f"  {row['size']}px {row['variant']}: {row['median_ms']:.1f} ms", flush=True)
@@ -355,7 +362,8 @@ def markdown(rows: list[dict], mode: Mode, args, device: torch.device, seconds: 
         change = f"{row['output_change']:.2e}" if "output_change" in row else "-"
         spread = f"{min(row['all_ms']):.0f}-{max(row['all_ms']):.0f}"
         lines.append(
-            f"| {row['size']} | {row['variant']} | {row['median_ms']:.1f} ({spread}) | {ratio} | {peak} | {change} | {row['finite']} |"
+            f"| {row['size']} | {row['variant']} | {row['median_ms']:.1f} ({spread}) | {ratio} | {peak} | {change} "
+            f"| {row['finite']} |"
         )
     return "\n".join(lines)
 

@@ -38,7 +38,8 @@ import torch
 PACK_DIR = Path(__file__).resolve().parents[1]
 TARGET_TIME_RATIO = 1.3
 X4_FULL_UNET = dict(
-    image_size=32, in_channels=7, out_channels=4, model_channels=256, channel_mult=[1, 2, 2, 4], num_res_blocks=[2, 2, 2, 2],
+    image_size=32, in_channels=7, out_channels=4, model_channels=256, channel_mult=[1, 2, 2, 4],
+    num_res_blocks=[2, 2, 2, 2],
     transformer_depth=[0, 0, 1, 1, 1, 1, 1, 1], transformer_depth_middle=1,
     transformer_depth_output=[0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1],  # popped from the end: output_blocks 9-11 have none
     context_dim=1024, use_linear_in_transformer=True, use_spatial_transformer=True, legacy=False, adm_in_channels=None,
@@ -96,7 +97,9 @@ def full_size_x4(device: torch.device):
     model_config.set_inference_dtype(torch.float16, None)
     model = model_config.get_model({}, device=device)
     seeded_(model.diffusion_model, seed=0)
-    patcher = comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=comfy.model_management.unet_offload_device())
+    patcher = comfy.model_patcher.ModelPatcher(
+        model, load_device=device, offload_device=comfy.model_management.unet_offload_device()
+    )
     vae_module = AutoencoderKL(ddconfig=dict(X4_VAE), embed_dim=4).to(device)
     seeded_(vae_module, seed=2)
     vae = comfy.sd.VAE(sd={k: v.cpu() for k, v in vae_module.state_dict().items()})
@@ -157,13 +160,17 @@ def context(group: int) -> int:
     return min(2, group - 1) if group else 2
 
 
-def simda_upscaler(model, vae, frames, positive, negative, mode: Mode, seed: int, group: int, tile: int) -> torch.Tensor:
+def simda_upscaler(
+    model, vae, frames, positive, negative, mode: Mode, seed: int, group: int, tile: int
+) -> torch.Tensor:
     from simda_pack.nodes.nodes_upscale import SimDAVideoUpscaler
 
     settings = dict(noise_augmentation=0.0, seed=seed, steps=mode.steps, cfg=mode.cfg, sampler_name="dpmpp_2m",
-                    scheduler="karras", frames_per_group=group, context_frames=context(group), tile_size=tile, tile_overlap=32 if tile != 16 else 8,
+                    scheduler="karras", frames_per_group=group, context_frames=context(group), tile_size=tile,
+                    tile_overlap=32 if tile != 16 else 8,
                     latent_shift=True)
-    output = SimDAVideoUpscaler.execute(frames=[frames], model=[model], vae=[vae], positive=[positive], negative=[negative],
+    output = SimDAVideoUpscaler.execute(frames=[frames], model=[model], vae=[vae], positive=[positive],
+                                        negative=[negative],
                                         **{k: [v] for k, v in settings.items()})
     return output[0]
 
@@ -171,13 +178,19 @@ def simda_upscaler(model, vae, frames, positive, negative, mode: Mode, seed: int
 def plan(model, frames: int, size: int, mode: Mode, group: int, tile: int) -> str:
     from simda_pack.nodes.nodes_upscale import Settings, piece_sizes, upscaler_model
 
-    settings = Settings(0, mode.steps, mode.cfg, "dpmpp_2m", "karras", 0.0, group, context(group), tile, 32 if tile != 16 else 8)
+    settings = Settings(
+        0, mode.steps, mode.cfg, "dpmpp_2m", "karras", 0.0, group, context(group), tile, 32 if tile != 16 else 8
+    )
     sizes, how = piece_sizes(upscaler_model(model, True), frames, size, size, settings)
-    groups_tiles = sizes.pieces(frames, size, size, context(group), min(settings.tile_overlap, min(sizes.tile_height, sizes.tile_width) // 2))
+    groups_tiles = sizes.pieces(
+        frames, size, size, context(group), min(settings.tile_overlap, min(sizes.tile_height, sizes.tile_width) // 2)
+    )
     return f"groups of {sizes.frames_per_group}, tiles {min(sizes.tile_width, size)}px, {groups_tiles} pieces ({how})"
 
 
-def run_row(name: str, call: Callable[[], torch.Tensor], mode: Mode, device: torch.device, frames: int, detail: str) -> dict:
+def run_row(
+    name: str, call: Callable[[], torch.Tensor], mode: Mode, device: torch.device, frames: int, detail: str
+) -> dict:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -190,12 +203,18 @@ def run_row(name: str, call: Callable[[], torch.Tensor], mode: Mode, device: tor
            "shape": list(images.shape), "finite": bool(torch.isfinite(images).all())}
     if device.type == "cuda":
         row["peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
-    print(f"  {name}: {row['seconds']:.1f} s" + (f", peak {row['peak_mib']:.0f} MiB" if "peak_mib" in row else ""), flush=True)
+    print(
+        f"  {name}: {row['seconds']:.1f} s" + (f", peak {row['peak_mib']:.0f} MiB" if "peak_mib" in row else ""),
+        flush=True,
+    )
     return row
 
 
 def markdown(rows: list[dict], mode: Mode, device: torch.device, seconds: float) -> str:
-    cap = f"card capped at {mode.cap_gib:g} GiB (torch.cuda.set_per_process_memory_fraction)" if mode.cap_gib and device.type == "cuda" else "no memory cap"
+    cap = (
+        f"card capped at {mode.cap_gib:g} GiB (torch.cuda.set_per_process_memory_fraction)"
+        if mode.cap_gib and device.type == "cuda" else "no memory cap"
+    )
     lines = [
         f"- device: {device_name(device)}; torch {torch.__version__}; {datetime.date.today().isoformat()}; {cap}",
         f"- {mode.note}; {mode.size} -> {4 * mode.size} px, {mode.steps} steps dpmpp_2m/karras, cfg {mode.cfg}; "
@@ -214,7 +233,10 @@ def markdown(rows: list[dict], mode: Mode, device: torch.device, seconds: float)
         if row["variant"].startswith("SimDA, automatic") and device.type == "cuda":
             mark = " ok" if ratio <= TARGET_TIME_RATIO else f" (target {TARGET_TIME_RATIO})"
         peak = f"{row['peak_mib']:.0f} | {row['peak_mib'] / plain['peak_mib']:.2f}" if "peak_mib" in row else "- | -"
-        lines.append(f"| {row['variant']} | {row['frames']} | {row['detail']} | {row['seconds']:.1f} | {ratio:.2f}{mark} | {peak} | {row['finite']} |")
+        lines.append(
+            f"| {row['variant']} | {row['frames']} | {row['detail']} | {row['seconds']:.1f} | {ratio:.2f}{mark} "
+            f"| {peak} | {row['finite']} |"
+        )
     lines.append("")
     lines.append("x plain: time per frame against the plain frame-by-frame row (same frames, steps and seed).")
     return "\n".join(lines)
@@ -254,7 +276,8 @@ def main() -> None:
          lambda: simda_upscaler(simda, vae, frames, positive, negative, mode, seed, 0, 0)),
         (f"SimDA, fixed pieces, {mode.frames // 2} frames", mode.frames // 2,
          plan(simda, mode.frames // 2, mode.size, mode, mode.fixed_group, mode.fixed_tile),
-         lambda: simda_upscaler(simda, vae, frames[: mode.frames // 2], positive, negative, mode, seed, mode.fixed_group, mode.fixed_tile)),
+         lambda: simda_upscaler(simda, vae, frames[: mode.frames // 2], positive, negative, mode, seed,
+                                mode.fixed_group, mode.fixed_tile)),
         (f"SimDA, fixed pieces, {mode.frames} frames", mode.frames,
          plan(simda, mode.frames, mode.size, mode, mode.fixed_group, mode.fixed_tile),
          lambda: simda_upscaler(simda, vae, frames, positive, negative, mode, seed, mode.fixed_group, mode.fixed_tile)),

@@ -165,13 +165,16 @@ def frame_ops(device: torch.device, dtype: torch.dtype, frames: int, latent: int
         old_row, old_out = time_op(old, device, repeats)
         new_out = new_out if isinstance(new_out, tuple) else (new_out,)
         old_out = old_out if isinstance(old_out, tuple) else (old_out,)
-        change = max(float((a.float() - b.float()).abs().max() / b.float().abs().max()) for a, b in zip(new_out, old_out))
+        change = max(
+            float((a.float() - b.float()).abs().max() / b.float().abs().max()) for a, b in zip(new_out, old_out)
+        )
         row = {"op": name, "shape": shape, "new_ms": new_row["median_ms"], "before_ms": old_row["median_ms"],
                "max_change": change}
         if "peak_mib" in new_row:
             row["new_peak_mib"], row["before_peak_mib"] = new_row["peak_mib"], old_row["peak_mib"]
         rows.append(row)
-        print(f"  {name} {shape}: {row['new_ms']:.2f} ms (before {row['before_ms']:.2f} ms), change {change:.1e}", flush=True)
+        print(f"  {name} {shape}: {row['new_ms']:.2f} ms (before {row['before_ms']:.2f} ms), change {change:.1e}",
+              flush=True)
 
     with torch.inference_mode():
         def gather_rows():  # its k and v are freed when it returns
@@ -188,7 +191,8 @@ def frame_ops(device: torch.device, dtype: torch.dtype, frames: int, latent: int
                 lambda: permuted_group_norm(x, layout, norm), shape)
         adapter = TemporalAdapter(channels).to(device=device, dtype=dtype)
         torch.nn.init.normal_(adapter.up.weight, 0, 0.02)
-        compare("temporal adapter", lambda: adapter.delta(x, layout), lambda: permuted_adapter(adapter, x, layout), shape)
+        compare("temporal adapter", lambda: adapter.delta(x, layout), lambda: permuted_adapter(adapter, x, layout),
+                shape)
     return rows
 
 
@@ -208,7 +212,8 @@ def run(device: torch.device | str = "cpu", mode: str | None = None, windows: in
     result = {"device": device_name(device), "torch": torch.__version__, "mode": mode}
     result["windows"] = walk_windows(device, windows)
     w = result["windows"]
-    print(f"  {w['windows']} windows: {w['mean_ms']:.3f} ms per window on average (first {w['first_window_ms']:.1f} ms, "
+    print(f"  {w['windows']} windows: {w['mean_ms']:.3f} ms per window on average "
+          f"(first {w['first_window_ms']:.1f} ms, "
           f"then {w['mean_after_first_ms']:.4f} ms), {w['index_builds']} index builds", flush=True)
     result["no_sync"] = no_sync_check(device)
     result["frame_ops"] = frame_ops(device, dtype, frames, latent, channels, dim, repeats)

@@ -76,7 +76,9 @@ def unet_call(patcher, x, timesteps, context):
     patcher.patch_model()
     try:
         with torch.inference_mode():
-            return patcher.model.diffusion_model(x, timesteps, context=context, transformer_options=call_options(patcher, [0]))
+            return patcher.model.diffusion_model(
+                x, timesteps, context=context, transformer_options=call_options(patcher, [0])
+            )
     finally:
         patcher.unpatch_model()
 
@@ -95,14 +97,19 @@ def fixture_precision(device: torch.device) -> dict:
         base.model.diffusion_model.load_state_dict(
             {ldm: state[key].to(dtype) for key, ldm in mapping.items() if key in state}, strict=True
         )
-        adapters = formats.build_adapters(formats.read_adapter_file(FIXTURE), model_sites(base), dtype=dtype, device=device)
+        adapters = formats.build_adapters(
+            formats.read_adapter_file(FIXTURE), model_sites(base), dtype=dtype, device=device
+        )
         patched = apply_simda(base.clone(), SimDAConfig(adapters=adapters, latent_shift=LatentShiftSettings()))
         errors = {}
         for name in FIXTURE_CASES:
             case = torch.load(FIXTURE / f"{name}.pt", map_location="cpu", weights_only=True)
             frames = case["frames"]
             x = case["sample"][0].permute(1, 0, 2, 3).contiguous().to(device, dtype)
-            y = unet_call(patched, x, case["timestep"].repeat(frames).to(device), case["context"].repeat(frames, 1, 1).to(device, dtype))
+            y = unet_call(
+                patched, x, case["timestep"].repeat(frames).to(device),
+                case["context"].repeat(frames, 1, 1).to(device, dtype),
+            )
             y = y.float().cpu().permute(1, 0, 2, 3).unsqueeze(0)
             errors[name] = float((y - case["output"]).norm() / case["output"].norm())
         result[str(dtype).removeprefix("torch.")] = errors
@@ -133,11 +140,17 @@ def tuning(device: torch.device, steps: int = 3) -> dict:
                     p.normal_(0, 1e-3, generator=torch.Generator(device=device).manual_seed(2))
         start = {k: v.detach().clone() for k, v in adapters.state_dict().items()}
         training = training_patcher(base)
-        apply_simda(training, SimDAConfig(adapters=adapters, latent_shift=LatentShiftSettings(), gradient_checkpointing=checkpointing))
+        apply_simda(
+            training,
+            SimDAConfig(adapters=adapters, latent_shift=LatentShiftSettings(), gradient_checkpointing=checkpointing),
+        )
         mm.load_models_gpu([training])
         trainer = AdapterTrainer(training, adapters, TuningRecipe(learning_rate=1e-3), seed=3)
         with torch.inference_mode(False), torch.enable_grad():
-            loss = trainer.loss(x0, context, clips=1, timesteps=torch.tensor([500]), noise=torch.randn(x0.shape, generator=g.manual_seed(4)))
+            loss = trainer.loss(
+                x0, context, clips=1, timesteps=torch.tensor([500]),
+                noise=torch.randn(x0.shape, generator=g.manual_seed(4)),
+            )
             loss.backward()
             grad = torch.cat([p.grad.float().flatten() for p in adapters.parameters()])
             trainer.optimizer.zero_grad(set_to_none=True)
@@ -163,7 +176,9 @@ def import_pack() -> None:
     import comfy.sample  # noqa: F401  (needs the host's sampling dependencies)
 
     if "simda_pack" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("simda_pack", PACK_DIR / "__init__.py", submodule_search_locations=[str(PACK_DIR)])
+        spec = importlib.util.spec_from_file_location(
+            "simda_pack", PACK_DIR / "__init__.py", submodule_search_locations=[str(PACK_DIR)]
+        )
         sys.modules["simda_pack"] = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(sys.modules["simda_pack"])
 
@@ -179,7 +194,9 @@ def sampler_and_upscaler(device: torch.device) -> dict:
     base = tiny_patcher(device)
     patched = apply_simda(base.clone(), SimDAConfig(latent_shift=LatentShiftSettings(), frame_group_norm=True))
     cond = [[torch.randn(1, 8, TINY_UNET["context_dim"]), {}]]
-    (latent,) = SimDAVideoSampler.execute(patched, cond, cond, 8, 128, 128, 0, 4, 5.0, "ddim", "ddim_uniform", 1.0, 0.0).result
+    (latent,) = SimDAVideoSampler.execute(
+        patched, cond, cond, 8, 128, 128, 0, 4, 5.0, "ddim", "ddim_uniform", 1.0, 0.0
+    ).result
     samples = latent["samples"]
     return {"sampled": list(samples.shape), "finite": bool(torch.isfinite(samples).all()),
             "upscaler_budget_gib": sampling_budget(patched) / 2**30}
@@ -194,9 +211,13 @@ def no_device_sync(device: torch.device) -> dict:
 def bench_scripts(device: torch.device, out: Path, cpu: bool) -> dict:
     rows = {}
     unet_json = out / "bench_unet.json"
-    command = [sys.executable, str(BENCH_DIR / "bench_unet.py"), "--mode", "cpu" if cpu else "gpu", "--out", str(unet_json)]
+    command = [
+        sys.executable, str(BENCH_DIR / "bench_unet.py"), "--mode", "cpu" if cpu else "gpu", "--out", str(unet_json)
+    ]
     completed = subprocess.run(command, capture_output=True, text=True, timeout=240)
-    rows["bench_unet"] = json.loads(unet_json.read_text())["rows"] if completed.returncode == 0 else completed.stderr[-2000:]
+    rows["bench_unet"] = (
+        json.loads(unet_json.read_text())["rows"] if completed.returncode == 0 else completed.stderr[-2000:]
+    )
     import bench_longclip
     import bench_windows
 
@@ -218,7 +239,9 @@ def sdxl_ratios(device: torch.device) -> dict:
     command = [sys.executable, str(BENCH_DIR / "bench_unet.py"), "--mode", mode, "--out", str(out)]
     completed = subprocess.run(command, capture_output=True, text=True, timeout=SDXL_BENCH_TIMEOUT_S)
     if completed.returncode != 0:
-        raise RuntimeError(f"bench_unet.py --mode {mode} exited with {completed.returncode}: {completed.stderr[-2000:]}")
+        raise RuntimeError(
+            f"bench_unet.py --mode {mode} exited with {completed.returncode}: {completed.stderr[-2000:]}"
+        )
     rows = json.loads(out.read_text())["rows"]
     keys = ("median_ms", "time_ratio", "peak_mib", "peak_ratio", "output_change", "finite", "error")
     return {"mode": mode, **{f"{r['size']}px {r['variant']}": {k: r[k] for k in keys if k in r} for r in rows}}
@@ -306,7 +329,9 @@ def dynamic_vram(device: torch.device, steps: int = 3) -> dict:
     start = {k: v.detach().clone() for k, v in adapters.state_dict().items()}
     training = training_patcher(model)
     report["delegate_has_another_model"] = training.model is not model.model
-    apply_simda(training, SimDAConfig(adapters=adapters, latent_shift=LatentShiftSettings(), gradient_checkpointing=True))
+    apply_simda(
+        training, SimDAConfig(adapters=adapters, latent_shift=LatentShiftSettings(), gradient_checkpointing=True)
+    )
     mm.load_models_gpu([training])
     trainer = AdapterTrainer(training, adapters, TuningRecipe(learning_rate=1e-3), seed=3)
     g = torch.Generator().manual_seed(0)
@@ -314,12 +339,18 @@ def dynamic_vram(device: torch.device, steps: int = 3) -> dict:
     with torch.inference_mode(False), torch.enable_grad():
         losses = [float(trainer.step(x0, context)) for _ in range(steps)]
     report["losses"] = losses
-    report["adapters_changed"] = f"{sum(not torch.equal(start[k], v) for k, v in adapters.state_dict().items())}/{len(start)}"
+    report["adapters_changed"] = (
+        f"{sum(not torch.equal(start[k], v) for k, v in adapters.state_dict().items())}/{len(start)}"
+    )
     mm.unload_all_models()
 
-    clone = apply_simda(model.clone(), SimDAConfig(adapters=adapters.requires_grad_(False), latent_shift=LatentShiftSettings()))
+    clone = apply_simda(
+        model.clone(), SimDAConfig(adapters=adapters.requires_grad_(False), latent_shift=LatentShiftSettings())
+    )
     cond = [[torch.randn(1, 77, 768, generator=g), {}]]
-    (latent,) = SimDAVideoSampler.execute(clone, cond, cond, 8, 256, 256, 0, 4, 5.0, "ddim", "ddim_uniform", 1.0, 0.0).result
+    (latent,) = SimDAVideoSampler.execute(
+        clone, cond, cond, 8, 256, 256, 0, 4, 5.0, "ddim", "ddim_uniform", 1.0, 0.0
+    ).result
     report["sampled_finite"] = bool(torch.isfinite(latent["samples"]).all())
     report["upscaler_budget_gib"] = sampling_budget(clone) / 2**30
     report["patcher_free_gib"] = float(clone.get_free_memory(device)) / 2**30
@@ -329,7 +360,8 @@ def dynamic_vram(device: torch.device, steps: int = 3) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--cpu", action="store_true", help="run on the CPU at tiny sizes (proves the script, measures nothing)")
+    parser.add_argument("--cpu", action="store_true",
+                        help="run on the CPU at tiny sizes (proves the script, measures nothing)")
     parser.add_argument("--skip-bench", action="store_true", help="only the correctness checks")
     parser.add_argument("--dynamic-vram", action="store_true",
                         help="switch Dynamic VRAM on as ComfyUI 0.33's main.py does (0.33+ host with comfy-aimdo)")
@@ -345,7 +377,8 @@ def main() -> None:
     device = torch.device("cpu") if args.cpu else torch.device("cuda")
     out = Path(os.environ.get("OUT") or BENCH_DIR / "out")
     out.mkdir(parents=True, exist_ok=True)
-    checks = [("fixture fp16/bf16", fixture_precision), ("tuning", tuning), ("sampler + upscaler size", sampler_and_upscaler),
+    checks = [("fixture fp16/bf16", fixture_precision), ("tuning", tuning),
+              ("sampler + upscaler size", sampler_and_upscaler),
               ("SDXL ratios 1024^2 x 16 frames", sdxl_ratios)]
     if not args.cpu:
         checks.append(("no device sync", no_device_sync))
@@ -361,7 +394,8 @@ def main() -> None:
             report[name] = check(device)
         except Exception as e:  # a missing package or a failed check: reported, the run goes on
             report[name] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc(limit=3)}
-        print(f"| {name} | {time.perf_counter() - began:.1f} s | {json.dumps(report[name], default=str)[:300]} |", flush=True)
+        print(f"| {name} | {time.perf_counter() - began:.1f} s | {json.dumps(report[name], default=str)[:300]} |",
+              flush=True)
     if not args.skip_bench:
         try:
             report["bench"] = bench_scripts(device, out, args.cpu)

@@ -124,7 +124,8 @@ def prompts(g: Graph, ckpt: int, text: str, title: str = "Prompt", negative_at: 
             negative_height: int = 160) -> tuple[int, int]:
     """The prompt and the negative prompt (CLIP Text Encode) on the checkpoint's CLIP."""
     pos = g.add("CLIPTextEncode", (380, 0), title=title, size=(400, 160), text=text)
-    neg = g.add("CLIPTextEncode", (380, negative_at), title="Negative prompt", size=(400, negative_height), text=NEGATIVE)
+    neg = g.add("CLIPTextEncode", (380, negative_at), title="Negative prompt", size=(400, negative_height),
+                text=NEGATIVE)
     g.link(ckpt, 1, pos, "clip")
     g.link(ckpt, 1, neg, "clip")
     return pos, neg

@@ -64,7 +64,8 @@ def main() -> int:
     names = sorted(p.stem for p in WORKFLOWS.glob("*.json"))
     missing = [n for n in names if not (args.screenshots / f"{n}.png").is_file()]
     if missing:
-        print(f"no screenshot of {', '.join(missing)} in {args.screenshots}: run tests/test_frontend.py first", file=sys.stderr)
+        print(f"no screenshot of {', '.join(missing)} in {args.screenshots}: run tests/test_frontend.py first",
+              file=sys.stderr)
         return 1
     DOCS_IMAGES.mkdir(parents=True, exist_ok=True)
     too_big = []

@@ -37,44 +37,63 @@ def build_parser() -> argparse.ArgumentParser:
         "WebVid-style CSV. Run it under torchrun --nproc_per_node N for data-parallel training.",
     )
     io = p.add_argument_group("inputs and output")
-    io.add_argument("--checkpoint", required=True, type=Path, help="SD1.x, SD2.x or SDXL checkpoint (.safetensors/.ckpt) with UNet, CLIP and VAE; "
+    io.add_argument("--checkpoint", required=True, type=Path,
+                    help="SD1.x, SD2.x or SDXL checkpoint (.safetensors/.ckpt) with UNet, CLIP and VAE; "
                     "the SD x4 upscaler (x4-upscaler-ema.safetensors) trains super-resolution adapters.")
-    io.add_argument("--data", type=Path, help="Folder of clips (mp4/webm/mov/mkv/avi/gif) with a .txt caption next to each; "
+    io.add_argument("--data", type=Path,
+                    help="Folder of clips (mp4/webm/mov/mkv/avi/gif) with a .txt caption next to each; "
                     "with --csv: the folder the CSV's relative paths start from (default: the CSV's folder).")
-    io.add_argument("--csv", type=Path, help="CSV with a clip column (path/video/file, or WebVid's videoid [+page_dir]) "
+    io.add_argument("--csv", type=Path,
+                    help="CSV with a clip column (path/video/file, or WebVid's videoid [+page_dir]) "
                     "and a caption column (caption/name/text).")
-    io.add_argument("--output", required=True, type=Path, help="Folder for adapters, training state, loss curve and samples.")
+    io.add_argument("--output", required=True, type=Path,
+                    help="Folder for adapters, training state, loss curve and samples.")
     io.add_argument("--resume", action="store_true", help="Continue the run in --output from its training_state.pt.")
 
     clips = p.add_argument_group("clip sampling")
     clips.add_argument("--frames", type=int, default=16, help="Frames per training clip (default %(default)s).")
-    clips.add_argument("--stride", type=int, default=2, help="Take every n-th source frame; a clip needs (frames-1)*stride+1 frames (default %(default)s).")
-    clips.add_argument("--width", type=int, default=512, help="Frame width in pixels, a multiple of 8; with the x4 upscaler the "
+    clips.add_argument("--stride", type=int, default=2,
+                       help="Take every n-th source frame; a clip needs (frames-1)*stride+1 frames "
+                       "(default %(default)s).")
+    clips.add_argument("--width", type=int, default=512,
+                       help="Frame width in pixels, a multiple of 8; with the x4 upscaler the "
                        "output width, the input being a quarter of it (default %(default)s).")
-    clips.add_argument("--height", type=int, default=512, help="Frame height in pixels, a multiple of 8; with the x4 upscaler the "
+    clips.add_argument("--height", type=int, default=512,
+                       help="Frame height in pixels, a multiple of 8; with the x4 upscaler the "
                        "output height (default %(default)s).")
-    clips.add_argument("--crop", choices=("random", "center"), default="random", help="Window of the target aspect cut from each clip (default %(default)s).")
-    clips.add_argument("--workers", type=int, default=2, help="Data-loader processes per training process; 0 decodes in the main process (default %(default)s).")
+    clips.add_argument("--crop", choices=("random", "center"), default="random",
+                       help="Window of the target aspect cut from each clip (default %(default)s).")
+    clips.add_argument("--workers", type=int, default=2,
+                       help="Data-loader processes per training process; 0 decodes in the main process "
+                       "(default %(default)s).")
 
     train = p.add_argument_group("optimisation")
-    train.add_argument("--steps", type=int, default=10000, help="Total optimiser steps; a resumed run continues up to this (default %(default)s).")
-    train.add_argument("--lr", type=float, default=5e-5, help="AdamW learning rate, constant (default %(default)s, the authors' value).")
-    train.add_argument("--batch", type=int, default=1, help="Clips per step per process; global batch = batch x processes (default %(default)s).")
-    train.add_argument("--seed", type=int, default=0, help="Seed of the adapters' initial weights, data order, frame windows, crops, timesteps and noise (default %(default)s).")
+    train.add_argument("--steps", type=int, default=10000,
+                       help="Total optimiser steps; a resumed run continues up to this (default %(default)s).")
+    train.add_argument("--lr", type=float, default=5e-5,
+                       help="AdamW learning rate, constant (default %(default)s, the authors' value).")
+    train.add_argument("--batch", type=int, default=1,
+                       help="Clips per step per process; global batch = batch x processes (default %(default)s).")
+    train.add_argument("--seed", type=int, default=0,
+                       help="Seed of the adapters' initial weights, data order, frame windows, crops, timesteps "
+                       "and noise (default %(default)s).")
     train.add_argument("--mixed-precision", action=argparse.BooleanOptionalAction, default=True,
                        help="fp16 UNet with autocast and loss scaling on CUDA; ignored on the CPU (default on).")
     train.add_argument("--noise-augmentation", type=float, nargs=2, default=(0.0, 0.2), metavar=("MIN", "MAX"),
-                       help="x4 upscaler only: each clip's noise augmentation of its low-resolution input (as in SD 4x Upscale "
-                       "Conditioning, 0..1) is drawn uniformly from MIN..MAX (default 0 0.2).")
+                       help="x4 upscaler only: each clip's noise augmentation of its low-resolution input "
+                       "(as in SD 4x Upscale Conditioning, 0..1) is drawn uniformly from MIN..MAX (default 0 0.2).")
     train.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
-                       help="Recompute activations in backward: far less memory for about one extra forward pass per step (default on).")
+                       help="Recompute activations in backward: far less memory for about one extra forward pass "
+                       "per step (default on).")
 
     sr = p.add_argument_group("super-resolution input (x4 upscaler only; docs/TRAINING.md)")
     d = degradation_defaults()
     sr.add_argument("--degradation", choices=("realistic", "bicubic"), default=d.kind,
-                    help="How each clip's low-resolution input is made: realistic = blur, random resize, noise and JPEG drawn "
-                    "once per clip (the same on all its frames); bicubic = the clean 4x downscale (default %(default)s).")
-    sr.add_argument("--blur-probability", type=float, default=d.blur_probability, help="Share of clips blurred before the downscale (default %(default)s).")
+                    help="How each clip's low-resolution input is made: realistic = blur, random resize, noise "
+                    "and JPEG drawn once per clip (the same on all its frames); bicubic = the clean 4x downscale "
+                    "(default %(default)s).")
+    sr.add_argument("--blur-probability", type=float, default=d.blur_probability,
+                    help="Share of clips blurred before the downscale (default %(default)s).")
     sr.add_argument("--blur-sigma", type=float, nargs=2, default=d.blur_sigma, metavar=("MIN", "MAX"),
                     help="Gaussian blur sigma per axis, in pixels of the training frames (default %(default)s).")
     sr.add_argument("--motion-blur-probability", type=float, default=d.motion_blur_probability,
@@ -83,28 +102,40 @@ def build_parser() -> argparse.ArgumentParser:
                     help="Motion streak length in pixels of the training frames (default %(default)s).")
     sr.add_argument("--resize-modes", nargs="+", default=list(d.resize_modes), choices=RESIZE_MODES,
                     help="Downscale methods, one drawn per clip (default: %(default)s).")
-    sr.add_argument("--noise-probability", type=float, default=d.noise_probability, help="Share of clips with added noise (default %(default)s).")
+    sr.add_argument("--noise-probability", type=float, default=d.noise_probability,
+                    help="Share of clips with added noise (default %(default)s).")
     sr.add_argument("--poisson-probability", type=float, default=d.poisson_probability,
-                    help="Share of noisy clips whose noise is Poisson-like (follows the signal) instead of Gaussian (default %(default)s).")
+                    help="Share of noisy clips whose noise is Poisson-like (follows the signal) instead of Gaussian "
+                    "(default %(default)s).")
     sr.add_argument("--gaussian-sigma", type=float, nargs=2, default=d.gaussian_sigma, metavar=("MIN", "MAX"),
                     help="Gaussian noise sigma on the 0..1 scale (default 1/255 15/255).")
     sr.add_argument("--poisson-peak", type=float, nargs=2, default=d.poisson_peak, metavar=("MIN", "MAX"),
-                    help="Poisson-like noise: photon count of white, drawn log-uniformly; lower is noisier (default %(default)s).")
+                    help="Poisson-like noise: photon count of white, drawn log-uniformly; lower is noisier "
+                    "(default %(default)s).")
     sr.add_argument("--gray-noise-probability", type=float, default=d.gray_noise_probability,
                     help="Share of noisy clips whose noise is the same on all channels (default %(default)s).")
-    sr.add_argument("--jpeg-probability", type=float, default=d.jpeg_probability, help="Share of clips JPEG-compressed (default %(default)s).")
+    sr.add_argument("--jpeg-probability", type=float, default=d.jpeg_probability,
+                    help="Share of clips JPEG-compressed (default %(default)s).")
     sr.add_argument("--jpeg-quality", type=float, nargs=2, default=d.jpeg_quality, metavar=("MIN", "MAX"),
                     help="JPEG quality 1..100 (default %(default)s).")
-    sr.add_argument("--sample-clip", type=Path, help="A held-out video for the sample pictures (low-res | plain x4 | SimDA | ground "
+    sr.add_argument("--sample-clip", type=Path,
+                    help="A held-out video for the sample pictures (low-res | plain x4 | SimDA | ground "
                     "truth, PNG and MP4); default: a fixed clip of the collection.")
 
     saves = p.add_argument_group("saving")
-    saves.add_argument("--save-every", type=int, default=1000, help="Save adapters every N steps and at the end; 0: only at the end (default %(default)s).")
-    saves.add_argument("--checkpoint-every", type=int, default=500, help="Write the resume state, loss.png and loss.csv every N steps and at the end; 0: only at the end (default %(default)s).")
-    saves.add_argument("--sample-every", type=int, default=0, help="Write a sample clip every N steps and at the end; 0: off (default %(default)s).")
-    saves.add_argument("--sample-prompt", default="", help="Prompt of the sample clips (default: the first clip's caption).")
-    saves.add_argument("--sample-steps", type=int, default=25, help="DDIM steps of a sample clip (default %(default)s).")
-    saves.add_argument("--sample-cfg", type=float, default=7.5, help="Guidance scale of a sample clip (default %(default)s).")
+    saves.add_argument("--save-every", type=int, default=1000,
+                       help="Save adapters every N steps and at the end; 0: only at the end (default %(default)s).")
+    saves.add_argument("--checkpoint-every", type=int, default=500,
+                       help="Write the resume state, loss.png and loss.csv every N steps and at the end; "
+                       "0: only at the end (default %(default)s).")
+    saves.add_argument("--sample-every", type=int, default=0,
+                       help="Write a sample clip every N steps and at the end; 0: off (default %(default)s).")
+    saves.add_argument("--sample-prompt", default="",
+                       help="Prompt of the sample clips (default: the first clip's caption).")
+    saves.add_argument("--sample-steps", type=int, default=25,
+                       help="DDIM steps of a sample clip (default %(default)s).")
+    saves.add_argument("--sample-cfg", type=float, default=7.5,
+                       help="Guidance scale of a sample clip (default %(default)s).")
     return p
 
 

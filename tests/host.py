@@ -48,7 +48,9 @@ def only_on_hosts_from(version: tuple[int, ...], reason: str):
 
 def only_on_hosts_before(version: tuple[int, ...], reason: str):
     """Marks a test that applies only to hosts older than ComfyUI ``version``: ``reason`` says why."""
-    return pytest.mark.skipif(HOST_VERSION >= version, reason=f"ComfyUI before {'.'.join(map(str, version))} only: {reason}")
+    return pytest.mark.skipif(
+        HOST_VERSION >= version, reason=f"ComfyUI before {'.'.join(map(str, version))} only: {reason}"
+    )
 
 if not torch.cuda.is_available():
     comfy.cli_args.args.cpu = True
@@ -77,7 +79,9 @@ def build_model(unet_config: dict, config_class=comfy.supported_models.SD15, see
     model = comfy.model_base.BaseModel(model_config, device="cpu")
     if seed is not None:
         randomize_(model.diffusion_model, seed)
-    patcher = comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+    patcher = comfy.model_patcher.ModelPatcher(
+        model, load_device=torch.device("cpu"), offload_device=torch.device("cpu")
+    )
     return patcher
 
 

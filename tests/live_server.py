@@ -100,9 +100,13 @@ def random_sd15_checkpoint(path: str | os.PathLike, seed: int = RECIPE["seed"]) 
     state = host.checkpoint_state(model, clip.get_sd(), vae.state_dict())
     state = {k: (v.to(torch.float16) if v.is_floating_point() else v).contiguous() for k, v in state.items()}
 
-    detected = comfy.model_detection.model_config_from_unet(state, comfy.model_detection.unet_prefix_from_state_dict(state))
+    detected = comfy.model_detection.model_config_from_unet(
+        state, comfy.model_detection.unet_prefix_from_state_dict(state)
+    )
     if type(detected) is not comfy.supported_models.SD15:
-        raise RuntimeError(f"the random checkpoint is detected as {type(detected).__name__}, not SD15; fix SD15_TEST_UNET")
+        raise RuntimeError(
+            f"the random checkpoint is detected as {type(detected).__name__}, not SD15; fix SD15_TEST_UNET"
+        )
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -111,7 +115,9 @@ def random_sd15_checkpoint(path: str | os.PathLike, seed: int = RECIPE["seed"]) 
     return path
 
 
-def random_simda_adapters(checkpoint: str | os.PathLike, path: str | os.PathLike, family: str = "sd1", seed: int = RECIPE["seed"]) -> Path:
+def random_simda_adapters(
+    checkpoint: str | os.PathLike, path: str | os.PathLike, family: str = "sd1", seed: int = RECIPE["seed"]
+) -> Path:
     """Write SimDA adapters for ``checkpoint``'s UNet (loaded by the host's checkpoint loader) with
     every parameter seeded and non-zero (``0.02 * randn``), in our format."""
     model, *_ = comfy.sd.load_checkpoint_guess_config(str(checkpoint), output_vae=False, output_clip=False)
@@ -236,7 +242,9 @@ class ComfyServer:
         paths = []
         for output in entry["outputs"].values():
             for image in output.get("images", []):
-                root = {"output": self.output_dir, "temp": self.base_dir / "temp", "input": self.input_dir}[image["type"]]
+                root = {
+                    "output": self.output_dir, "temp": self.base_dir / "temp", "input": self.input_dir
+                }[image["type"]]
                 paths.append(root / image["subfolder"] / image["filename"])
         return paths
 
@@ -277,7 +285,9 @@ def make_base_dir(base: Path, checkpoint: Path, adapters: Path, packs: tuple[Pat
     to the third-party ``packs`` (folders installed by scripts/setup_packs.sh) when given."""
     for sub in ("models/checkpoints", "models/simda", "input", "output", "user", "custom_nodes"):
         (base / sub).mkdir(parents=True, exist_ok=True)
-    for source, target in ((checkpoint, base / "models/checkpoints" / checkpoint.name), (adapters, base / "models/simda" / adapters.name)):
+    for source, target in (
+        (checkpoint, base / "models/checkpoints" / checkpoint.name), (adapters, base / "models/simda" / adapters.name)
+    ):
         try:
             target.symlink_to(source)
         except OSError:
@@ -300,7 +310,10 @@ def installed_video_packs() -> tuple[Path, ...]:
         ["bash", str(PACK_DIR / "scripts" / "setup_packs.sh"), str(HOST_DIR)], capture_output=True, text=True
     )
     if result.returncode != 0:
-        pytest.fail(result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "scripts/setup_packs.sh failed", pytrace=False)
+        pytest.fail(
+            result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "scripts/setup_packs.sh failed",
+            pytrace=False,
+        )
     return tuple(HOST_DIR / "custom_nodes" / name for name in VIDEO_PACKS)
 
 

@@ -45,7 +45,8 @@ SDXL_COMMON = dict(
 
 VEGA_TEST_UNET = dict(
     SDXL_COMMON, model_channels=320, channel_mult=[1, 1, 1], num_res_blocks=[2, 2, 2], num_head_channels=64,
-    transformer_depth=[0, 0, 1, 1, 2, 2], transformer_depth_middle=-1, transformer_depth_output=[0, 0, 0, 1, 1, 1, 2, 2, 2],
+    transformer_depth=[0, 0, 1, 1, 2, 2], transformer_depth_middle=-1,
+    transformer_depth_output=[0, 0, 0, 1, 1, 1, 2, 2, 2],
 )
 """Segmind Vega's transformer depths on three levels of 320 channels: the host's detection needs
 320 base channels and those depths, not SDXL's widths (about 103M parameters instead of 745M)."""
@@ -102,9 +103,13 @@ def random_sdxl_checkpoint(path: str | os.PathLike, seed: int = RECIPE["seed"]) 
     del clip_state, model
     state = {k: (v.to(torch.float16) if v.is_floating_point() else v).contiguous() for k, v in state.items()}
 
-    detected = comfy.model_detection.model_config_from_unet(state, comfy.model_detection.unet_prefix_from_state_dict(state))
+    detected = comfy.model_detection.model_config_from_unet(
+        state, comfy.model_detection.unet_prefix_from_state_dict(state)
+    )
     if type(detected) is not comfy.supported_models.Segmind_Vega:
-        raise RuntimeError(f"the random checkpoint is detected as {type(detected).__name__}, not Segmind_Vega; fix VEGA_TEST_UNET")
+        raise RuntimeError(
+            f"the random checkpoint is detected as {type(detected).__name__}, not Segmind_Vega; fix VEGA_TEST_UNET"
+        )
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

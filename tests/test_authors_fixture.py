@@ -128,7 +128,9 @@ def test_authors_safetensors_gives_identical_outputs(base, io_cases, authors_out
     state = {k: v.contiguous() for k, v in authors_state().items()}
     save_file(state, str(folder / "unet" / "diffusion_pytorch_model.safetensors"))
     adapter_file = formats.read_adapter_file(folder)
-    assert adapter_file.source == "authors" and adapter_file.name == "authors_run/unet/diffusion_pytorch_model.safetensors"
+    assert (
+        adapter_file.source == "authors" and adapter_file.name == "authors_run/unet/diffusion_pytorch_model.safetensors"
+    )
     patcher = simda(base, folder)
     for name, case in io_cases.items():
         assert torch.equal(run(patcher, case), authors_outputs[name]), name

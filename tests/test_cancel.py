@@ -58,7 +58,8 @@ def record(model) -> tuple:
     """What the MODEL passed in holds that a node could change."""
     options = model.model_options.get("transformer_options", {})
     return (dict(model.object_patches), set(model.attachments), {k: len(v) for k, v in model.wrappers.items()},
-            {k: len(v) for k, v in model.callbacks.items()}, set(options.get("patches", {})), set(options.get("patches_replace", {})))
+            {k: len(v) for k, v in model.callbacks.items()}, set(options.get("patches", {})),
+            set(options.get("patches_replace", {})))
 
 
 def calls(model, simda) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,7 +100,9 @@ CASES = {
     "cancel in the first training step": (lambda n: in_training(n), Interrupt()),
     "cancel in the backward pass (recomputed host layer)": (lambda n: in_training(n) and n >= 2, Interrupt()),
     "cancel during the inversion": (lambda n: torch.is_inference_mode_enabled(), Interrupt()),
-    "out of memory in the UNet": (lambda n: in_training(n), torch.OutOfMemoryError("CUDA out of memory (raised by the test)")),
+    "out of memory in the UNet": (
+        lambda n: in_training(n), torch.OutOfMemoryError("CUDA out of memory (raised by the test)")
+    ),
 }
 
 
@@ -153,7 +156,9 @@ def test_the_upscaler_leaves_nothing_behind_when_cancelled_between_tiles(x4):  #
     frames = smooth_frames(1, 32, seed=6)
     settings = dict(steps=1, tile_size=16, tile_overlap=8)
     before = upscale(model, vae, frames, **settings)
-    with raising_in(first_transformer_projection(model), lambda n: n == 3, Interrupt()) as count, pytest.raises(Interrupt):
+    with raising_in(
+        first_transformer_projection(model), lambda n: n == 3, Interrupt()
+    ) as count, pytest.raises(Interrupt):
         upscale(model, vae, frames, **settings)
     assert count[0] == 3
     assert ours_left_on(model) == []

@@ -82,7 +82,9 @@ def test_blur_removes_detail_and_motion_blur_is_used():
     motion = replace(NONE, blur_probability=1.0, motion_blur_probability=1.0, motion_blur_length=(9, 11))
     for clip in range(3):
         a, b = draw_degradation(blur, 0, 0, clip), draw_degradation(motion, 0, 0, clip)
-        assert a.blur_sigma is not None and a.motion_blur is None and 2.0 <= min(a.blur_sigma) <= max(a.blur_sigma) <= 2.5
+        assert (
+            a.blur_sigma is not None and a.motion_blur is None and 2.0 <= min(a.blur_sigma) <= max(a.blur_sigma) <= 2.5
+        )
         assert b.motion_blur is not None and b.blur_sigma is None and b.motion_blur[0] in (9, 11)
     # Same resize draw (all other draws equal), so only the blur differs.
     assert high_frequency(degrade_clip(frames, blur, 0, 0, 0)) < 0.7 * high_frequency(sharp)
@@ -94,7 +96,9 @@ def test_random_resize_methods():
     modes = [draw_degradation(config, 0, step, 0).resize_mode for step in range(200)]
     assert set(modes) == set(RESIZE_MODES)
     frames = detailed_frames()
-    outputs = {mode: apply_degradation(frames, ClipDegradation(resize_mode=mode, antialias=False)) for mode in RESIZE_MODES}
+    outputs = {
+        mode: apply_degradation(frames, ClipDegradation(resize_mode=mode, antialias=False)) for mode in RESIZE_MODES
+    }
     assert len({tuple(out.flatten()[:64].tolist()) for out in outputs.values()}) == len(RESIZE_MODES)
     only_bicubic = replace(config, resize_modes=("bicubic",))
     assert {draw_degradation(only_bicubic, 0, step, 0).resize_mode for step in range(20)} == {"bicubic"}

@@ -96,7 +96,8 @@ def test_a_clip_that_disagrees_with_frames_per_clip_or_the_prompt_schedule_is_re
         expected = "holds 3 rows"
     with pytest.raises(ValueError) as error, torch.inference_mode():
         SimDAEditTuner.execute(model, NoVAE(), torch.rand(6, 64, 64, 3), prompt, inversion_conditioning=CONDITIONING,
-                               steps=2, learning_rate=5e-5, seed=0, frames=4, start_frame=0, stride=1, width=64, height=64,
+                               steps=2, learning_rate=5e-5, seed=0, frames=4, start_frame=0, stride=1, width=64,
+                               height=64,
                                gradient_checkpointing=True, inversion_steps=2, inversion_scheduler="ddim_uniform")
     message = str(error.value)
     assert message.startswith("SimDA Edit Tuner:") and expected in message and "4 frames" in message, message

@@ -95,7 +95,8 @@ def test_unknown_file_type(tmp_path):
 # -- readable files that are not SimDA adapters ---------------------------------------------------
 
 def plain_state():
-    return {"conv_in.weight": torch.randn(8, 4, 3, 3), "conv_in.bias": torch.zeros(8), "time_embedding.linear_1.weight": torch.randn(8, 8)}
+    return {"conv_in.weight": torch.randn(8, 4, 3, 3), "conv_in.bias": torch.zeros(8),
+            "time_embedding.linear_1.weight": torch.randn(8, 8)}
 
 
 def test_bin_without_adapter_keys(tmp_path):
@@ -156,7 +157,8 @@ class CreatesFile:
 def test_malicious_pickle_is_refused_without_running(tmp_path, container):
     marker = tmp_path / "pwned.txt"
     path = tmp_path / "adapter_model.bin"
-    payload = {"down_blocks.0.attentions.0.transformer_blocks.0.adapter_s.D_fc1.weight": torch.randn(4, 4), "x": CreatesFile(marker)}
+    payload = {"down_blocks.0.attentions.0.transformer_blocks.0.adapter_s.D_fc1.weight": torch.randn(4, 4),
+               "x": CreatesFile(marker)}
     if container == "torch.save":
         torch.save(payload, path)
     else:
@@ -262,7 +264,9 @@ def test_metadata_round_trip(tmp_path, other_sites):
     # levels 0..2 of the input/output blocks, and the middle block at the deepest level 3
     assert json.loads(adapter_file.metadata["level_channels"]) == [32, 64, 128, 128]
     assert adapter_file.sites == other_sites
-    assert [s.channels for s in adapter_file.sites] == [32, 32, 64, 64, 128, 128, 128, 128, 128, 128, 64, 64, 64, 32, 32, 32]
+    assert [s.channels for s in adapter_file.sites] == [
+        32, 32, 64, 64, 128, 128, 128, 128, 128, 128, 64, 64, 64, 32, 32, 32
+    ]
     assert (adapter_file.spatial_ratio, adapter_file.temporal_ratio) == (0.25, 0.5)
     expected = adapters.file_state_dict()
     assert adapter_file.tensors.keys() == expected.keys()
@@ -278,9 +282,11 @@ def test_metadata_round_trip(tmp_path, other_sites):
     [
         ("sites", "[{'path': ", "'sites' is not valid JSON"),
         ("sites", '{"path": "input_blocks.1.1"}', "'sites' is not a list"),
-        ("sites", '[{"path": "input_blocks.1.1", "channels": 32}]', "'sites' has an entry that is not a transformer place"),
+        ("sites", '[{"path": "input_blocks.1.1", "channels": 32}]',
+         "'sites' has an entry that is not a transformer place"),
         ("sites", '[7]', "'sites' has an entry that is not a transformer place"),
-        ("sites", '[{"path": "a", "channels": "32", "inner_dim": 32, "depth": 1, "level": 0}]', "fields of the wrong type"),
+        ("sites", '[{"path": "a", "channels": "32", "inner_dim": 32, "depth": 1, "level": 0}]',
+         "fields of the wrong type"),
         ("spatial_ratio", "a quarter", "'spatial_ratio' is 'a quarter', not a number"),
         ("temporal_ratio", "-0.5", "'temporal_ratio' is '-0.5', not a positive number"),
         ("temporal_ratio", "nan", "not a positive number"),
@@ -314,7 +320,9 @@ def authors_run(tmp_path, config_changes: dict | None = None, config_text: str |
 
 def test_authors_run_family_comes_from_its_config(tmp_path):
     assert formats.read_adapter_file(AUTHORS_FIXTURE).family == "sd1"  # cross_attention_dim 32: not SD2
-    sd2 = authors_run(tmp_path, {"cross_attention_dim": 1024, "attention_head_dim": [5, 10, 20, 20], "use_linear_projection": True})
+    sd2 = authors_run(
+        tmp_path, {"cross_attention_dim": 1024, "attention_head_dim": [5, 10, 20, 20], "use_linear_projection": True}
+    )
     adapter_file = formats.read_adapter_file(sd2.parent.parent)
     assert adapter_file.family == "sd2" and adapter_file.family_label() == "an SD2.x UNet"
     sd1 = formats.read_adapter_file(authors_run(tmp_path / "sd1", {"cross_attention_dim": 768}))
@@ -326,7 +334,9 @@ def test_authors_run_without_config_is_told_by_its_text_width(tmp_path):
     key = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight"
     assert state[key].shape[1] == 32
     state[key] = torch.zeros(state[key].shape[0], 1024)
-    for suffix, write in ((".bin", lambda p: torch.save(state, p)), (".safetensors", lambda p: save_file(state, str(p)))):
+    for suffix, write in (
+        (".bin", lambda p: torch.save(state, p)), (".safetensors", lambda p: save_file(state, str(p)))
+    ):
         path = tmp_path / suffix[1:] / "unet" / f"diffusion_pytorch_model{suffix}"
         path.parent.mkdir(parents=True)
         write(path)
@@ -391,11 +401,13 @@ def test_loader_lists_a_runs_unet_and_not_its_other_parts(tmp_path, monkeypatch)
     from simda_pack.nodes import folders
 
     run = tmp_path / "simda" / "car-turn"
-    for part in ("unet/diffusion_pytorch_model.bin", "text_encoder/pytorch_model.bin", "vae/diffusion_pytorch_model.bin",
-                 "unet/config.json"):
+    for part in ("unet/diffusion_pytorch_model.bin", "text_encoder/pytorch_model.bin",
+                 "vae/diffusion_pytorch_model.bin", "unet/config.json"):
         (run / part).parent.mkdir(parents=True, exist_ok=True)
         (run / part).write_bytes(b"x")
     (tmp_path / "simda" / "mine.safetensors").write_bytes(b"x")
-    monkeypatch.setitem(folder_paths.folder_names_and_paths, folders.FOLDER, ([str(tmp_path / "simda")], set(folders.EXTENSIONS)))
+    monkeypatch.setitem(
+        folder_paths.folder_names_and_paths, folders.FOLDER, ([str(tmp_path / "simda")], set(folders.EXTENSIONS))
+    )
     monkeypatch.setattr(folder_paths, "filename_list_cache", {})
     assert sorted(folders.adapter_files()) == ["car-turn/unet/diffusion_pytorch_model.bin", "mine.safetensors"]

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import comfy.ops
-from simda_pack.simda_core.host.register import host_norm_parameters
+from simda_pack.simda_core.host.attention import host_norm_parameters
 from simda_pack.simda_core.model.adapters import TemporalAdapter
 from simda_pack.simda_core.model.group_norm import frame_shared_group_norm
 from simda_pack.simda_core.model.layout import ClipLayout
@@ -165,11 +165,15 @@ def conv3d_delta(adapter, x, frames, circular=False):
         hidden = F.pad(hidden, (0, 0, 0, 0, 1, 1), mode="circular")
         hidden = F.conv3d(hidden, adapter.depthwise.weight, adapter.depthwise.bias, groups=hidden.shape[1])
     else:
-        hidden = F.conv3d(hidden, adapter.depthwise.weight, adapter.depthwise.bias, padding=(1, 0, 0), groups=hidden.shape[1])
+        hidden = F.conv3d(
+            hidden, adapter.depthwise.weight, adapter.depthwise.bias, padding=(1, 0, 0), groups=hidden.shape[1]
+        )
     return from_clips(F.conv3d(hidden, adapter.up.weight, adapter.up.bias))
 
 
-@pytest.mark.parametrize("clips,frames,channels,h,w", [(2, 8, 64, 8, 8), (1, 2, 32, 5, 7), (3, 5, 16, 4, 6), (2, 16, 320, 4, 4)])
+@pytest.mark.parametrize(
+    "clips,frames,channels,h,w", [(2, 8, 64, 8, 8), (1, 2, 32, 5, 7), (3, 5, 16, 4, 6), (2, 16, 320, 4, 4)]
+)
 def test_temporal_adapter_equals_conv3d(clips, frames, channels, h, w):
     adapter = seeded_adapter(channels, seed=frames)
     x = activations(clips, frames, channels, h, w, seed=channels)

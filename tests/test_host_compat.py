@@ -113,7 +113,9 @@ def test_every_storage_dtype_runs_with_adapters(storage, compute):
     with torch.no_grad():
         for target, source in zip(model.diffusion_model.parameters(), reference.model.diffusion_model.parameters()):
             target.copy_(source.to(target.dtype))
-    patcher = comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+    patcher = comfy.model_patcher.ModelPatcher(
+        model, load_device=torch.device("cpu"), offload_device=torch.device("cpu")
+    )
     dtype = adapter_storage_dtype(patcher)
     assert dtype == (compute or storage)
     adapters = random_adapters(reference, 5).to(dtype)
@@ -126,9 +128,14 @@ def test_every_storage_dtype_runs_with_adapters(storage, compute):
     assert out.dtype == compute_dtype and torch.isfinite(out.float()).all()
     assert (out.float() - plain.float()).abs().max() > 1e-2, "the adapters did not act"
     # The same adapters in fp32 on the fp32 base: the half/fp8 runs follow it within their rounding.
-    full = call(simda(reference, adapters=random_adapters(reference, 5), latent_shift=LatentShiftSettings()), video_batch(seed=5))
+    full = call(
+        simda(reference, adapters=random_adapters(reference, 5), latent_shift=LatentShiftSettings()),
+        video_batch(seed=5),
+    )
     error = float((out.float() - full).abs().max() / full.abs().max())
-    assert error < {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 1e-1, torch.float8_e4m3fn: 3e-1}[storage], error
+    assert error < {
+        torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 1e-1, torch.float8_e4m3fn: 3e-1
+    }[storage], error
 
 
 # -- 2: training never touches the host's shared UNet ------------------------------------------------------
@@ -151,7 +158,9 @@ def test_edit_tuner_leaves_the_host_loaded_unet_as_it_was():
     model, clip, vae = host_loaded_model()
     before = parameter_record(model)
     assert all(inference for _, inference, _ in before.values()), "the host's loader no longer makes inference tensors"
-    pinned_before = (set(model.pinned), comfy.model_management.TOTAL_PINNED_MEMORY, dict(comfy.model_management.PINNED_MEMORY))
+    pinned_before = (
+        set(model.pinned), comfy.model_management.TOTAL_PINNED_MEMORY, dict(comfy.model_management.PINNED_MEMORY)
+    )
     with torch.inference_mode():
         frames = torch.rand(4, 64, 64, 3, generator=torch.Generator().manual_seed(0))
         prompt = clip.encode_from_tokens_scheduled(clip.tokenize("a clip"))
@@ -161,17 +170,23 @@ def test_edit_tuner_leaves_the_host_loaded_unet_as_it_was():
             clip=clip,
         ).result
     assert get_config(model) is None
-    assert any((p != 0).any() for name, p in trained.adapters.named_parameters() if ".up." in name or ".fc2." in name), "nothing trained"
+    assert any(
+        (p != 0).any() for name, p in trained.adapters.named_parameters() if ".up." in name or ".fc2." in name
+    ), "nothing trained"
     after = dict(model.model.diffusion_model.named_parameters())
     assert after.keys() == before.keys()
     for name, (param, inference, values) in before.items():
         assert after[name] is param, f"{name}: the UNet holds another parameter object after tuning"
         assert after[name].is_inference() == inference, name
         assert torch.equal(after[name], values), name
-    pinned_after = (set(model.pinned), comfy.model_management.TOTAL_PINNED_MEMORY, dict(comfy.model_management.PINNED_MEMORY))
+    pinned_after = (
+        set(model.pinned), comfy.model_management.TOTAL_PINNED_MEMORY, dict(comfy.model_management.PINNED_MEMORY)
+    )
     assert pinned_after == pinned_before
     # The host's layers carry no training wrappers afterwards.
-    assert not any(getattr(m, "weight_function", None) or getattr(m, "bias_function", None) for m in model.model.modules())
+    assert not any(
+        getattr(m, "weight_function", None) or getattr(m, "bias_function", None) for m in model.model.modules()
+    )
 
 
 # -- 3: patches follow the model they run on -----------------------------------------------------------------
@@ -314,7 +329,9 @@ def test_a_looping_clip_under_host_context_windows_wraps_around_the_whole_clip(b
     cond = [[torch.randn(1, 8, host.TINY_UNET["context_dim"], generator=torch.Generator().manual_seed(33)), {}]]
     try:
         register_module.ClipLayout.from_batch = recording
-        (latent,) = SimDAVideoSampler.execute(windowed, cond, cond, 8, 64, 64, 0, 2, 1.0, "euler", "normal", 1.0, 0.0).result
+        (latent,) = SimDAVideoSampler.execute(
+            windowed, cond, cond, 8, 64, 64, 0, 2, 1.0, "euler", "normal", 1.0, 0.0
+        ).result
     finally:
         register_module.ClipLayout.from_batch = original
     assert torch.isfinite(latent["samples"]).all()

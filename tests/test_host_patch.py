@@ -70,11 +70,17 @@ def simda(patcher, **config) -> comfy.model_patcher.ModelPatcher:
 
 def simda_like(clone, **changes) -> comfy.model_patcher.ModelPatcher:
     """A clone of a SimDA MODEL with some of its config changed."""
-    return simda(clone, **{**{k: getattr(get_config(clone), k) for k in ("adapters", "latent_shift", "frame_group_norm")}, **changes})
+    return simda(
+        clone,
+        **{**{k: getattr(get_config(clone), k) for k in ("adapters", "latent_shift", "frame_group_norm")}, **changes},
+    )
 
 
 def everything_on(patcher, seed: int = 1, **extra):
-    return simda(patcher, adapters=random_adapters(patcher, seed), latent_shift=LatentShiftSettings(), frame_group_norm=True, **extra)
+    return simda(
+        patcher, adapters=random_adapters(patcher, seed), latent_shift=LatentShiftSettings(), frame_group_norm=True,
+        **extra,
+    )
 
 
 def video_batch(frames: int, groups: int = 2, seed: int = 0, size=(8, 8)):
@@ -216,7 +222,9 @@ def test_one_frame_runs_the_adapters(base):
 
     x, timesteps, context = video_batch(frames=3, groups=1, seed=4, size=(16, 16))
     per_frame_clips = call(simda_like(clone, frames_per_clip=1), (x, timesteps, context), cond_or_uncond=(0,))
-    alone = torch.cat([call(clone, (x[i:i + 1], timesteps[i:i + 1], context[i:i + 1]), cond_or_uncond=(0,)) for i in range(3)])
+    alone = torch.cat(
+        [call(clone, (x[i:i + 1], timesteps[i:i + 1], context[i:i + 1]), cond_or_uncond=(0,)) for i in range(3)]
+    )
     torch.testing.assert_close(per_frame_clips, alone, rtol=1e-5, atol=1e-5)
 
 
@@ -305,7 +313,8 @@ def test_sampling_a_clone_leaves_the_original_model_untouched(base):
     clone = everything_on(base, seed=7)
     live = []
     clone.add_wrapper_with_key(
-        DIFFUSION_MODEL, "test_probe", lambda executor, *a, **k: live.append(len(simda_forwards(unet))) or executor(*a, **k)
+        DIFFUSION_MODEL, "test_probe",
+        lambda executor, *a, **k: live.append(len(simda_forwards(unet))) or executor(*a, **k),
     )
     assert ours_in(patcher_state(clone)), "ours_in must see SimDA's registrations on the clone"
     simda_sample = sample(clone)
@@ -496,7 +505,9 @@ def foreign_self_attention(q, k, v, extra_options):
 def test_another_self_attention_replacement_is_named(base):
     occupied = base.clone()
     occupied.set_model_attn1_replace(foreign_self_attention, "input", 1, 0)
-    with pytest.raises(SimDAPatchError, match=r"\('input', 1, 0\) \(foreign_self_attention \(from \S*test_host_patch\)\)"):
+    with pytest.raises(
+        SimDAPatchError, match=r"\('input', 1, 0\) \(foreign_self_attention \(from \S*test_host_patch\)\)"
+    ):
         apply_simda(occupied.clone(), SimDAConfig(latent_shift=LatentShiftSettings()))
 
     later = simda(base, latent_shift=LatentShiftSettings())
@@ -586,7 +597,9 @@ def test_adapters_are_an_additional_model_the_host_loads(base):
     loaded_during_call = []
     clone.add_wrapper_with_key(
         DIFFUSION_MODEL, "test_probe",
-        lambda executor, *a, **k: loaded_during_call.append(extra[0] in comfy.model_management.loaded_models()) or executor(*a, **k),
+        lambda executor, *a, **k: (
+            loaded_during_call.append(extra[0] in comfy.model_management.loaded_models()) or executor(*a, **k)
+        ),
     )
     sample(clone, frames=4, steps=1)
     assert loaded_during_call == [True]
@@ -651,7 +664,10 @@ def test_half_precision_storage(base, record_property):
     full_clone = simda(base, adapters=adapters, latent_shift=LatentShiftSettings())
     half_clone = simda(half, adapters=half_adapters, latent_shift=LatentShiftSettings())
     assert {p.dtype for p in half_adapters.parameters()} == {torch.float16}
-    assert half_clone.get_nested_additional_models()[0].model_size() * 2 == full_clone.get_nested_additional_models()[0].model_size()
+    assert (
+        half_clone.get_nested_additional_models()[0].model_size() * 2
+        == full_clone.get_nested_additional_models()[0].model_size()
+    )
 
     x, timesteps, context = video_batch(frames=4, groups=2, seed=16)
     expected = call(full_clone, (x, timesteps, context))
@@ -710,7 +726,9 @@ def test_nodes_compose_and_leave_their_input_alone(base, adapter_file):
     assert len(shifted.get_nested_additional_models()) == 1
 
     # The other order carries both as well.
-    reverse = node_model(SimDAAdapterLoader.execute(node_model(SimDALatentShiftPatch.execute(base, **SHIFT_DEFAULTS)), name, 1.0))
+    reverse = node_model(
+        SimDAAdapterLoader.execute(node_model(SimDALatentShiftPatch.execute(base, **SHIFT_DEFAULTS)), name, 1.0)
+    )
     assert get_config(reverse).adapters is not None and get_config(reverse).latent_shift is not None
     assert patcher_state(base) == before
 
@@ -759,7 +777,9 @@ def test_video_sampler_runs_context_windows_over_the_frame_batch(base):
     seen = []
     windowed.add_wrapper_with_key(
         DIFFUSION_MODEL, "test_probe",
-        lambda executor, x, *a, **k: seen.append((x.shape[0], len(real_frames(a[4]["context_window"])))) or executor(x, *a, **k),
+        lambda executor, x, *a, **k: (
+            seen.append((x.shape[0], len(real_frames(a[4]["context_window"])))) or executor(x, *a, **k)
+        ),
     )
     result = SimDAVideoSampler.execute(
         windowed, POSITIVE, NEGATIVE, 12, 64, 64, 0, 2, 4.0, "euler", "normal", 1.0, 0.0
@@ -784,7 +804,9 @@ def test_a_second_adapter_loader_replaces_the_first_adapters(base, adapter_file,
         (shifted,) = SimDALatentShiftPatch.execute(first, **SHIFT_DEFAULTS).result
         with caplog.at_level("INFO", logger="SimDA"):
             (stacked,) = SimDAAdapterLoader.execute(shifted, "second.safetensors", 0.5).result
-        (alone,) = SimDALatentShiftPatch.execute(SimDAAdapterLoader.execute(base, "second.safetensors", 0.5).result[0], **SHIFT_DEFAULTS).result
+        (alone,) = SimDALatentShiftPatch.execute(
+            SimDAAdapterLoader.execute(base, "second.safetensors", 0.5).result[0], **SHIFT_DEFAULTS
+        ).result
     finally:
         folder_paths.folder_names_and_paths["simda"][0].remove(str(folder))
     assert any("replaces them" in r.getMessage() for r in caplog.records), caplog.text

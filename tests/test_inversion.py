@@ -169,7 +169,9 @@ def test_host_guider_path_matches_the_reference_on_a_host_unet(tiny):
 
 # -- samplers for inverted starts -----------------------------------------------------------------
 
-def sample_twice(model, sampler_name: str, start: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_twice(
+    model, sampler_name: str, start: torch.Tensor, context: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The host's sampler ``sampler_name`` from ``start`` with zero noise (as the Video Sampler samples
     an inverted start), run with two different seeds."""
     sampling = model.get_model_object("model_sampling")
@@ -180,8 +182,8 @@ def sample_twice(model, sampler_name: str, start: torch.Tensor, context: torch.T
         guider = comfy.samplers.CFGGuider(model)
         guider.set_conds([[context, {}]], [[context, {}]])
         guider.set_cfg(1.0)
-        results.append(guider.sample(torch.zeros_like(start), start, comfy.samplers.sampler_object(sampler_name), sigmas,
-                                     disable_pbar=True, seed=seed))
+        results.append(guider.sample(torch.zeros_like(start), start, comfy.samplers.sampler_object(sampler_name),
+                                     sigmas, disable_pbar=True, seed=seed))
     return results[0], results[1]
 
 
@@ -214,7 +216,9 @@ def test_inversion_record_names_its_sampler():
     assert inversion_record(50, "ddim_uniform") == {"steps": 50, "scheduler": "ddim_uniform", "sampler": "ddim"}
 
 
-@pytest.mark.parametrize("sampler_name", ["euler_ancestral", "dpmpp_2m_sde", "dpmpp_sde", "lcm", "ddpm", "er_sde", "sa_solver"])
+@pytest.mark.parametrize(
+    "sampler_name", ["euler_ancestral", "dpmpp_2m_sde", "dpmpp_sde", "lcm", "ddpm", "er_sde", "sa_solver"]
+)
 def test_video_sampler_refuses_a_noise_adding_sampler_for_an_inverted_start(sampler_name):
     with pytest.raises(ValueError) as e:
         check_start_latent(inverted_start(), 4, 8, 8, 50, "ddim_uniform", 1.0, sampler_name=sampler_name)

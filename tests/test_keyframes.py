@@ -50,7 +50,8 @@ def test_frame_lists():
     assert parse_frame_list("0", 16) == [0]
     assert parse_frame_list("0, -1", 16) == [0, 15]
     assert parse_frame_list(" 8 3,12 ", 16) == [8, 3, 12]
-    for text, message in (("", "no keyframe frames"), ("0, x", '"x" is not a frame number'), ("16", "outside the clip's frames 0..15"),
+    for text, message in (("", "no keyframe frames"), ("0, x", '"x" is not a frame number'),
+                          ("16", "outside the clip's frames 0..15"),
                           ("-17", "outside"), ("0, -16", "frame 0 is given twice")):
         with pytest.raises(KeyframeError, match=message):
             parse_frame_list(text, 16)
@@ -73,7 +74,8 @@ def test_node_refuses_what_it_cannot_do():
 
 def test_start_latent_and_keyframes_together_are_refused(base):
     latent = keyframes(KEY_A, "0")
-    start = {"samples": torch.zeros(FRAMES, 4, 8, 8), "simda_inversion": {"steps": STEPS, "scheduler": "normal", "sampler": "ddim"}}
+    start = {"samples": torch.zeros(FRAMES, 4, 8, 8),
+             "simda_inversion": {"steps": STEPS, "scheduler": "normal", "sampler": "ddim"}}
     with pytest.raises(ValueError, match="noise mask .* start_latent"):
         SimDAVideoSampler.execute(base, POSITIVE, NEGATIVE, FRAMES, 64, 64, 0, STEPS, 4.0, "euler", "normal", 1.0, 0.0,
                                   latent=latent, start_latent=start)

@@ -43,9 +43,10 @@ import torch
 
 from simda_pack.nodes.nodes_edit import invert_clip
 from simda_pack.simda_core.host.register import apply_simda, model_sites
+from simda_pack.simda_core.host.unet_call import denoising_target, unet_output
 from simda_pack.simda_core.model.adapters import SimDAAdapters
 from simda_pack.simda_core.model.config import LatentShiftSettings, SimDAConfig
-from simda_pack.simda_core.training.trainer import AdapterTrainer, TuningRecipe, denoising_target, unet_output
+from simda_pack.simda_core.training.trainer import AdapterTrainer, TuningRecipe
 
 FRAMES = 8
 LATENT_SIZE = 8  # latent grid of both data sets (the video: 64x64 pixels)
@@ -300,9 +301,13 @@ def test_adapters_lower_the_denoising_loss_on_held_out_moving_square_clips(image
     base_loss, untrained_loss, adapted_loss, adapters = held_out_losses(base, seed=0)
     print(f"held-out loss: base {base_loss:.4f}, untrained patch {untrained_loss:.4f}, adapted {adapted_loss:.4f}")
 
-    assert all(float(a.fc2.weight.abs().max()) > 0 for a in adapters.attn.values()), "an attention adapter did not train"
+    assert all(
+        float(a.fc2.weight.abs().max()) > 0 for a in adapters.attn.values()
+    ), "an attention adapter did not train"
     assert all(float(a.fc2.weight.abs().max()) > 0 for a in adapters.ffn.values()), "an FFN adapter did not train"
-    assert all(float(a.up.weight.abs().max()) > 0 for a in adapters.temporal.values()), "a temporal adapter did not train"
+    assert all(
+        float(a.up.weight.abs().max()) > 0 for a in adapters.temporal.values()
+    ), "a temporal adapter did not train"
     assert adapted_loss <= LOSS_MARGIN * base_loss, (
         f"adapted loss {adapted_loss:.4f} is not below {LOSS_MARGIN} x the base's {base_loss:.4f}"
     )
@@ -366,5 +371,6 @@ def test_tuning_makes_inversion_and_guided_sampling_reconstruct_a_real_clip(imag
     print(f"reconstruction MSE at guidance {EDIT_GUIDANCE}: untuned {untuned_error:.4f}, tuned {tuned_error:.4f}")
 
     assert tuned_error <= RECONSTRUCTION_MARGIN * untuned_error, (
-        f"tuned reconstruction error {tuned_error:.4f} is not below {RECONSTRUCTION_MARGIN} x the untuned {untuned_error:.4f}"
+        f"tuned reconstruction error {tuned_error:.4f} is not below {RECONSTRUCTION_MARGIN} x the untuned "
+        f"{untuned_error:.4f}"
     )

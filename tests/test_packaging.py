@@ -20,13 +20,18 @@ NODE_IDS = {
     "SimDAAdapterLoader", "SimDALatentShiftPatch", "SimDAVideoSampler", "SimDAEditTuner", "SimDASaveAdapters",
     "SimDAVideoUpscaler", "SimDAPromptTravel", "SimDAKeyframes",
 }
-RUNTIME_CODE = sorted([PACK_DIR / "__init__.py", *(PACK_DIR / "nodes").glob("*.py"), *(PACK_DIR / "simda_core").rglob("*.py")])
+RUNTIME_CODE = sorted(
+    [PACK_DIR / "__init__.py", *(PACK_DIR / "nodes").glob("*.py"), *(PACK_DIR / "simda_core").rglob("*.py")]
+)
 # The collection trainer is a command, not loaded by ComfyUI; it is checked for the rest.
 SERVER_LOADED = [p for p in RUNTIME_CODE if p.parent.name != "collection" and p.name != "video_data.py"]
 
 
 def requirement_names(lines: list[str]) -> list[str]:
-    return sorted(re.split(r"[<>=!~ ;\[]", line.strip(), maxsplit=1)[0].lower() for line in lines if line.strip() and not line.startswith("#"))
+    return sorted(
+        re.split(r"[<>=!~ ;\[]", line.strip(), maxsplit=1)[0].lower()
+        for line in lines if line.strip() and not line.startswith("#")
+    )
 
 
 def test_pyproject_carries_registry_metadata_and_matches_requirements():

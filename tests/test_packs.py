@@ -87,7 +87,8 @@ def ckpt_nodes(server, adapters: bool = True) -> dict:
             "end_percent": 1.0, "frame_group_norm": False}},
     }
     if adapters:
-        prompt["adapters"] = {"class_type": "SimDAAdapterLoader", "inputs": {"model": ["ckpt", 0], "adapter_name": server.adapter_name, "strength": 1.0}}
+        prompt["adapters"] = {"class_type": "SimDAAdapterLoader", "inputs": {
+            "model": ["ckpt", 0], "adapter_name": server.adapter_name, "strength": 1.0}}
     return prompt
 
 
@@ -99,7 +100,9 @@ CONTEXTS = {
 
 
 @pytest.mark.parametrize("sampler", ["KSampler", "SimDAVideoSampler"])
-@pytest.mark.parametrize("context, noise_type", [("uniform", "FreeNoise"), ("static", "default"), ("looped", "FreeNoise")])
+@pytest.mark.parametrize(
+    "context, noise_type", [("uniform", "FreeNoise"), ("static", "default"), ("looped", "FreeNoise")]
+)
 def test_ade_evolved_sampling_on_a_simda_model_samples_a_long_clip(server, sampler, context, noise_type):
     prompt = ckpt_nodes(server)
     node, extra = CONTEXTS[context]
@@ -109,17 +112,20 @@ def test_ade_evolved_sampling_on_a_simda_model_samples_a_long_clip(server, sampl
     prompt["settings"] = {"class_type": "ADE_AnimateDiffSamplingSettings", "inputs": {
         "batch_offset": 0, "noise_type": noise_type, "seed_gen": "comfy", "seed_offset": 0}}
     prompt["evolved"] = {"class_type": "ADE_UseEvolvedSampling", "inputs": {
-        "model": ["shift", 0], "beta_schedule": "autoselect", "context_options": ["context", 0], "sample_settings": ["settings", 0]}}
-    common = {"model": ["evolved", 0], "positive": ["pos", 0], "negative": ["neg", 0], "seed": 5, "steps": STEPS, "cfg": 4.0,
-              "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}
+        "model": ["shift", 0], "beta_schedule": "autoselect", "context_options": ["context", 0],
+        "sample_settings": ["settings", 0]}}
+    common = {"model": ["evolved", 0], "positive": ["pos", 0], "negative": ["neg", 0], "seed": 5, "steps": STEPS,
+              "cfg": 4.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}
     if sampler == "KSampler":
-        prompt["latent"] = {"class_type": "EmptyLatentImage", "inputs": {"width": SIZE, "height": SIZE, "batch_size": FRAMES}}
+        prompt["latent"] = {"class_type": "EmptyLatentImage", "inputs": {
+            "width": SIZE, "height": SIZE, "batch_size": FRAMES}}
         prompt["sample"] = {"class_type": "KSampler", "inputs": {**common, "latent_image": ["latent", 0]}}
     else:
         prompt["sample"] = {"class_type": "SimDAVideoSampler", "inputs": {
             **common, "frames": FRAMES, "width": SIZE, "height": SIZE, "noise_shared": 0.0}}
     prompt["decode"] = {"class_type": "VAEDecode", "inputs": {"samples": ["sample", 0], "vae": ["ckpt", 2]}}
-    prompt["save"] = {"class_type": "SaveImage", "inputs": {"images": ["decode", 0], "filename_prefix": f"simda/ade_{sampler}_{context}"}}
+    prompt["save"] = {"class_type": "SaveImage", "inputs": {
+        "images": ["decode", 0], "filename_prefix": f"simda/ade_{sampler}_{context}"}}
     before = len(server.log_path.read_text(errors="replace"))
     entry = server.run_prompt(prompt, timeout=600)
     assert execution_error(entry) is None, execution_error(entry)
@@ -151,7 +157,8 @@ def test_vhs_load_video_edit_tuner_video_sampler_vhs_video_combine(server):
             "width": SIZE, "height": SIZE, "gradient_checkpointing": True, "inversion_steps": STEPS,
             "inversion_scheduler": "ddim_uniform", "source_fps": ["info", 0], "clip": ["ckpt", 1]}},
         "sample": {"class_type": "SimDAVideoSampler", "inputs": {
-            "model": ["tuner", 0], "positive": ["pos", 0], "negative": ["empty", 0], "frames": tuned_frames, "width": SIZE,
+            "model": ["tuner", 0], "positive": ["pos", 0], "negative": ["empty", 0], "frames": tuned_frames,
+            "width": SIZE,
             "height": SIZE, "seed": 0, "steps": STEPS, "cfg": 7.5, "sampler_name": "ddim", "scheduler": "ddim_uniform",
             "denoise": 1.0, "noise_shared": 0.0, "start_latent": ["tuner", 1]}},
         "decode": {"class_type": "VAEDecode", "inputs": {"samples": ["sample", 0], "vae": ["ckpt", 2]}},
@@ -178,7 +185,9 @@ def ade():
     installed_video_packs()
     path = HOST_DIR / "custom_nodes" / "ComfyUI-AnimateDiff-Evolved"
     if "simda_test_ade" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("simda_test_ade", path / "__init__.py", submodule_search_locations=[str(path)])
+        spec = importlib.util.spec_from_file_location(
+            "simda_test_ade", path / "__init__.py", submodule_search_locations=[str(path)]
+        )
         module = importlib.util.module_from_spec(spec)
         sys.modules["simda_test_ade"] = module
         spec.loader.exec_module(module)
@@ -191,7 +200,9 @@ def evolved(ade, model, context: str, noise_type: str = "default", length: int =
                "looped": ade["ADE_LoopedUniformContextOptions"]().create_options(length, stride, 2, closed_loop=True),
                "static": ade["ADE_StandardStaticContextOptions"]().create_options(length, 2)}[context][0]
     settings = ade["ADE_AnimateDiffSamplingSettings"]().create_settings(0, noise_type, "comfy", 0)[0]
-    return ade["ADE_UseEvolvedSampling"]().use_evolved_sampling(model, "autoselect", context_options=options, sample_settings=settings)[0]
+    return ade["ADE_UseEvolvedSampling"]().use_evolved_sampling(
+        model, "autoselect", context_options=options, sample_settings=settings
+    )[0]
 
 
 _g = torch.Generator().manual_seed(5)
@@ -243,7 +254,9 @@ def test_simda_sees_ade_windows_at_their_real_frame_positions(ade, context, stri
 
 def test_ade_prompt_scheduling_drives_a_simda_model(ade, checkpoint):  # noqa: F811
     model, clip = checkpoint
-    schedule = ade["ADE_PromptScheduling"]().create_schedule('"0": "a cat walking", "9": "a tiger walking"', clip, max_length=FRAMES)[0]
+    schedule = ade["ADE_PromptScheduling"]().create_schedule(
+        '"0": "a cat walking", "9": "a tiger walking"', clip, max_length=FRAMES
+    )[0]
     per_frame = schedule[0][0]
     assert per_frame.shape[0] == FRAMES  # ADE's format: one row per frame, as SimDA Prompt Travel's
     negative = [[encode(clip, "blurry")[0], {}]]
@@ -252,12 +265,16 @@ def test_ade_prompt_scheduling_drives_a_simda_model(ade, checkpoint):  # noqa: F
         if windows:
             patched = evolved(ade, patched, "uniform", "FreeNoise")
         seen = record_cross_attention(patched)
-        SimDAVideoSampler.execute(patched, schedule, negative, FRAMES, SIZE, SIZE, 0, STEPS, 5.0, "euler", "normal", 1.0, 0.0)
+        SimDAVideoSampler.execute(
+            patched, schedule, negative, FRAMES, SIZE, SIZE, 0, STEPS, 5.0, "euler", "normal", 1.0, 0.0
+        )
         assert seen
         for window, cond_or_uncond, context in seen:
             frames = list(window) if window is not None else list(range(FRAMES))
             assert (window is not None) == windows and len(frames) == (4 if windows else FRAMES)
-            torch.testing.assert_close(cond_rows((window, cond_or_uncond, context)), per_frame[frames].to(context.dtype), rtol=1e-3, atol=1e-3)
+            torch.testing.assert_close(
+                cond_rows((window, cond_or_uncond, context)), per_frame[frames].to(context.dtype), rtol=1e-3, atol=1e-3
+            )
 
 
 @pytest.mark.parametrize("sampler", ["KSampler", "SimDAVideoSampler"])
@@ -280,7 +297,12 @@ def test_simda_prompt_travel_under_ade_windows(ade, checkpoint, sampler):  # noq
         latent = {"samples": torch.zeros(FRAMES, 4, SIZE // 8, SIZE // 8)}
         KSampler().sample(patched, 0, STEPS, 5.0, "euler", "normal", travel, negative, latent)
     else:
-        SimDAVideoSampler.execute(patched, travel, negative, FRAMES, SIZE, SIZE, 0, STEPS, 5.0, "euler", "normal", 1.0, 0.0)
+        SimDAVideoSampler.execute(
+            patched, travel, negative, FRAMES, SIZE, SIZE, 0, STEPS, 5.0, "euler", "normal", 1.0, 0.0
+        )
     assert seen and all(window is not None and len(window) == 4 for window, _, _ in seen)
     for window, cond_or_uncond, context in seen:
-        torch.testing.assert_close(cond_rows((window, cond_or_uncond, context)), per_frame[list(window)].to(context.dtype), rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(
+            cond_rows((window, cond_or_uncond, context)), per_frame[list(window)].to(context.dtype),
+            rtol=1e-3, atol=1e-3,
+        )

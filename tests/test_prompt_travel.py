@@ -38,7 +38,9 @@ def result(output):
 
 def test_schedule_lines_frames_and_weights():
     keyframes = parse_schedule("# travel\n0: a cat, walking\n\n-1: a (tiger:1.2): walking\n5:  \"a dog\" ", 10)
-    assert [(k.frame, k.prompt) for k in keyframes] == [(0, "a cat, walking"), (5, "a dog"), (9, "a (tiger:1.2): walking")]
+    assert [(k.frame, k.prompt) for k in keyframes] == [
+        (0, "a cat, walking"), (5, "a dog"), (9, "a (tiger:1.2): walking")
+    ]
     w = frame_weights([2, 6], 9)
     assert torch.equal(w[:3], torch.tensor([[1.0, 0.0]] * 3, dtype=w.dtype))  # held before the first keyframe
     assert torch.allclose(w[3:6], torch.tensor([[0.75, 0.25], [0.5, 0.5], [0.25, 0.75]], dtype=w.dtype))
@@ -105,7 +107,9 @@ def record_cross_attention(model) -> list[tuple]:
 
     def attn2_patch(n, context, value, extra_options):
         window = window_frames(extra_options)
-        seen.append((tuple(window[0]) if window else None, tuple(extra_options["cond_or_uncond"]), context.detach().clone()))
+        seen.append(
+            (tuple(window[0]) if window else None, tuple(extra_options["cond_or_uncond"]), context.detach().clone())
+        )
         return n, context, value
 
     model.set_model_attn2_patch(attn2_patch)
@@ -145,7 +149,9 @@ def test_the_unet_sees_frame_i_with_its_own_prompt(checkpoint, travel, sampler):
         torch.testing.assert_close(cond_rows(entry), travel[0][0].to(entry[2].dtype), rtol=1e-3, atol=1e-3)
 
 
-@pytest.mark.parametrize("schedule, closed_loop", [("standard_static", False), ("standard_uniform", False), ("looped_uniform", True)])
+@pytest.mark.parametrize(
+    "schedule, closed_loop", [("standard_static", False), ("standard_uniform", False), ("looped_uniform", True)]
+)
 def test_each_context_window_sees_its_own_frames_prompts(checkpoint, travel, schedule, closed_loop):
     """Windows of 4 over 8 frames (the host's ContextWindowsManual on the frame batch)."""
     model, clip = checkpoint
@@ -177,7 +183,9 @@ def test_window_frames_reads_the_host_and_ade():
     assert window_frames({"context_window": AnchoredWindow()}) == ([3, 4, 5, 6, 7], 8)
     AnchoredWindow.causal_anchor_index = -1  # the first window has none
     assert window_frames({"context_window": AnchoredWindow()}) == ([4, 5, 6, 7], 8)
-    assert window_frames({"ad_params": {"sub_idxs": [4, 5, 6, 7], "full_length": 12, "context_length": 4}}) == ([4, 5, 6, 7], 12)
+    assert window_frames(
+        {"ad_params": {"sub_idxs": [4, 5, 6, 7], "full_length": 12, "context_length": 4}}
+    ) == ([4, 5, 6, 7], 12)
     assert window_frames({"ad_params": {"sub_idxs": None, "full_length": 12, "context_length": 16}}) is None
     assert window_frames({"ad_params": {"sub_idxs": list(range(12)), "full_length": 12}}) is None
     assert window_frames({}) is None

@@ -41,7 +41,9 @@ def reference_ssim(a: torch.Tensor, b: torch.Tensor, max_val: float) -> torch.Te
     window = (g[:, None] * g[None, :]).expand(a.shape[1], 1, 11, 11)
 
     def local_mean(x: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.conv2d(torch.nn.functional.pad(x, (5, 5, 5, 5), mode="reflect"), window, groups=x.shape[1])
+        return torch.nn.functional.conv2d(
+            torch.nn.functional.pad(x, (5, 5, 5, 5), mode="reflect"), window, groups=x.shape[1]
+        )
 
     a, b = a.double(), b.double()
     mu_a, mu_b = local_mean(a), local_mean(b)

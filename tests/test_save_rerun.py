@@ -33,7 +33,8 @@ def tune_and_save(server, seed: int, **save_inputs) -> dict:
         TUNER: {
             "class_type": "SimDAEditTuner",
             "inputs": {
-                "model": [CHECKPOINT, 0], "vae": [CHECKPOINT, 2], "source_frames": [COMPONENTS, 0], "source_prompt": [PROMPT, 0],
+                "model": [CHECKPOINT, 0], "vae": [CHECKPOINT, 2], "source_frames": [COMPONENTS, 0],
+                "source_prompt": [PROMPT, 0],
                 "clip": [CHECKPOINT, 1], "steps": 1, "learning_rate": 1e-4, "seed": seed, "frames": 2, "start_frame": 0,
                 "stride": 1, "width": 64, "height": 64, "gradient_checkpointing": False, "inversion_steps": 1,
                 "inversion_scheduler": "ddim_uniform", "source_fps": 24.0,
@@ -58,7 +59,9 @@ def test_running_again_adds_a_numbered_file(comfy_server, source_clip):
     for seed in (0, 1):
         run(comfy_server, tune_and_save(comfy_server, seed, filename_prefix="rerun_edit"))
     assert saved_files(comfy_server, "rerun_edit") == ["rerun_edit_00001.safetensors", "rerun_edit_00002.safetensors"]
-    first, second = (read_adapter_file(comfy_server.simda_dir / name) for name in saved_files(comfy_server, "rerun_edit"))
+    first, second = (
+        read_adapter_file(comfy_server.simda_dir / name) for name in saved_files(comfy_server, "rerun_edit")
+    )
     assert first.family == second.family == "sd1"
 
 
@@ -73,4 +76,6 @@ def test_a_prefix_with_a_subfolder_saves_there_and_one_leaving_models_simda_is_r
 def test_an_api_prompt_with_the_old_filename_input_still_saves(comfy_server, source_clip):
     run(comfy_server, tune_and_save(comfy_server, 4, filename="legacy_edit"))
     run(comfy_server, tune_and_save(comfy_server, 5, filename="legacy_edit"))
-    assert saved_files(comfy_server, "legacy_edit") == ["legacy_edit_00001.safetensors", "legacy_edit_00002.safetensors"]
+    assert saved_files(comfy_server, "legacy_edit") == [
+        "legacy_edit_00001.safetensors", "legacy_edit_00002.safetensors"
+    ]

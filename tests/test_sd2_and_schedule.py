@@ -50,7 +50,10 @@ def test_sd2_with_everything_on_changes_video_and_one_frame_runs_only_the_adapte
     clone = model.clone()
     apply_simda(clone, SimDAConfig(adapters=adapters.requires_grad_(False), latent_shift=LatentShiftSettings()))
     video = batch(frames=5)
-    assert (host.unet_forward(clone, *video, cond_or_uncond=[1, 0]) - host.unet_forward(model, *video, cond_or_uncond=[1, 0])).abs().max() > 1e-2
+    assert (
+        host.unet_forward(clone, *video, cond_or_uncond=[1, 0])
+        - host.unet_forward(model, *video, cond_or_uncond=[1, 0])
+    ).abs().max() > 1e-2
     single = batch(frames=1)
     base = host.unet_forward(model, *single, cond_or_uncond=[1, 0])
     assert (host.unet_forward(clone, *single, cond_or_uncond=[1, 0]) - base).abs().max() > 1e-3

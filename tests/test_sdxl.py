@@ -46,7 +46,8 @@ pytestmark = pytest.mark.usefixtures("unload_host_models")
 
 DEEP_SDXL_UNET = dict(
     SDXL_COMMON, model_channels=64, channel_mult=[1, 1, 1], num_res_blocks=[2, 2, 2], num_head_channels=32,
-    transformer_depth=[0, 0, 2, 2, 10, 10], transformer_depth_middle=10, transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10],
+    transformer_depth=[0, 0, 2, 2, 10, 10], transformer_depth_middle=10,
+    transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10],
 )
 DEEP_BLOCKS = 5 * 2 + 6 * 10
 """Transformer blocks of DEEP_SDXL_UNET: 5 two-deep transformers at level 1, 6 ten-deep at level 2."""
@@ -72,7 +73,8 @@ def deep():
 
 def conditioning(seed: int, **options):
     g = torch.Generator().manual_seed(seed)
-    return [[torch.randn(1, TOKENS, CONTEXT, generator=g), {"pooled_output": torch.randn(1, POOLED, generator=g), **options}]]
+    return [[torch.randn(1, TOKENS, CONTEXT, generator=g),
+             {"pooled_output": torch.randn(1, POOLED, generator=g), **options}]]
 
 
 def video_call(patcher, frames: int = 3, size=(8, 12), seed: int = 0, groups: int = 2):
@@ -125,7 +127,8 @@ def test_sites_follow_sdxl_depths_and_skip_the_top_level(deep):
     sites = model_sites(deep)
     unet = deep.get_model_object("diffusion_model")
     assert [(s.path, s.level, s.depth) for s in sites] == [
-        ("input_blocks.4.1", 1, 2), ("input_blocks.5.1", 1, 2), ("input_blocks.7.1", 2, 10), ("input_blocks.8.1", 2, 10),
+        ("input_blocks.4.1", 1, 2), ("input_blocks.5.1", 1, 2), ("input_blocks.7.1", 2, 10),
+        ("input_blocks.8.1", 2, 10),
         ("middle_block.1", 2, 10),
         ("output_blocks.0.1", 2, 10), ("output_blocks.1.1", 2, 10), ("output_blocks.2.1", 2, 10),
         ("output_blocks.3.1", 1, 2), ("output_blocks.4.1", 1, 2), ("output_blocks.5.1", 1, 2),
@@ -259,10 +262,13 @@ def test_video_sampler_gives_every_frame_the_clips_size_conditioning(deep):
     seen = []
     probe = deep.clone()
     probe.add_wrapper_with_key(
-        DIFFUSION_MODEL, "test_probe", lambda executor, x, *a, **k: seen.append(a[2].clone()) or executor(x, *a, **k)  # (timesteps, context, y, ...)
+        DIFFUSION_MODEL, "test_probe",
+        lambda executor, x, *a, **k: seen.append(a[2].clone()) or executor(x, *a, **k)  # (timesteps, context, y, ...)
     )
     frames = 3
-    samples = SimDAVideoSampler.execute(probe, positive, negative, frames, 192, 128, 0, 2, 4.0, "euler", "normal", 1.0, 0.0).result[0]["samples"]
+    samples = SimDAVideoSampler.execute(
+        probe, positive, negative, frames, 192, 128, 0, 2, 4.0, "euler", "normal", 1.0, 0.0
+    ).result[0]["samples"]
     assert samples.shape == (frames, 4, 16, 24) and bool(torch.isfinite(samples).all())
     model = deep.model
 
@@ -315,14 +321,19 @@ def test_edit_tuner_trains_every_sdxl_adapter_with_the_clips_adm_vector(deep):
     with torch.inference_mode():  # as the host's executor runs a node
         tuned, inverted, trained, rate = SimDAEditTuner.execute(
             model, vae, source, prompt, steps=2, learning_rate=lr, seed=0, frames=frames, start_frame=0, stride=1,
-            width=width, height=height, gradient_checkpointing=True, inversion_steps=1, inversion_scheduler="ddim_uniform",
+            width=width, height=height, gradient_checkpointing=True, inversion_steps=1,
+            inversion_scheduler="ddim_uniform",
             source_fps=8.0, inversion_conditioning=empty,
         ).result
 
     assert trained.family == "sdxl" and trained.frames_trained == frames and rate == 8.0
-    assert inverted["samples"].shape == (frames, 4, height // 8, width // 8) and bool(torch.isfinite(inverted["samples"]).all())
+    assert inverted["samples"].shape == (frames, 4, height // 8, width // 8) and bool(
+        torch.isfinite(inverted["samples"]).all()
+    )
     def adm(cond, **size):
-        return deep.model.encode_adm(pooled_output=cond[0][1]["pooled_output"], device="cpu", **size)[0].expand(frames, -1)
+        return deep.model.encode_adm(
+            pooled_output=cond[0][1]["pooled_output"], device="cpu", **size
+        )[0].expand(frames, -1)
 
     training, inversion = seen[:2], seen[2:]  # two training steps, then the one inversion step
     assert [grad for grad, _ in training] == [True, True] and len(inversion) == 1, [grad for grad, _ in seen]

@@ -27,7 +27,9 @@ EDIT_SIZE = 64
 """The Edit Tuner trains at 64 px or more."""
 SOURCE_CLIP = "e2e_sdxl_bigbuckbunny.mp4"
 
-CHECKPOINT, POSITIVE, NEGATIVE, ADAPTERS, SHIFT, SAMPLER, DECODE, VIDEO, SAVE, SOURCE, COMPONENTS, TUNER, KEEP = map(str, range(1, 14))
+(
+    CHECKPOINT, POSITIVE, NEGATIVE, ADAPTERS, SHIFT, SAMPLER, DECODE, VIDEO, SAVE, SOURCE, COMPONENTS, TUNER, KEEP
+) = map(str, range(1, 14))
 
 
 def text_encode(text: str) -> dict:
@@ -50,7 +52,8 @@ def video_sampler(model: list, seed: int, **extra) -> dict:
         "class_type": "SimDAVideoSampler",
         "inputs": {
             "model": model, "positive": [POSITIVE, 0], "negative": [NEGATIVE, 0], "frames": FRAMES, "width": WIDTH,
-            "height": HEIGHT, "seed": seed, "steps": STEPS, "cfg": 5.0, "sampler_name": "ddim", "scheduler": "ddim_uniform",
+            "height": HEIGHT, "seed": seed, "steps": STEPS, "cfg": 5.0, "sampler_name": "ddim",
+            "scheduler": "ddim_uniform",
             "denoise": 1.0, "noise_shared": 0.0, **extra,
         },
     }
@@ -60,7 +63,8 @@ def save_video(prefix: str, fps) -> dict:
     return {
         DECODE: {"class_type": "VAEDecode", "inputs": {"samples": [SAMPLER, 0], "vae": [CHECKPOINT, 2]}},
         VIDEO: {"class_type": "CreateVideo", "inputs": {"images": [DECODE, 0], "fps": fps}},
-        SAVE: {"class_type": "SaveVideo", "inputs": {"video": [VIDEO, 0], "filename_prefix": f"sdxl/{prefix}", "format": "mp4", "codec": "h264"}},
+        SAVE: {"class_type": "SaveVideo", "inputs": {
+            "video": [VIDEO, 0], "filename_prefix": f"sdxl/{prefix}", "format": "mp4", "codec": "h264"}},
     }
 
 
@@ -74,7 +78,8 @@ def text_to_video(server, prefix: str, seed: int = 0, adapter_name: str | None =
     }
     model = [CHECKPOINT, 0]
     if adapter_name is not None:
-        prompt[ADAPTERS] = {"class_type": "SimDAAdapterLoader", "inputs": {"model": model, "adapter_name": adapter_name, "strength": 1.0}}
+        prompt[ADAPTERS] = {"class_type": "SimDAAdapterLoader", "inputs": {
+            "model": model, "adapter_name": adapter_name, "strength": 1.0}}
         model = [ADAPTERS, 0]
     prompt[SHIFT] = latent_shift(model)
     prompt[SAMPLER] = video_sampler([SHIFT, 0], seed)
@@ -116,7 +121,9 @@ def test_sdxl_adapters_load_and_sd1_adapters_are_refused(sdxl_server):
     shutil.copy2(sd1_adapters, server.simda_dir / SD1_ADAPTER_NAME)
     entry = server.run_prompt(text_to_video(server, "sd1_adapters", adapter_name=SD1_ADAPTER_NAME))
     message = execution_error(entry)
-    assert message is not None and re.search(r"was made for an SD1\.x UNet, but the connected MODEL is an SDXL UNet", message), message
+    assert message is not None and re.search(
+        r"was made for an SD1\.x UNet, but the connected MODEL is an SDXL UNet", message
+    ), message
 
 
 @pytest.fixture(scope="module")
@@ -141,13 +148,17 @@ def test_edit_tuner_on_sdxl_saves_adapters_the_loader_takes(sdxl_server, source_
         TUNER: {
             "class_type": "SimDAEditTuner",
             "inputs": {
-                "model": [CHECKPOINT, 0], "vae": [CHECKPOINT, 2], "source_frames": [COMPONENTS, 0], "source_prompt": [POSITIVE, 0],
-                "clip": [CHECKPOINT, 1], "steps": 2, "learning_rate": 1e-4, "seed": 0, "frames": FRAMES, "start_frame": 0,
-                "stride": stride, "width": EDIT_SIZE, "height": EDIT_SIZE, "gradient_checkpointing": True, "inversion_steps": STEPS,
+                "model": [CHECKPOINT, 0], "vae": [CHECKPOINT, 2], "source_frames": [COMPONENTS, 0],
+                "source_prompt": [POSITIVE, 0],
+                "clip": [CHECKPOINT, 1], "steps": 2, "learning_rate": 1e-4, "seed": 0, "frames": FRAMES,
+                "start_frame": 0,
+                "stride": stride, "width": EDIT_SIZE, "height": EDIT_SIZE, "gradient_checkpointing": True,
+                "inversion_steps": STEPS,
                 "inversion_scheduler": "ddim_uniform", "source_fps": [COMPONENTS, 2],
             },
         },
-        KEEP: {"class_type": "SimDASaveAdapters", "inputs": {"adapters": [TUNER, 2], "filename_prefix": "e2e_sdxl_edit"}},
+        KEEP: {"class_type": "SimDASaveAdapters", "inputs": {
+            "adapters": [TUNER, 2], "filename_prefix": "e2e_sdxl_edit"}},
         SAMPLER: video_sampler([TUNER, 0], 0, start_latent=[TUNER, 1], width=EDIT_SIZE, height=EDIT_SIZE),
     }
     prompt.update(save_video("edit", [TUNER, 3]))

@@ -33,7 +33,8 @@ def video_prompt(server, *, seed: int, prefix: str, adapter_name: str | None = N
     through the Latent-Shift Patch, and with neither it is the plain checkpoint."""
     prompt = {
         CHECKPOINT: {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": server.checkpoint_name}},
-        POSITIVE: {"class_type": "CLIPTextEncode", "inputs": {"text": "a red fox running through snow", "clip": [CHECKPOINT, 1]}},
+        POSITIVE: {"class_type": "CLIPTextEncode", "inputs": {
+            "text": "a red fox running through snow", "clip": [CHECKPOINT, 1]}},
         NEGATIVE: {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": [CHECKPOINT, 1]}},
         LATENT: {"class_type": "EmptyLatentImage", "inputs": {"width": size, "height": size, "batch_size": FRAMES}},
     }
@@ -78,7 +79,9 @@ def frames_of(server, entry, size: int = SIZE) -> np.ndarray:
 
 
 def run_simda(server, seed: int, prefix: str, **options) -> np.ndarray:
-    entry = server.run_prompt(video_prompt(server, seed=seed, prefix=prefix, adapter_name=server.adapter_name, **options))
+    entry = server.run_prompt(
+        video_prompt(server, seed=seed, prefix=prefix, adapter_name=server.adapter_name, **options)
+    )
     assert execution_error(entry) is None, execution_error(entry)
     return frames_of(server, entry, options.get("size", SIZE))
 
@@ -129,7 +132,9 @@ def test_simda_prompt_saves_the_frames(comfy_server, plain_baseline):
 
 
 def test_strength_out_of_range_is_refused(comfy_server):
-    prompt = video_prompt(comfy_server, seed=1, prefix="bad_strength", adapter_name=comfy_server.adapter_name, strength=5.0)
+    prompt = video_prompt(
+        comfy_server, seed=1, prefix="bad_strength", adapter_name=comfy_server.adapter_name, strength=5.0
+    )
     status, answer = comfy_server.queue_prompt(prompt)
     if status == 400:  # the host's validation, against the widget's max
         errors = answer["node_errors"][ADAPTERS]["errors"]
@@ -187,7 +192,10 @@ class _RunsCode:
 def pickle_that_runs_code(good, folder):
     path = folder / "bad_runs_code.bin"
     marker = folder.parent.parent / "PICKLE_CODE_RAN"
-    torch.save({"state_dict": {"down_blocks.0.attentions.0.transformer_blocks.0.adapter_s.D_fc1.weight": _RunsCode(marker)}}, path)
+    torch.save(
+        {"state_dict": {"down_blocks.0.attentions.0.transformer_blocks.0.adapter_s.D_fc1.weight": _RunsCode(marker)}},
+        path,
+    )
     # The payload is live: a plain unpickling runs it.
     torch.load(path, weights_only=False)
     assert marker.exists()
@@ -200,7 +208,8 @@ def made_for(family, label):
         path = folder / f"bad_family_{family}.safetensors"
         tensors, meta = _read_ours(good)
         save_file(tensors, str(path), metadata={**meta, "base_family": family})
-        return path, [path.name, f"was made for {label}", "the connected MODEL is an SD1.x UNet", "load adapters trained for this model"]
+        return path, [path.name, f"was made for {label}", "the connected MODEL is an SD1.x UNet",
+                      "load adapters trained for this model"]
 
     write.__name__ = f"made_for_{family}"
     return write
@@ -267,9 +276,11 @@ def test_plain_sampling_is_bit_identical_after_a_tuning_run(comfy_server, plain_
     prompt = {
         CHECKPOINT: {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": comfy_server.checkpoint_name}},
         POSITIVE: {"class_type": "CLIPTextEncode", "inputs": {"text": "a grey clip", "clip": [CHECKPOINT, 1]}},
-        "21": {"class_type": "EmptyImage", "inputs": {"width": SIZE, "height": SIZE, "batch_size": FRAMES, "color": 0x808080}},
+        "21": {"class_type": "EmptyImage", "inputs": {
+            "width": SIZE, "height": SIZE, "batch_size": FRAMES, "color": 0x808080}},
         tuner: {"class_type": "SimDAEditTuner", "inputs": {
-            "model": [CHECKPOINT, 0], "vae": [CHECKPOINT, 2], "source_frames": ["21", 0], "source_prompt": [POSITIVE, 0],
+            "model": [CHECKPOINT, 0], "vae": [CHECKPOINT, 2], "source_frames": ["21", 0],
+            "source_prompt": [POSITIVE, 0],
             "clip": [CHECKPOINT, 1], "steps": 2, "learning_rate": 1e-3, "seed": 0, "frames": FRAMES, "start_frame": 0,
             "stride": 1, "width": SIZE, "height": SIZE, "gradient_checkpointing": True, "inversion_steps": 2,
             "inversion_scheduler": "ddim_uniform", "source_fps": 8.0,

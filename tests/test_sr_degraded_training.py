@@ -51,7 +51,9 @@ def test_each_clip_is_conditioned_on_its_own_degraded_input(checkpoint):
     for clip in range(2):
         expected = low_resolution(frames[clip], degradations[clip]).movedim(-1, 1) * 2 - 1
         torch.testing.assert_close(degraded["c_concat"][clip * FRAMES:(clip + 1) * FRAMES], expected)
-    torch.testing.assert_close(clean["c_concat"], low_resolution(frames).reshape(-1, SIZE // 4, SIZE // 4, 3).movedim(-1, 1) * 2 - 1)
+    torch.testing.assert_close(
+        clean["c_concat"], low_resolution(frames).reshape(-1, SIZE // 4, SIZE // 4, 3).movedim(-1, 1) * 2 - 1
+    )
     assert float((degraded["c_concat"] - clean["c_concat"]).abs().mean()) > 0.02
     assert torch.equal(degraded["y"], clean["y"])
 
@@ -64,7 +66,8 @@ def sr_run(checkpoint, tmp_path_factory):
     output = tmp_path_factory.mktemp("run") / "run"
     code = train_here([
         "--checkpoint", checkpoint, "--data", clips, "--output", output, "--frames", FRAMES, "--stride", "2",
-        "--width", SIZE, "--height", SIZE, "--steps", "1", "--batch", "1", "--lr", "1e-3", "--seed", "3", "--workers", "0",
+        "--width", SIZE, "--height", SIZE, "--steps", "1", "--batch", "1", "--lr", "1e-3", "--seed", "3",
+        "--workers", "0",
         "--sample-every", "1", "--sample-steps", "1", "--sample-clip", held_out, "--jpeg-quality", "30", "60",
     ])
     assert code == 0

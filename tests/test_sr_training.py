@@ -34,9 +34,9 @@ from simda_pack.nodes.nodes_adapters import SimDAAdapterLoader
 from simda_pack.simda_core.formats import build_adapters, read_adapter_file, save_adapters
 from simda_pack.simda_core.host.family import model_family
 from simda_pack.simda_core.host.register import model_sites
-from simda_pack.simda_core.host.unet_call import call_options
+from simda_pack.simda_core.host.unet_call import call_options, denoising_target, unet_output
 from simda_pack.simda_core.training.collection.conditioning import low_resolution, sr_conditioning
-from simda_pack.simda_core.training.trainer import denoising_target, initial_adapters, unet_output
+from simda_pack.simda_core.training.trainer import initial_adapters
 
 CAPTIONS = ("a red square moving right", "a blue box sliding")
 STEPS = 2
@@ -64,7 +64,8 @@ def sr_run(checkpoint, tmp_path_factory) -> Path:
     code = train_here([
         "--checkpoint", checkpoint, "--data", clips, "--output", output, "--frames", "4", "--stride", "2",
         "--width", "64", "--height", "64", "--steps", STEPS, "--batch", "2", "--lr", "1e-3", "--seed", "7",
-        "--workers", "0", "--save-every", STEPS, "--checkpoint-every", STEPS, "--sample-every", STEPS, "--sample-steps", "1",
+        "--workers", "0", "--save-every", STEPS, "--checkpoint-every", STEPS, "--sample-every", STEPS,
+        "--sample-steps", "1",
         "--noise-augmentation", *NOISE_RANGE,
     ])
     assert code == 0
@@ -124,7 +125,9 @@ def test_sr_run_writes_x4_adapters_that_the_video_upscaler_uses(sr_run, x4, tmp_
 
     path = sr_run / f"simda_adapters_step{STEPS:06d}.safetensors"
     adapter_file = read_adapter_file(path)
-    assert adapter_file.family == "sd_x4_upscaler" and adapter_file.source == "simda" and adapter_file.frames_trained == 4
+    assert (
+        adapter_file.family == "sd_x4_upscaler" and adapter_file.source == "simda" and adapter_file.frames_trained == 4
+    )
     assert adapter_file.metadata["resolution"] == "64x64" and adapter_file.metadata["input_resolution"] == "16x16"
     assert adapter_file.metadata["noise_augmentation"] == "0..0.3"
     trained = build_adapters(adapter_file, model_sites(model))  # fits the x4 UNet's sites

@@ -73,7 +73,10 @@ def one_level_checkpoint() -> Path:
     return path
 
 
-ENCODERS = {".mp4": ("libx264", "yuv420p"), ".mkv": ("libx264", "yuv420p"), ".webm": ("libvpx-vp9", "yuv420p"), ".gif": ("gif", "rgb8")}
+ENCODERS = {
+    ".mp4": ("libx264", "yuv420p"), ".mkv": ("libx264", "yuv420p"), ".webm": ("libvpx-vp9", "yuv420p"),
+    ".gif": ("gif", "rgb8"),
+}
 
 
 def write_clip(path: Path, frames: int = 16, size: int = 64, seed: int = 0, levels: bool = False) -> Path:
@@ -210,7 +213,9 @@ def test_two_processes_follow_the_one_process_loss_trajectory(straight, two_proc
     update = torch.cat([a[k].flatten() for k in sorted(a) if k.endswith(("fc2.weight", "up.weight"))])
     assert update.abs().max() > 1e-4, "the zero-initialised output layers should have trained"
     difference = torch.cat([(a[k] - b[k]).flatten() for k in sorted(a)]).norm()
-    trained = torch.cat([a[k].flatten() for k in sorted(a) if k.endswith(("fc2.weight", "fc2.bias", "up.weight", "up.bias"))]).norm()
+    trained = torch.cat(
+        [a[k].flatten() for k in sorted(a) if k.endswith(("fc2.weight", "fc2.bias", "up.weight", "up.bias"))]
+    ).norm()
     assert difference <= 0.01 * trained, (float(difference), float(trained))
 
     log = two_processes.log
@@ -232,7 +237,9 @@ def test_resume_continues_exactly_like_a_straight_run(straight, resumed):
     assert resumed.state()["step"] == STEPS
 
 
-def test_resume_refuses_without_a_state_and_fresh_refuses_over_a_run(checkpoint, collection, straight, tmp_path, capsys):
+def test_resume_refuses_without_a_state_and_fresh_refuses_over_a_run(
+    checkpoint, collection, straight, tmp_path, capsys
+):
     common = ["--checkpoint", checkpoint, "--data", collection, "--steps", "1", *COMMON]
     assert train_here([*common, "--output", tmp_path / "none", "--resume"]) == 2
     assert "no training_state.pt" in capsys.readouterr().err
@@ -342,7 +349,9 @@ def test_the_global_batch_does_not_depend_on_the_number_of_processes():
     for step in range(4):
         whole = plan.shard(step, 0, 1)
         assert plan.shard(step, 0, 2) + plan.shard(step, 1, 2) == whole
-        assert plan.shard(step, 0, 4) + plan.shard(step, 1, 4) + plan.shard(step, 2, 4) + plan.shard(step, 3, 4) == whole
+        assert (
+            plan.shard(step, 0, 4) + plan.shard(step, 1, 4) + plan.shard(step, 2, 4) + plan.shard(step, 3, 4) == whole
+        )
     epoch = [plan.key(0, slot)[0] for slot in range(4)] + [plan.key(1, 0)[0]]
     assert sorted(epoch) == list(range(5)), "every clip once per epoch"
     with pytest.raises(VideoDataError, match="does not split evenly"):
@@ -358,7 +367,9 @@ def adapter_trainer(loss_scaling):
     patcher = host.build_model(host.TINY_UNET, seed=1)
     adapters = initial_adapters(model_sites(patcher), seed=2)
     host.randomize_(adapters, 3)
-    return AdapterTrainer(patcher, adapters, TuningRecipe(learning_rate=1e-3, mixed_precision=False), loss_scaling=loss_scaling)
+    return AdapterTrainer(
+        patcher, adapters, TuningRecipe(learning_rate=1e-3, mixed_precision=False), loss_scaling=loss_scaling
+    )
 
 
 def adapter_loss(trainer, poisoned: bool) -> torch.Tensor:
@@ -424,7 +435,9 @@ def poisoning_trainer(monkeypatch, bad_calls: set[int], loss_scaling: str | None
     monkeypatch.setattr(run_module, "AdapterTrainer", Poisoning)
 
 
-def test_collection_run_skips_and_counts_a_step_the_loss_scaler_rejects(checkpoint, collection, tmp_path, monkeypatch, caplog):
+def test_collection_run_skips_and_counts_a_step_the_loss_scaler_rejects(
+    checkpoint, collection, tmp_path, monkeypatch, caplog
+):
     poisoning_trainer(monkeypatch, {2}, "cpu")
     output = tmp_path / "run"
     with caplog.at_level("INFO", logger="SimDA"):
@@ -436,11 +449,16 @@ def test_collection_run_skips_and_counts_a_step_the_loss_scaler_rejects(checkpoi
     assert len(losses) == 3 and math.isnan(losses[1]) and math.isfinite(losses[0]) and math.isfinite(losses[2])
     assert state["trainer"]["skipped_steps"] == 1 and state["trainer"]["steps_done"] == 3
     assert state["trainer"]["scaler"]["scale"] == 32768.0
-    assert all(bool(torch.isfinite(t).all()) for t in read_adapter_file(output / "simda_adapters_step000003.safetensors").tensors.values())
+    assert all(
+        bool(torch.isfinite(t).all())
+        for t in read_adapter_file(output / "simda_adapters_step000003.safetensors").tensors.values()
+    )
     assert "1 update(s) skipped by the loss scaler" in caplog.text
 
 
-def test_collection_run_without_loss_scaling_stops_at_a_non_finite_loss(checkpoint, collection, tmp_path, monkeypatch, capsys):
+def test_collection_run_without_loss_scaling_stops_at_a_non_finite_loss(
+    checkpoint, collection, tmp_path, monkeypatch, capsys
+):
     poisoning_trainer(monkeypatch, {2}, None)
     output = tmp_path / "run"
     code = train_here(["--checkpoint", checkpoint, "--data", collection, "--output", output, "--steps", 3,

@@ -25,7 +25,9 @@ def clip_batch(seed: int = 0):
 
 def trainer_for(base, adapters, checkpointing: bool, lr: float = 1e-3) -> tuple[AdapterTrainer, object]:
     clone = training_patcher(base)
-    apply_simda(clone, SimDAConfig(adapters=adapters, latent_shift=LatentShiftSettings(), gradient_checkpointing=checkpointing))
+    apply_simda(
+        clone, SimDAConfig(adapters=adapters, latent_shift=LatentShiftSettings(), gradient_checkpointing=checkpointing)
+    )
     recipe = TuningRecipe(learning_rate=lr, mixed_precision=False)
     return AdapterTrainer(clone, adapters, recipe, seed=3), clone
 
@@ -92,7 +94,7 @@ def test_tuning_loss_combines_every_conditioning_entry_as_the_host_does(base):
     """The Edit Tuner's loss sees the whole source CONDITIONING: each entry is run and the
     entries are combined by their strengths (the host's calc_cond_batch), and one entry gives what
     a direct UNet call with its tensor gives."""
-    from simda_pack.simda_core.training.trainer import HostConditioning, host_conditioned_output, unet_output
+    from simda_pack.simda_core.host.unet_call import HostConditioning, host_conditioned_output, unet_output
 
     adapters = initial_adapters(model_sites(base), seed=5)
     host.randomize_(adapters, 5)
@@ -138,7 +140,9 @@ def test_a_training_step_goes_through_the_hosts_model_call_and_other_packs_wrapp
         adapters = random_adapters(base, 9)
         trainer, clone = trainer_for(base, adapters, checkpointing=False)
         if wrapped:
-            clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "other_pack", apply_model_wrapper)
+            clone.add_wrapper_with_key(
+                comfy.patcher_extension.WrappersMP.APPLY_MODEL, "other_pack", apply_model_wrapper
+            )
             clone.set_model_unet_function_wrapper(model_function_wrapper)
         with host.patched(clone), torch.inference_mode(False), torch.enable_grad():
             losses.append(trainer.step(x0, context))

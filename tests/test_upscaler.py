@@ -50,7 +50,8 @@ from simda_pack.simda_core.video.tiling import (
 
 CACHE_DIR = PACK_DIR / ".cache"
 X4_TEST_UNET = dict(
-    image_size=32, in_channels=7, out_channels=4, model_channels=256, channel_mult=[1, 1, 1, 1], num_res_blocks=[1, 1, 1, 1],
+    image_size=32, in_channels=7, out_channels=4, model_channels=256, channel_mult=[1, 1, 1, 1],
+    num_res_blocks=[1, 1, 1, 1],
     transformer_depth=[0, 1, 1, 1], transformer_depth_middle=1, transformer_depth_output=[0, 0, 1, 1, 1, 1, 1, 1],
     context_dim=1024, use_linear_in_transformer=True, use_spatial_transformer=True, legacy=False, adm_in_channels=None,
     use_temporal_attention=False, use_temporal_resblock=False,
@@ -83,7 +84,9 @@ def random_x4_checkpoint(path: Path, seed: int = 0) -> Path:
     host.randomize_(vae, seed + 2)
     state = host.checkpoint_state(model, None, vae.state_dict())
     state = {k: (v.to(torch.float16) if v.is_floating_point() else v).contiguous() for k, v in state.items()}
-    detected = comfy.model_detection.model_config_from_unet(state, comfy.model_detection.unet_prefix_from_state_dict(state))
+    detected = comfy.model_detection.model_config_from_unet(
+        state, comfy.model_detection.unet_prefix_from_state_dict(state)
+    )
     if type(detected) is not comfy.supported_models.SD_X4Upscaler:
         raise RuntimeError(f"the random checkpoint is detected as {type(detected).__name__}; fix X4_TEST_UNET")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -125,7 +128,9 @@ def x4_checkpoint_with_text_encoder() -> Path:
     state.update({k: v.to(torch.float16).contiguous() for k, v in clip_state.items()})
     del clip
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    comfy.utils.save_torch_file(state, str(tmp), metadata={**(metadata or {}), "simda_test_x4_clip": json.dumps(X4_CLIP_RECIPE)})
+    comfy.utils.save_torch_file(
+        state, str(tmp), metadata={**(metadata or {}), "simda_test_x4_clip": json.dumps(X4_CLIP_RECIPE)}
+    )
     os.replace(tmp, path)
     return path
 
@@ -237,7 +242,9 @@ def test_frame_groups_make_every_frame_new_once_after_its_context():
 
 
 def test_tiles_cover_the_latent_with_at_least_the_overlap():
-    for height, width, tile, overlap in [(32, 32, 16, 8), (64, 40, 24, 8), (100, 100, 64, 8), (20, 20, 64, 8), (33, 17, 16, 4)]:
+    for height, width, tile, overlap in [
+        (32, 32, 16, 8), (64, 40, 24, 8), (100, 100, 64, 8), (20, 20, 64, 8), (33, 17, 16, 4)
+    ]:
         tiles = spatial_tiles(height, width, tile, tile, overlap)
         cover = torch.zeros(height, width, dtype=torch.int32)
         for t in tiles:
@@ -269,7 +276,8 @@ def test_automatic_sizes_follow_the_memory_budget():
     per_pixel = 1000.0  # bytes per latent pixel of one frame
     frame = per_pixel * 256 * 256
     assert choose_sizes(16, 256, 256, 20 * frame, per_pixel, 8, 64) == PieceSizes(16, 256, 256)  # the whole clip fits
-    assert choose_sizes(16, 256, 256, 10.5 * frame, per_pixel, 8, 64) == PieceSizes(10, 256, 256)  # whole frames, groups
+    # whole frames, groups
+    assert choose_sizes(16, 256, 256, 10.5 * frame, per_pixel, 8, 64) == PieceSizes(10, 256, 256)
     small = choose_sizes(16, 256, 256, 2 * frame, per_pixel, 8, 64)  # not even 8 frames: 8-frame groups of tiles
     assert small.frames_per_group == 8 and small.tile_height == small.tile_width == 128
     assert 8 * per_pixel * small.tile_height * small.tile_width <= 2 * frame
@@ -394,10 +402,13 @@ def test_one_tile_and_one_group_reproduce_the_untiled_pass_exactly(x4, sr_adapte
     # The untiled pass as a user wires it: SD 4x Upscale Conditioning -> KSampler -> VAE Decode,
     # with the clip's per-frame noise.
     with torch.inference_mode():
-        cond_pos, cond_neg, empty = SD_4XUpscale_Conditioning.execute(clip, positive, negative, 4.0, settings["noise_augmentation"]).args
+        cond_pos, cond_neg, empty = SD_4XUpscale_Conditioning.execute(
+            clip, positive, negative, 4.0, settings["noise_augmentation"]
+        ).args
         reference = comfy.sample.sample(
             simda, clip_noise(tuple(empty["samples"].shape), settings["seed"], 0.0), settings["steps"], settings["cfg"],
-            settings["sampler_name"], settings["scheduler"], cond_pos, cond_neg, empty["samples"], seed=settings["seed"],
+            settings["sampler_name"], settings["scheduler"], cond_pos, cond_neg, empty["samples"],
+            seed=settings["seed"],
         )
         reference = vae.decode(reference)
     assert torch.equal(node, reference)
@@ -503,7 +514,8 @@ def test_an_sd15_model_in_the_upscaler_and_the_x4_in_the_video_sampler_are_refus
     sd15 = host.build_model(host.TINY_UNET, seed=None)
     refuses(r"needs the SD x4 upscaler MODEL.*connected MODEL is an SD1\.x UNet",
             lambda: upscale(sd15, vae, smooth_frames(2, 16)))
-    refuses(r"SimDA Video Sampler samples with an SD1\.x, SD2\.x or SDXL MODEL; the connected MODEL is the SD x4 upscaler",
+    refuses(r"SimDA Video Sampler samples with an SD1\.x, SD2\.x or SDXL MODEL; "
+            r"the connected MODEL is the SD x4 upscaler",
             lambda: SimDAVideoSampler.execute(model, conditioning(1), conditioning(2), 2, 64, 64, 0, 2, 1.0, "euler",
                                               "normal", 1.0, 0.0))
 

@@ -1,5 +1,4 @@
-"""The state of one UNet call that SimDA's patches read: the clip layout of the batch and whether
-latent shift is active at this step. Set by the per-call wrapper, cleared after the call."""
+"""The state of one UNet call that SimDA's hook functions read (see :class:`SimDARuntime`)."""
 from __future__ import annotations
 
 import contextlib
@@ -13,6 +12,21 @@ from .layout import ClipLayout
 
 
 class SimDARuntime:
+    """What SimDA's hook functions read during one UNet call: the config's adapters and strength,
+    the clip layout of the batch, and whether latent shift is active at this step.
+
+    Owner: one registration (``host.register.apply_simda``) makes one runtime for the MODEL clone it
+    patches. The clone's wrappers and attention patches hold it, and so do the host's later clones of
+    that MODEL, which copy those options and carry the same config. The object patches, which stay on
+    the shared UNet's modules until the host next unpatches them, reach it only by weak reference
+    (:data:`RuntimeRef`) and act as the plain module once it is gone, so the adapters are freed with
+    the last MODEL that holds them.
+
+    Lifetime of the per-call fields: ``layout`` and ``shift_active`` are set only inside
+    :meth:`using`, which the ``DIFFUSION_MODEL`` wrapper enters for one UNet call (and a checkpointed
+    block re-enters for its recomputation in backward); outside a call they are ``None`` and ``False``.
+    """
+
     def __init__(self, config: SimDAConfig):
         self.config = config
         self.adapters = config.active_adapters
@@ -54,7 +68,4 @@ class SimDARuntime:
 
 
 RuntimeRef = Callable[[], "SimDARuntime | None"]
-"""Object patches stay installed on the host's modules until the host next unpatches them, which
-can be after the MODEL clone that owns them is gone. They reach the clone's runtime (and through
-it the adapters) by weak reference only and act as the plain module once it is gone, so the host's
-memory management sees the adapters freed with their clone."""
+"""A weak reference to a :class:`SimDARuntime`, as object patches hold it."""
