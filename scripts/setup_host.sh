@@ -11,6 +11,7 @@
 # Each venv gets the host's requirements.txt (torch and torchvision from the shared .hosts/torch;
 # torchaudio, which newer hosts import in comfy.sd, without dependencies so torch stays as it is),
 # torchsde and requests (imported, not listed, by 0.3.75), then the pack's own requirements.
+# A pinned host that pins a ComfyUI-Manager (0.33.0's manager_requirements.txt) gets that one too.
 # Prints the host folder on its last line. Running it again only fills in what is missing.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/hosts.sh"
@@ -112,6 +113,16 @@ if [ ! -f "$stamp" ] || [ "$pack_dir/requirements.txt" -nt "$stamp" ] || [ "$pac
   fi
   "$py" -m pip install -q -r "$pack_dir/requirements.txt" -r "$pack_dir/requirements-dev.txt"
   touch "$stamp"
+fi
+
+# The ComfyUI-Manager version a pinned host itself pins (0.33's manager_requirements.txt; it runs with
+# --enable-manager), with torch held at the shared copy's version. Again only when that file changes.
+manager_requirements="$host/manager_requirements.txt"
+manager_stamp="$venv/.simda-manager-installed"
+if [ -z "${COMFYUI_PATH:-}" ] && [ -f "$manager_requirements" ] && ! cmp -s "$manager_requirements" "$manager_stamp"; then
+  printf '%s\n' "${torch_requirements[@]}" > "$venv/torch-constraints.txt"
+  "$py" -m pip install -q -r "$manager_requirements" -c "$venv/torch-constraints.txt" >&2
+  cp "$manager_requirements" "$manager_stamp"
 fi
 
 mkdir -p "$host/custom_nodes"
