@@ -36,7 +36,8 @@ def adapter_path(name: str) -> str:
     path = folder_paths.get_full_path(FOLDER, name)
     if path is None:
         raise ValueError(
-            f"SimDA adapter file '{name}' is not in the models/simda folder; put it there (or refresh the page) and pick it again."
+            f"SimDA adapter file '{name}' is not in the models/simda "
+            "folder; put it there (or refresh the page) and pick it again."
         )
     return path
 

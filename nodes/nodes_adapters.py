@@ -32,25 +32,44 @@ class SimDAAdapterLoader(io.ComfyNode):
                 "A second Adapter Loader on the same MODEL replaces the first one's adapters."
             ),
             inputs=[
-                io.Model.Input("model", tooltip="An SD1.x, SD2.x or SDXL MODEL (from Load Checkpoint). It is not changed; a patched copy comes out."),
+                io.Model.Input(
+                    "model",
+                    tooltip=(
+                        "An SD1.x, SD2.x or SDXL MODEL (from Load Checkpoint). "
+                        "It is not changed; a patched copy comes out."
+                    ),
+                ),
                 io.Combo.Input(
                     "adapter_name",
                     options=adapter_files(),
-                    tooltip="Adapter file in models/simda: our .safetensors, or the authors' unet/diffusion_pytorch_model.bin/.safetensors.",
+                    tooltip=(
+                        "Adapter file in models/simda: our .safetensors, or the "
+                        "authors' unet/diffusion_pytorch_model.bin/.safetensors."
+                    ),
                 ),
                 io.Float.Input(
                     "strength", default=1.0, min=STRENGTH_RANGE[0], max=STRENGTH_RANGE[1], step=0.05,
-                    tooltip="Scale of every adapter's contribution: 1 as trained, 0 turns the adapters off (frame-shared GroupNorm included).",
+                    tooltip=(
+                        "Scale of every adapter's contribution: 1 as trained, 0 "
+                        "turns the adapters off (frame-shared GroupNorm included)."
+                    ),
                 ),
             ],
-            outputs=[io.Model.Output(display_name="MODEL", tooltip="The model with SimDA adapters, for the Latent-Shift Patch and Video Sampler.")],
+            outputs=[
+                io.Model.Output(
+                    display_name="MODEL",
+                    tooltip="The model with SimDA adapters, for the Latent-Shift Patch and Video Sampler.",
+                )
+            ],
         )
 
     @classmethod
     def execute(cls, model, adapter_name, strength) -> io.NodeOutput:
         lo, hi = STRENGTH_RANGE
         if not lo <= strength <= hi:
-            raise ValueError(f"SimDA Adapter Loader: strength {strength} is out of range; use a value from {lo} to {hi}.")
+            raise ValueError(
+                f"SimDA Adapter Loader: strength {strength} is out of range; use a value from {lo} to {hi}."
+            )
         path = adapter_path(adapter_name)
         try:
             adapter_file = read_adapter_file(path)
@@ -67,5 +86,7 @@ class SimDAAdapterLoader(io.ComfyNode):
                 "SimDA Adapter Loader: the MODEL already carries adapters ('%s'); '%s' replaces them.",
                 config.adapter_name or "tuned", adapter_file.name,
             )
-        config = replace(config, adapters=adapters, adapter_name=adapter_file.name, family=adapter_file.family, strength=strength)
+        config = replace(
+            config, adapters=adapters, adapter_name=adapter_file.name, family=adapter_file.family, strength=strength
+        )
         return io.NodeOutput(simda_clone(model, config))

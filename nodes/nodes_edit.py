@@ -18,9 +18,10 @@ from ..simda_core.host.memory import unloaded_on_failure
 from ..simda_core.host.register import apply_simda, get_config, model_sites
 from ..simda_core.host.samplers import host_sampler_inversion
 from ..simda_core.host.training import host_training_mode, loaded_for_training, training_patcher
+from ..simda_core.host.unet_call import HostConditioning
 from ..simda_core.model.adapters import SimDAAdapters
 from ..simda_core.model.config import LatentShiftSettings, SimDAConfig
-from ..simda_core.training.trainer import AdapterTrainer, HostConditioning, TuningRecipe, initial_adapters
+from ..simda_core.training.trainer import AdapterTrainer, TuningRecipe, initial_adapters
 from ..simda_core.training.video_data import fit_frames
 from ..simda_core.video.clip_agreement import clip_mismatch
 from ..simda_core.video.inversion import INVERSION_KEY, inversion_record
@@ -48,7 +49,8 @@ def select_frames(images: torch.Tensor, frames: int, start_frame: int, stride: i
     if picked.shape[0] < 2:
         raise ValueError(
             f"SimDA Edit Tuner: the source clip gives {picked.shape[0]} frame(s) from frame {start_frame} every "
-            f"{stride}; a video edit needs at least 2 (the clip has {images.shape[0]} frames): lower start_frame or stride."
+            f"{stride}; a video edit needs at least 2 (the clip has "
+            f"{images.shape[0]} frames): lower start_frame or stride."
         )
     return picked
 
@@ -92,30 +94,87 @@ class SimDAEditTuner(io.ComfyNode):
                 "Trains on the GPU in minutes (300 steps); on the CPU only tiny sizes are practical."
             ),
             inputs=[
-                io.Model.Input("model", tooltip="SD1.x, SD2.x or SDXL MODEL, plain or with SimDA adapters (they are the starting point). It is not changed."),
+                io.Model.Input(
+                    "model",
+                    tooltip=(
+                        "SD1.x, SD2.x or SDXL MODEL, plain or with SimDA adapters "
+                        "(they are the starting point). It is not changed."
+                    ),
+                ),
                 io.Vae.Input("vae", tooltip="The checkpoint's VAE, to encode the source frames."),
-                io.Image.Input("source_frames", tooltip="The source clip as frames (Load Video -> Get Video Components, or any image batch)."),
-                io.Conditioning.Input("source_prompt", tooltip="The text that describes the source clip (CLIP Text Encode)."),
-                io.Clip.Input("clip", optional=True, tooltip="The checkpoint's CLIP: encodes the empty inversion prompt when no inversion conditioning is connected."),
-                io.Conditioning.Input("inversion_conditioning", optional=True, tooltip="Conditioning for the DDIM inversion; default: the empty prompt."),
+                io.Image.Input(
+                    "source_frames",
+                    tooltip="The source clip as frames (Load Video -> Get Video Components, or any image batch).",
+                ),
+                io.Conditioning.Input(
+                    "source_prompt", tooltip="The text that describes the source clip (CLIP Text Encode).",
+                ),
+                io.Clip.Input(
+                    "clip", optional=True,
+                    tooltip=(
+                        "The checkpoint's CLIP: encodes the empty inversion "
+                        "prompt when no inversion conditioning is connected."
+                    ),
+                ),
+                io.Conditioning.Input(
+                    "inversion_conditioning", optional=True,
+                    tooltip="Conditioning for the DDIM inversion; default: the empty prompt.",
+                ),
                 io.Int.Input("steps", default=300, min=1, max=100000, tooltip="Training steps (the authors use 300)."),
-                io.Float.Input("learning_rate", default=5e-5, min=0.0, max=1.0, step=1e-6, round=1e-7, tooltip="AdamW learning rate (the authors use 5e-5)."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True, tooltip="Seed of the training noise and timesteps."),
+                io.Float.Input(
+                    "learning_rate", default=5e-5, min=0.0, max=1.0, step=1e-6, round=1e-7,
+                    tooltip="AdamW learning rate (the authors use 5e-5).",
+                ),
+                io.Int.Input(
+                    "seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                    tooltip="Seed of the training noise and timesteps.",
+                ),
                 io.Int.Input("frames", default=24, min=2, max=4096, tooltip="Frames of the source clip to use."),
                 io.Int.Input("start_frame", default=0, min=0, max=1000000, tooltip="First source frame to use."),
                 io.Int.Input("stride", default=2, min=1, max=1000, tooltip="Use every n-th frame (the authors use 2)."),
-                io.Int.Input("width", default=512, min=64, max=4096, step=64, tooltip="Training width in pixels (frames are centre-cropped to this aspect)."),
+                io.Int.Input(
+                    "width", default=512, min=64, max=4096, step=64,
+                    tooltip="Training width in pixels (frames are centre-cropped to this aspect).",
+                ),
                 io.Int.Input("height", default=512, min=64, max=4096, step=64, tooltip="Training height in pixels."),
-                io.Boolean.Input("gradient_checkpointing", default=True, tooltip="Recompute activations in the backward pass: far less memory, about 1.5x the time. Every adapter still trains."),
-                io.Int.Input("inversion_steps", default=50, min=1, max=1000, tooltip="DDIM inversion steps; the Video Sampler must use the same steps."),
-                io.Combo.Input("inversion_scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="ddim_uniform", tooltip="Schedule of the inversion; the Video Sampler must use the same."),
-                io.Float.Input("source_fps", default=24.0, min=0.01, max=1000.0, step=0.01, tooltip="Frame rate of the source clip (connect Get Video Components' fps); the edited clip's frame rate is this divided by stride."),
+                io.Boolean.Input(
+                    "gradient_checkpointing", default=True,
+                    tooltip=(
+                        "Recompute activations in the backward pass: far less "
+                        "memory, about 1.5x the time. Every adapter still trains."
+                    ),
+                ),
+                io.Int.Input(
+                    "inversion_steps", default=50, min=1, max=1000,
+                    tooltip="DDIM inversion steps; the Video Sampler must use the same steps.",
+                ),
+                io.Combo.Input(
+                    "inversion_scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="ddim_uniform",
+                    tooltip="Schedule of the inversion; the Video Sampler must use the same.",
+                ),
+                io.Float.Input(
+                    "source_fps", default=24.0, min=0.01, max=1000.0, step=0.01,
+                    tooltip=(
+                        "Frame rate of the source clip (connect Get Video Components' "
+                        "fps); the edited clip's frame rate is this divided by stride."
+                    ),
+                ),
             ],
             outputs=[
-                io.Model.Output(display_name="tuned MODEL", tooltip="The MODEL with the tuned adapters, for SimDA Video Sampler."),
-                io.Latent.Output(display_name="inverted noise", tooltip="The source clip's DDIM inversion: connect it to the Video Sampler's start_latent."),
-                SimDAAdaptersType.Output(display_name="adapters", tooltip="The tuned adapters, for Save SimDA Adapters."),
-                io.Float.Output(display_name="frame_rate", tooltip="Frame rate of the edited clip (source_fps / stride), for Create Video."),
+                io.Model.Output(
+                    display_name="tuned MODEL", tooltip="The MODEL with the tuned adapters, for SimDA Video Sampler.",
+                ),
+                io.Latent.Output(
+                    display_name="inverted noise",
+                    tooltip="The source clip's DDIM inversion: connect it to the Video Sampler's start_latent.",
+                ),
+                SimDAAdaptersType.Output(
+                    display_name="adapters", tooltip="The tuned adapters, for Save SimDA Adapters.",
+                ),
+                io.Float.Output(
+                    display_name="frame_rate",
+                    tooltip="Frame rate of the edited clip (source_fps / stride), for Create Video.",
+                ),
             ],
         )
 
@@ -125,16 +184,21 @@ class SimDAEditTuner(io.ComfyNode):
                 clip=None, inversion_conditioning=None) -> io.NodeOutput:
         family = check_family(model, "", "SimDA Edit Tuner")
         if family == "sd_x4_upscaler":
-            raise ValueError("SimDA Edit Tuner edits with an SD1.x, SD2.x or SDXL MODEL; the connected MODEL is the x4 upscaler.")
+            raise ValueError(
+                "SimDA Edit Tuner edits with an SD1.x, SD2.x or SDXL MODEL; the connected MODEL is the x4 upscaler."
+            )
         if steps < 1:
             raise ValueError(f"SimDA Edit Tuner: steps is {steps}; train at least 1 step.")
         if not learning_rate > 0:
-            raise ValueError(f"SimDA Edit Tuner: learning_rate must be above 0 (got {learning_rate}); the authors use 5e-5.")
+            raise ValueError(
+                f"SimDA Edit Tuner: learning_rate must be above 0 (got {learning_rate}); the authors use 5e-5."
+            )
         if width % 8 or height % 8:
             raise ValueError(f"SimDA Edit Tuner: {width}x{height} is not a multiple of 8 on both sides.")
         if inversion_conditioning is None and clip is None:
             raise ValueError(
-                "SimDA Edit Tuner: connect the checkpoint's CLIP (it encodes the empty inversion prompt) or an inversion conditioning."
+                "SimDA Edit Tuner: connect the checkpoint's CLIP (it encodes "
+                "the empty inversion prompt) or an inversion conditioning."
             )
         picked = select_frames(source_frames, frames, start_frame, stride)
         config = get_config(model) or SimDAConfig()
@@ -155,7 +219,10 @@ class SimDAEditTuner(io.ComfyNode):
         with torch.inference_mode(False), torch.enable_grad(), host_training_mode():
             adapters = trainable_adapters(model, device, seed)
             training = training_patcher(model)
-            apply_simda(training, replace(config, adapters=adapters, strength=1.0, gradient_checkpointing=gradient_checkpointing))
+            apply_simda(
+                training,
+                replace(config, adapters=adapters, strength=1.0, gradient_checkpointing=gradient_checkpointing),
+            )
             with loaded_for_training(training):
                 x0 = training.model.process_latent_in(latent.to(device).float())
                 context = HostConditioning(training, source_prompt, x0, seed=seed)
@@ -187,8 +254,8 @@ def prefix_parts(filename_prefix: str) -> tuple[str, str]:
     parts = [part for part in prefix.split("/") if part]
     if not parts or prefix.startswith("/") or any(part in (".", "..") or part.startswith(".") for part in parts):
         raise ValueError(
-            f"Save SimDA Adapters: '{filename_prefix}' is not a file name prefix inside models/simda; use letters, digits, "
-            "'-', '_' and optionally a subfolder ('edits/cat')."
+            f"Save SimDA Adapters: '{filename_prefix}' is not a file name prefix inside models/simda; use letters, "
+            "digits, '-', '_' and optionally a subfolder ('edits/cat')."
         )
     return os.path.join(*parts[:-1]) if len(parts) > 1 else "", parts[-1]
 
@@ -218,10 +285,17 @@ class SimDASaveAdapters(io.ComfyNode):
             ),
             inputs=[
                 SimDAAdaptersType.Input("adapters", tooltip="Adapters from SimDA Edit Tuner."),
-                io.String.Input("filename_prefix", default="simda_edit", optional=True,
-                                tooltip="File name prefix in models/simda (a subfolder is allowed: 'edits/cat'); a counter and .safetensors are added."),
-                io.String.Input("filename", optional=True, force_input=True,
-                                tooltip="The file name input of older workflows; when given, it is used as the prefix."),
+                io.String.Input(
+                    "filename_prefix", default="simda_edit", optional=True,
+                    tooltip=(
+                        "File name prefix in models/simda (a subfolder is allowed: "
+                        "'edits/cat'); a counter and .safetensors are added."
+                    ),
+                ),
+                io.String.Input(
+                    "filename", optional=True, force_input=True,
+                    tooltip="The file name input of older workflows; when given, it is used as the prefix.",
+                ),
             ],
             outputs=[],
             is_output_node=True,

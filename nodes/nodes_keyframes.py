@@ -27,13 +27,29 @@ class SimDAKeyframes(io.ComfyNode):
             ),
             inputs=[
                 io.Int.Input("frames", default=16, min=1, max=4096, tooltip="Frames of the clip."),
-                io.String.Input("keyframe_frames", default="0",
-                                tooltip="Frames the keyframes are fixed at, in the order of the images: '0' = first, '-1' = last, e.g. '0, 8, -1'."),
+                io.String.Input(
+                    "keyframe_frames", default="0",
+                    tooltip=(
+                        "Frames the keyframes are fixed at, in the order of "
+                        "the images: '0' = first, '-1' = last, e.g. '0, 8, -1'."
+                    ),
+                ),
                 io.Vae.Input("vae", optional=True, tooltip="Encodes the keyframe images (needed with 'images')."),
-                io.Image.Input("images", optional=True, tooltip="Keyframe images, one per listed frame, in that order (Load Image, or a batch)."),
-                io.Latent.Input("keyframe_latents", optional=True, tooltip="Keyframe latents instead of images, one per listed frame."),
+                io.Image.Input(
+                    "images", optional=True,
+                    tooltip="Keyframe images, one per listed frame, in that order (Load Image, or a batch).",
+                ),
+                io.Latent.Input(
+                    "keyframe_latents", optional=True,
+                    tooltip="Keyframe latents instead of images, one per listed frame.",
+                ),
             ],
-            outputs=[io.Latent.Output(display_name="LATENT", tooltip="The clip's latents with a noise mask: 0 at the fixed frames, 1 elsewhere.")],
+            outputs=[
+                io.Latent.Output(
+                    display_name="LATENT",
+                    tooltip="The clip's latents with a noise mask: 0 at the fixed frames, 1 elsewhere.",
+                )
+            ],
         )
 
     @classmethod
@@ -52,20 +68,33 @@ class SimDAKeyframes(io.ComfyNode):
         except KeyframeError as e:
             raise ValueError(f"SimDA Keyframes: {e}.") from None
         if (images is None) == (keyframe_latents is None):
-            raise ValueError("SimDA Keyframes: connect either 'images' (with a VAE) or 'keyframe_latents', exactly one of them.")
+            raise ValueError(
+                "SimDA Keyframes: connect either 'images' (with a VAE) or 'keyframe_latents', exactly one of them."
+            )
         if images is not None:
             if vae is None:
-                raise ValueError("SimDA Keyframes: keyframe images need a VAE to encode them; connect the checkpoint's VAE.")
+                raise ValueError(
+                    "SimDA Keyframes: keyframe images need a VAE to encode them; connect the checkpoint's VAE."
+                )
             count, height, width = images.shape[0], images.shape[1], images.shape[2]
             if count != len(at):
-                raise ValueError(f"SimDA Keyframes: {count} images are connected for {len(at)} keyframe frames ({keyframe_frames}); give one image per frame.")
+                raise ValueError(
+                    f"SimDA Keyframes: {count} images are connected for {len(at)} "
+                    f"keyframe frames ({keyframe_frames}); give one image per frame."
+                )
             if height % 8 or width % 8:
-                raise ValueError(f"SimDA Keyframes: the images are {width}x{height}, not a multiple of 8 on both sides; resize them first (e.g. Upscale Image).")
+                raise ValueError(
+                    f"SimDA Keyframes: the images are {width}x{height}, not a multiple "
+                    "of 8 on both sides; resize them first (e.g. Upscale Image)."
+                )
             latents = vae.encode(images[:, :, :, :3])
         else:
             latents = keyframe_latents["samples"]
             if latents.ndim != 4:
-                raise ValueError(f"SimDA Keyframes: keyframe_latents must be frame latents [K, C, H, W], got shape {list(latents.shape)}.")
+                raise ValueError(
+                    "SimDA Keyframes: keyframe_latents must be frame "
+                    f"latents [K, C, H, W], got shape {list(latents.shape)}."
+                )
         try:
             samples, mask = keyframed_clip(frames, latents.to(torch.float32), at)
         except KeyframeError as e:

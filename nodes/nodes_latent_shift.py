@@ -53,7 +53,10 @@ class SimDALatentShiftPatch(io.ComfyNode):
                 io.Model.Input("model", tooltip="An SD1.x, SD2.x or SDXL MODEL, plain or from SimDA Adapter Loader."),
                 io.Int.Input(
                     "frames_per_clip", default=0, min=0, max=4096,
-                    tooltip="Frames of one clip in the batch. 0: automatic, the whole batch is one clip (the Video Sampler's case).",
+                    tooltip=(
+                        "Frames of one clip in the batch. 0: automatic, the "
+                        "whole batch is one clip (the Video Sampler's case)."
+                    ),
                 ),
                 *[
                     io.Boolean.Input(name, default=True, tooltip=(
@@ -61,18 +64,34 @@ class SimDALatentShiftPatch(io.ComfyNode):
                         "(eighth on SD1.x/SD2.x, quarter on SDXL). A choice that reaches no transformer is refused."))
                     for name, where in LEVELS
                 ],
-                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01, tooltip="Part of the sampling schedule where the shift starts (0 = first step)."),
-                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01, tooltip="Part of the sampling schedule where the shift ends (1 = last step)."),
+                io.Float.Input(
+                    "start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
+                    tooltip="Part of the sampling schedule where the shift starts (0 = first step).",
+                ),
+                io.Float.Input(
+                    "end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
+                    tooltip="Part of the sampling schedule where the shift ends (1 = last step).",
+                ),
                 io.Boolean.Input(
                     "frame_group_norm", default=False,
-                    tooltip="Share ResBlock GroupNorm statistics over the frames of a clip. Always on with SimDA adapters (they were trained with it).",
+                    tooltip=(
+                        "Share ResBlock GroupNorm statistics over the frames of a clip. "
+                        "Always on with SimDA adapters (they were trained with it)."
+                    ),
                 ),
                 io.Boolean.Input(
                     "loop", default=False, optional=True,
-                    tooltip="Seamless loop: the first frame also sees the last ones (latent shift and the temporal adapter wrap around), so the clip can repeat without a seam.",
+                    tooltip=(
+                        "Seamless loop: the first frame also sees the last ones (latent shift and "
+                        "the temporal adapter wrap around), so the clip can repeat without a seam."
+                    ),
                 ),
             ],
-            outputs=[io.Model.Output(display_name="MODEL", tooltip="The model with latent-shift attention, for the Video Sampler.")],
+            outputs=[
+                io.Model.Output(
+                    display_name="MODEL", tooltip="The model with latent-shift attention, for the Video Sampler.",
+                )
+            ],
         )
 
     @classmethod
@@ -80,15 +99,20 @@ class SimDALatentShiftPatch(io.ComfyNode):
                 start_percent, end_percent, frame_group_norm, loop=False) -> io.NodeOutput:
         if not 0.0 <= start_percent <= end_percent <= 1.0:
             raise ValueError(
-                f"SimDA Latent-Shift Patch: start_percent {start_percent} must not be above end_percent {end_percent} (both 0..1)."
+                f"SimDA Latent-Shift Patch: start_percent {start_percent} "
+                f"must not be above end_percent {end_percent} (both 0..1)."
             )
         if frames_per_clip < 0:
-            raise ValueError("SimDA Latent-Shift Patch: frames_per_clip must be 0 (automatic) or a positive frame count.")
+            raise ValueError(
+                "SimDA Latent-Shift Patch: frames_per_clip must be 0 (automatic) or a positive frame count."
+            )
         check_family(model, "", "SimDA Latent-Shift Patch")
         chosen = (full_resolution, half_resolution, quarter_resolution, eighth_resolution)
         levels = frozenset(level for level, on in enumerate(chosen) if on)
         if not levels:
-            raise ValueError("SimDA Latent-Shift Patch: every level is switched off; turn at least one on, or bypass the node.")
+            raise ValueError(
+                "SimDA Latent-Shift Patch: every level is switched off; turn at least one on, or bypass the node."
+            )
         check_levels_shift_something(model, levels)
         sampling = model.get_model_object("model_sampling")
         shift = LatentShiftSettings(
@@ -97,5 +121,7 @@ class SimDALatentShiftPatch(io.ComfyNode):
             sigma_end=0.0 if end_percent >= 1.0 else float(sampling.percent_to_sigma(end_percent)),
         )
         config = get_config(model) or SimDAConfig()
-        config = replace(config, latent_shift=shift, frame_group_norm=frame_group_norm, frames_per_clip=frames_per_clip, loop=loop)
+        config = replace(
+            config, latent_shift=shift, frame_group_norm=frame_group_norm, frames_per_clip=frames_per_clip, loop=loop
+        )
         return io.NodeOutput(simda_clone(model, config))

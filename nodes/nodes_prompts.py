@@ -46,12 +46,24 @@ class SimDAPromptTravel(io.ComfyNode):
             ),
             inputs=[
                 io.Clip.Input("clip", tooltip="The checkpoint's CLIP."),
-                io.String.Input("prompts", multiline=True, default=EXAMPLE,
-                                tooltip="One keyframe per line, '<frame>: <prompt>'; frame -1 is the last frame. Lines starting with # are skipped."),
-                io.Int.Input("frames", default=16, min=1, max=4096,
-                             tooltip="Frames of the clip; the sampler refuses a schedule of another length than its clip (it is not re-timed)."),
+                io.String.Input(
+                    "prompts", multiline=True, default=EXAMPLE,
+                    tooltip=(
+                        "One keyframe per line, '<frame>: <prompt>'; frame -1 "
+                        "is the last frame. Lines starting with # are skipped."
+                    ),
+                ),
+                io.Int.Input(
+                    "frames", default=16, min=1, max=4096,
+                    tooltip=(
+                        "Frames of the clip; the sampler refuses a schedule "
+                        "of another length than its clip (it is not re-timed)."
+                    ),
+                ),
             ],
-            outputs=[io.Conditioning.Output(display_name="CONDITIONING", tooltip="One cross-attention context per frame.")],
+            outputs=[
+                io.Conditioning.Output(display_name="CONDITIONING", tooltip="One cross-attention context per frame.")
+            ],
         )
 
     @classmethod
@@ -75,9 +87,13 @@ class SimDAPromptTravel(io.ComfyNode):
         # one entry per part of the schedule, each blended over the frames on its own.
         encoded = [clip.encode_from_tokens_scheduled(clip.tokenize(keyframe.prompt)) for keyframe in keyframes]
         if len({len(entries) for entries in encoded}) != 1:
-            raise ValueError("SimDA Prompt Travel: the CLIP's hook schedule gave the keyframes different numbers of entries.")
+            raise ValueError(
+                "SimDA Prompt Travel: the CLIP's hook schedule gave the keyframes different numbers of entries."
+            )
         weights = frame_weights([k.frame for k in keyframes], frames)
-        conditioning = [blend_entry([entries[index] for entries in encoded], weights) for index in range(len(encoded[0]))]
+        conditioning = [
+            blend_entry([entries[index] for entries in encoded], weights) for index in range(len(encoded[0]))
+        ]
         log.info("SimDA Prompt Travel: %d keyframes over %d frames (at %s).", len(keyframes), frames,
                  ", ".join(str(k.frame) for k in keyframes))
         return io.NodeOutput(conditioning)

@@ -70,7 +70,8 @@ def with_frame_windows(model):
     except (ImportError, AttributeError):
         raise RuntimeError(
             "SimDA Video Sampler: this ComfyUI has no comfy.context_windows.IndexListContextHandler, which context "
-            "windows on a MODEL need (ComfyUI 0.3.75 or newer has it); update ComfyUI or remove the context windows node."
+            "windows on a MODEL need (ComfyUI 0.3.75 or newer has "
+            "it); update ComfyUI or remove the context windows node."
         ) from None
     if type(handler) is host_class and handler.dim == 0:
         frame_handler = frame_class.__new__(frame_class)
@@ -88,11 +89,15 @@ def check_start_latent(
     adds no fresh noise (``host.samplers.adds_fresh_noise``)."""
     samples = start["samples"]
     if samples.ndim != 4:
-        raise ValueError(f"SimDA Video Sampler: start_latent must be a batch of frame latents [F, C, H, W], got shape {list(samples.shape)}.")
+        raise ValueError(
+            "SimDA Video Sampler: start_latent must be a batch of frame "
+            f"latents [F, C, H, W], got shape {list(samples.shape)}."
+        )
     if samples.shape[0] != frames or samples.shape[2] != height or samples.shape[3] != width:
         raise ValueError(
-            f"SimDA Video Sampler: start_latent holds {samples.shape[0]} frames of {samples.shape[3] * 8}x{samples.shape[2] * 8}, "
-            f"but the clip to sample has {frames} frames of {width * 8}x{height * 8}; make both from the same clip."
+            f"SimDA Video Sampler: start_latent holds {samples.shape[0]} frames of "
+            f"{samples.shape[3] * 8}x{samples.shape[2] * 8}, but the clip to sample has "
+            f"{frames} frames of {width * 8}x{height * 8}; make both from the same clip."
         )
     made_with = start.get(INVERSION_KEY)
     if made_with is None:
@@ -113,12 +118,15 @@ def check_start_latent(
         )
     if adds_fresh_noise(sampler_name):
         raise ValueError(
-            f"SimDA Video Sampler: the sampler '{sampler_name}' adds fresh noise at every step, which undoes the inverted "
-            f"start_latent; pick one that adds none: {', '.join(noise_free_samplers(comfy.samplers.KSampler.SAMPLERS))} "
+            f"SimDA Video Sampler: the sampler '{sampler_name}' adds fresh noise at every step, which undoes the "
+            "inverted start_latent; pick one that adds none: "
+            f"{', '.join(noise_free_samplers(comfy.samplers.KSampler.SAMPLERS))} "
             f"(the inversion walked '{made_with.get('sampler', INVERSION_SAMPLER)}')."
         )
     if denoise != 1.0:
-        raise ValueError("SimDA Video Sampler: sampling from inverted noise starts at the first step; set denoise to 1.0.")
+        raise ValueError(
+            "SimDA Video Sampler: sampling from inverted noise starts at the first step; set denoise to 1.0."
+        )
     return samples
 
 
@@ -131,28 +139,83 @@ class SimDAVideoSampler(io.ComfyNode):
             category="SimDA",
             description=(
                 "Samples one video clip: the F frames form a single batch that the SimDA patches see as one clip, "
-                "in order, through ComfyUI's own samplers and schedulers (previews, progress and Cancel as with KSampler). "
-                "There is no frame cap: memory grows linearly with the number of frames; for very long clips add the "
-                "host's Context Windows (Manual) node to the MODEL."
+                "in order, through ComfyUI's own samplers and schedulers (previews, progress and Cancel as with "
+                "KSampler). There is no frame cap: memory grows linearly with the number of frames; for very long "
+                "clips add the host's Context Windows (Manual) node to the MODEL."
             ),
             inputs=[
-                io.Model.Input("model", tooltip="SD1.x, SD2.x or SDXL MODEL, best after SimDA Adapter Loader and Latent-Shift Patch. A plain MODEL samples independent frames."),
+                io.Model.Input(
+                    "model",
+                    tooltip=(
+                        "SD1.x, SD2.x or SDXL MODEL, best after SimDA Adapter Loader and "
+                        "Latent-Shift Patch. A plain MODEL samples independent frames."
+                    ),
+                ),
                 io.Conditioning.Input("positive", tooltip="What the video shows (CLIP Text Encode)."),
                 io.Conditioning.Input("negative", tooltip="What to avoid (CLIP Text Encode)."),
-                io.Int.Input("frames", default=16, min=1, max=4096, tooltip="Frames of the clip (ignored when a latent or start_latent is connected)."),
-                io.Int.Input("width", default=512, min=8, max=8192, step=8, tooltip="Frame width in pixels, a multiple of 8 (ignored when a latent is connected)."),
-                io.Int.Input("height", default=512, min=8, max=8192, step=8, tooltip="Frame height in pixels, a multiple of 8 (ignored when a latent is connected)."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True, tooltip="Seed of the noise; each frame's noise depends on the seed and its index only."),
-                io.Int.Input("steps", default=50, min=1, max=10000, tooltip="Sampling steps (the paper uses 50 DDIM steps)."),
-                io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1, round=0.01, tooltip="Classifier-free guidance scale."),
-                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, default="ddim", tooltip="The host's sampler."),
-                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="ddim_uniform", tooltip="The host's noise schedule."),
-                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01, tooltip="1 samples from pure noise; below 1 re-noises the connected latent (video-to-video)."),
-                io.Float.Input("noise_shared", default=0.0, min=0.0, max=1.0, step=0.05, tooltip="Part of the noise common to all frames: 0 independent, 1 identical. A little steadies a clip."),
-                io.Latent.Input("latent", optional=True, tooltip="Frames to start from (video-to-video with denoise < 1), or SimDA Keyframes' clip (image-to-video at denoise 1): frames its noise mask fixes come out as given. Wins over frames/width/height."),
-                io.Latent.Input("start_latent", optional=True, tooltip="DDIM-inverted noise of a source clip (from SimDA Edit Tuner): sampling starts from it; steps and scheduler must match the inversion."),
+                io.Int.Input(
+                    "frames", default=16, min=1, max=4096,
+                    tooltip="Frames of the clip (ignored when a latent or start_latent is connected).",
+                ),
+                io.Int.Input(
+                    "width", default=512, min=8, max=8192, step=8,
+                    tooltip="Frame width in pixels, a multiple of 8 (ignored when a latent is connected).",
+                ),
+                io.Int.Input(
+                    "height", default=512, min=8, max=8192, step=8,
+                    tooltip="Frame height in pixels, a multiple of 8 (ignored when a latent is connected).",
+                ),
+                io.Int.Input(
+                    "seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                    tooltip="Seed of the noise; each frame's noise depends on the seed and its index only.",
+                ),
+                io.Int.Input(
+                    "steps", default=50, min=1, max=10000, tooltip="Sampling steps (the paper uses 50 DDIM steps).",
+                ),
+                io.Float.Input(
+                    "cfg", default=7.5, min=0.0, max=100.0, step=0.1, round=0.01,
+                    tooltip="Classifier-free guidance scale.",
+                ),
+                io.Combo.Input(
+                    "sampler_name", options=comfy.samplers.KSampler.SAMPLERS, default="ddim",
+                    tooltip="The host's sampler.",
+                ),
+                io.Combo.Input(
+                    "scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="ddim_uniform",
+                    tooltip="The host's noise schedule.",
+                ),
+                io.Float.Input(
+                    "denoise", default=1.0, min=0.0, max=1.0, step=0.01,
+                    tooltip="1 samples from pure noise; below 1 re-noises the connected latent (video-to-video).",
+                ),
+                io.Float.Input(
+                    "noise_shared", default=0.0, min=0.0, max=1.0, step=0.05,
+                    tooltip=(
+                        "Part of the noise common to all frames: 0 independent, 1 identical. A little steadies a clip."
+                    ),
+                ),
+                io.Latent.Input(
+                    "latent", optional=True,
+                    tooltip=(
+                        "Frames to start from (video-to-video with denoise < 1), or SimDA "
+                        "Keyframes' clip (image-to-video at denoise 1): frames its noise "
+                        "mask fixes come out as given. Wins over frames/width/height."
+                    ),
+                ),
+                io.Latent.Input(
+                    "start_latent", optional=True,
+                    tooltip=(
+                        "DDIM-inverted noise of a source clip (from SimDA Edit Tuner): "
+                        "sampling starts from it; steps and scheduler must match the inversion."
+                    ),
+                ),
             ],
-            outputs=[io.Latent.Output(display_name="LATENT", tooltip="The clip's F frame latents, in order (VAE Decode turns them into frames).")],
+            outputs=[
+                io.Latent.Output(
+                    display_name="LATENT",
+                    tooltip="The clip's F frame latents, in order (VAE Decode turns them into frames).",
+                )
+            ],
         )
 
     @classmethod
@@ -160,32 +223,42 @@ class SimDAVideoSampler(io.ComfyNode):
                 denoise, noise_shared, latent=None, start_latent=None) -> io.NodeOutput:
         if check_family(model, "", "SimDA Video Sampler") == "sd_x4_upscaler":
             raise ValueError(
-                "SimDA Video Sampler samples with an SD1.x, SD2.x or SDXL MODEL; the connected MODEL is the SD x4 upscaler: "
-                "connect the upscaler to SimDA Video Upscaler instead."
+                "SimDA Video Sampler samples with an SD1.x, SD2.x or SDXL MODEL; the connected MODEL is the SD x4 "
+                "upscaler: connect the upscaler to SimDA Video Upscaler instead."
             )
         if not 0.0 <= noise_shared <= 1.0:
             raise ValueError(f"SimDA Video Sampler: noise_shared {noise_shared} must lie between 0 and 1.")
         if latent is not None:
             latent_image = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
             if latent_image.ndim != 4:
-                raise ValueError(f"SimDA Video Sampler: the latent must be a batch of frames [F, C, H, W], got shape {list(latent_image.shape)}.")
+                raise ValueError(
+                    "SimDA Video Sampler: the latent must be a batch of frames "
+                    f"[F, C, H, W], got shape {list(latent_image.shape)}."
+                )
             log.info(
-                "SimDA Video Sampler: using the connected latent (%d frames, %dx%d); the frames/width/height widgets are ignored.",
+                "SimDA Video Sampler: using the connected latent (%d frames, %dx%d); "
+                "the frames/width/height widgets are ignored.",
                 latent_image.shape[0], latent_image.shape[3] * 8, latent_image.shape[2] * 8,
             )
         elif start_latent is not None:
             latent_image = torch.zeros_like(start_latent["samples"])
             log.info(
-                "SimDA Video Sampler: frames and size come from start_latent (%d frames, %dx%d); the frames/width/height widgets are ignored.",
+                "SimDA Video Sampler: frames and size come from start_latent (%d frames, %dx%d); "
+                "the frames/width/height widgets are ignored.",
                 latent_image.shape[0], latent_image.shape[-1] * 8, latent_image.shape[-2] * 8,
             )
         else:
             if frames < 1:
                 raise ValueError(f"SimDA Video Sampler: frames is {frames}; a clip needs at least 1 frame.")
             if width % 8 or height % 8 or width < 8 or height < 8:
-                raise ValueError(f"SimDA Video Sampler: {width}x{height} is not a multiple of 8 on both sides; SD latents are 1/8 of the image size.")
+                raise ValueError(
+                    f"SimDA Video Sampler: {width}x{height} is not a multiple "
+                    "of 8 on both sides; SD latents are 1/8 of the image size."
+                )
             channels = model.get_model_object("latent_format").latent_channels
-            latent_image = torch.zeros([frames, channels, height // 8, width // 8], device=comfy.model_management.intermediate_device())
+            latent_image = torch.zeros(
+                [frames, channels, height // 8, width // 8], device=comfy.model_management.intermediate_device()
+            )
         frames = latent_image.shape[0]
         frames_per_clip = (get_config(model) or SimDAConfig()).frames_per_clip
         problem = clip_mismatch({"positive": positive, "negative": negative}, frames, frames_per_clip)
@@ -199,8 +272,10 @@ class SimDAVideoSampler(io.ComfyNode):
             )
 
         if start_latent is not None:
-            latent_image = check_start_latent(start_latent, frames, latent_image.shape[2], latent_image.shape[3], steps, scheduler, denoise,
-                                              sampler_name=sampler_name)
+            latent_image = check_start_latent(
+                start_latent, frames, latent_image.shape[2], latent_image.shape[3], steps, scheduler, denoise,
+                sampler_name=sampler_name,
+            )
             noise = torch.zeros_like(latent_image, device="cpu")
             disable_noise = True
         else:
@@ -208,7 +283,10 @@ class SimDAVideoSampler(io.ComfyNode):
             disable_noise = False
 
         if get_config(model) is None:
-            log.info("SimDA Video Sampler: the MODEL carries no SimDA patch, so the %d frames are sampled independently.", frames)
+            log.info(
+                "SimDA Video Sampler: the MODEL carries no SimDA patch, so the %d frames are sampled independently.",
+                frames,
+            )
 
         model = with_frame_windows(model)
         callback = latent_preview.prepare_callback(model, steps)

@@ -59,7 +59,10 @@ def clip_frames(frames) -> torch.Tensor:
     """One ``[F, H, W, 3]`` clip from an IMAGE batch or a list of IMAGE batches of one size."""
     parts = list(frames) if isinstance(frames, (list, tuple)) else [frames]
     if not parts or any(not isinstance(p, torch.Tensor) or p.ndim not in (3, 4) for p in parts):
-        raise ValueError(f"{NODE}: 'frames' must be IMAGE frames [F, H, W, C]; connect the clip's frames (e.g. VAE Decode or Get Video Components).")
+        raise ValueError(
+            f"{NODE}: 'frames' must be IMAGE frames [F, H, W, C]; connect "
+            "the clip's frames (e.g. VAE Decode or Get Video Components)."
+        )
     parts = [p if p.ndim == 4 else p[None] for p in parts]
     sizes = sorted({(int(p.shape[2]), int(p.shape[1])) for p in parts})
     if len(sizes) > 1:
@@ -70,14 +73,17 @@ def clip_frames(frames) -> torch.Tensor:
         )
     clip = torch.cat(parts) if len(parts) > 1 else parts[0]
     if clip.shape[0] < 1 or clip.shape[-1] < 3:
-        raise ValueError(f"{NODE}: got {clip.shape[0]} frames with {clip.shape[-1]} channels; the upscaler needs RGB frames.")
+        raise ValueError(
+            f"{NODE}: got {clip.shape[0]} frames with {clip.shape[-1]} channels; the upscaler needs RGB frames."
+        )
     height, width = int(clip.shape[1]), int(clip.shape[2])
     if min(height, width) < 8:
         raise ValueError(f"{NODE}: the frames are {width}x{height}; the x4 upscaler needs at least 8 pixels a side.")
     if max(height, width) * SCALE > MAX_OUTPUT_SIDE:
         raise ValueError(
-            f"{NODE}: {width}x{height} frames would become {width * SCALE}x{height * SCALE}; this node makes frames up to "
-            f"{MAX_OUTPUT_SIDE} pixels a side (input up to {MAX_OUTPUT_SIDE // SCALE}). Downscale or crop the frames first."
+            f"{NODE}: {width}x{height} frames would become {width * SCALE}x{height * SCALE}; this node makes frames up "
+            f"to {MAX_OUTPUT_SIDE} pixels a side (input up to "
+            f"{MAX_OUTPUT_SIDE // SCALE}). Downscale or crop the frames first."
         )
     return clip[..., :3]
 
@@ -115,8 +121,9 @@ def check_conditioning(model, positive, negative) -> None:
         width = int(conditioning[0][0].shape[-1])
         if wanted and width != wanted:
             raise ValueError(
-                f"{NODE}: the '{name}' conditioning has {width}-wide text tokens, but the x4 upscaler reads {wanted}-wide "
-                "ones (its own OpenCLIP text encoder); encode the prompt with the CLIP output of the x4 upscaler's Load Checkpoint."
+                f"{NODE}: the '{name}' conditioning has {width}-wide text tokens, but the x4 upscaler reads "
+                f"{wanted}-wide ones (its own OpenCLIP text encoder); encode the "
+                "prompt with the CLIP output of the x4 upscaler's Load Checkpoint."
             )
 
 
@@ -144,14 +151,17 @@ class Settings:
             raise ValueError(f"{NODE}: frames_per_group, context_frames and tile_overlap cannot be negative.")
         if self.frames_per_group and self.context_frames >= self.frames_per_group:
             raise ValueError(
-                f"{NODE}: context_frames ({self.context_frames}) must be fewer than frames_per_group ({self.frames_per_group}): "
-                "each group needs new frames to upscale."
+                f"{NODE}: context_frames ({self.context_frames}) must be fewer than frames_per_group "
+                f"({self.frames_per_group}): each group needs new frames to upscale."
             )
         if self.tile_size and (self.tile_size < MIN_TILE or self.tile_size % 8):
-            raise ValueError(f"{NODE}: tile_size {self.tile_size} must be 0 (automatic) or a multiple of 8 of at least {MIN_TILE}.")
+            raise ValueError(
+                f"{NODE}: tile_size {self.tile_size} must be 0 (automatic) or a multiple of 8 of at least {MIN_TILE}."
+            )
         if self.tile_size and self.tile_overlap * 2 > self.tile_size:
             raise ValueError(
-                f"{NODE}: tile_overlap {self.tile_overlap} is more than half of tile_size {self.tile_size}; use at most {self.tile_size // 2}."
+                f"{NODE}: tile_overlap {self.tile_overlap} is more than half of "
+                f"tile_size {self.tile_size}; use at most {self.tile_size // 2}."
             )
 
 
@@ -165,7 +175,10 @@ def upscaler_model(model, latent_shift: bool):
     if latent_shift and wanted.latent_shift is None:
         wanted = replace(wanted, latent_shift=LatentShiftSettings())
     if wanted.frames_per_clip:
-        log.info("%s: frames_per_clip %d on the MODEL is ignored; each frame group is one clip.", NODE, wanted.frames_per_clip)
+        log.info(
+            "%s: frames_per_clip %d on the MODEL is ignored; each frame group is one clip.", NODE,
+            wanted.frames_per_clip,
+        )
         wanted = replace(wanted, frames_per_clip=0)
     if wanted == config:
         if get_config(model) is None:
@@ -252,7 +265,9 @@ def sample_piece(model, pixels: torch.Tensor, positive, negative, latent: torch.
     )
 
 
-def upscale_latents(model, frames: torch.Tensor, positive, negative, settings: Settings, sizes: PieceSizes) -> torch.Tensor:
+def upscale_latents(
+    model, frames: torch.Tensor, positive, negative, settings: Settings, sizes: PieceSizes
+) -> torch.Tensor:
     """The clip's upscaled latents ``[F, 4, H, W]`` (H, W: the input frames' size), sampled piece by
     piece: frame groups in order, tiles in raster order within each group."""
     count, height, width = frames.shape[0], frames.shape[1], frames.shape[2]
@@ -291,51 +306,111 @@ class SimDAVideoUpscaler(io.ComfyNode):
             display_name=NODE,
             category="SimDA",
             description=(
-                "Upscales a clip's frames 4x with the SD x4 upscaler, keeping them consistent in time: frames are sampled "
-                "together as a clip (latent shift, and SimDA super-resolution adapters when the MODEL carries them). "
-                "Long or large clips are cut into overlapping frame groups and spatial tiles sized to the card's free "
-                "memory; each group continues from the frames the previous one finished and each tile grows out of its "
-                "finished neighbours, so there are no jumps or seams. The paper's second stage: 256x256 -> 1024x1024."
+                "Upscales a clip's frames 4x with the SD x4 upscaler, keeping them consistent in time: frames are "
+                "sampled together as a clip (latent shift, and SimDA super-resolution adapters when the MODEL carries "
+                "them). Long or large clips are cut into overlapping frame groups and spatial tiles sized to the "
+                "card's free memory; each group continues from the frames the previous one finished and each tile "
+                "grows out of its finished neighbours, so there are no jumps or seams. The paper's second stage: "
+                "256x256 -> 1024x1024."
             ),
             is_input_list=True,
             inputs=[
-                io.Image.Input("frames", tooltip="The clip's frames (e.g. VAE Decode of the Video Sampler's output), all of one size, at most 1024 pixels a side."),
-                io.Model.Input("model", tooltip="The SD x4 upscaler (x4-upscaler-ema.safetensors), plain or from SimDA Adapter Loader with super-resolution adapters. It is not changed."),
-                io.Vae.Input("vae", tooltip="The x4 upscaler's VAE (from the same Load Checkpoint); it decodes the 4x frames."),
-                io.Conditioning.Input("positive", tooltip="What the clip shows, encoded with the x4 upscaler's CLIP (CLIP Text Encode)."),
+                io.Image.Input(
+                    "frames",
+                    tooltip=(
+                        "The clip's frames (e.g. VAE Decode of the Video Sampler's "
+                        "output), all of one size, at most 1024 pixels a side."
+                    ),
+                ),
+                io.Model.Input(
+                    "model",
+                    tooltip=(
+                        "The SD x4 upscaler (x4-upscaler-ema.safetensors), plain or from SimDA "
+                        "Adapter Loader with super-resolution adapters. It is not changed."
+                    ),
+                ),
+                io.Vae.Input(
+                    "vae", tooltip="The x4 upscaler's VAE (from the same Load Checkpoint); it decodes the 4x frames.",
+                ),
+                io.Conditioning.Input(
+                    "positive", tooltip="What the clip shows, encoded with the x4 upscaler's CLIP (CLIP Text Encode).",
+                ),
                 io.Conditioning.Input("negative", tooltip="What to avoid, encoded with the x4 upscaler's CLIP."),
-                io.Float.Input("noise_augmentation", default=0.0, min=0.0, max=1.0, step=0.001,
-                               tooltip="Noise added to the low-resolution frames, as in SD 4x Upscale Conditioning: 0 follows them closely; 0.05-0.2 invents more detail and hides their artifacts."),
+                io.Float.Input(
+                    "noise_augmentation", default=0.0, min=0.0, max=1.0, step=0.001,
+                    tooltip=(
+                        "Noise added to the low-resolution frames, as in SD 4x Upscale Conditioning: 0 "
+                        "follows them closely; 0.05-0.2 invents more detail and hides their artifacts."
+                    ),
+                ),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="Seed of the noise; each frame's noise depends on the seed and its index only."),
                 io.Int.Input("steps", default=20, min=1, max=10000, tooltip="Sampling steps of every piece."),
-                io.Float.Input("cfg", default=7.0, min=0.0, max=100.0, step=0.1, round=0.01, tooltip="Classifier-free guidance scale (1 skips the negative prompt and halves the work)."),
-                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, default="dpmpp_2m", tooltip="The host's sampler."),
-                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="karras", tooltip="The host's noise schedule."),
-                io.Int.Input("frames_per_group", default=0, min=0, max=4096,
-                             tooltip="Frames sampled together in one call. 0: automatic, as many as the free memory holds (the whole clip when it fits)."),
-                io.Int.Input("context_frames", default=2, min=0, max=64,
-                             tooltip="Frames each group takes over, finished, from the group before; the new frames continue from them. More: smoother group borders, more work."),
-                io.Int.Input("tile_size", default=0, min=0, max=MAX_OUTPUT_SIDE // SCALE, step=8,
-                             tooltip="Side of the square spatial tiles, in input pixels (the output tile is 4x). 0: automatic, whole frames when they fit in memory."),
-                io.Int.Input("tile_overlap", default=32, min=0, max=512, step=8,
-                             tooltip="Input pixels that neighbouring tiles share; the later tile fades in over the finished one across this band."),
-                io.Boolean.Input("latent_shift", default=True,
-                                 tooltip="Add latent-shift attention if the MODEL has none (it lands only in the x4 UNet's blocks with real self-attention)."),
+                io.Float.Input(
+                    "cfg", default=7.0, min=0.0, max=100.0, step=0.1, round=0.01,
+                    tooltip="Classifier-free guidance scale (1 skips the negative prompt and halves the work).",
+                ),
+                io.Combo.Input(
+                    "sampler_name", options=comfy.samplers.KSampler.SAMPLERS, default="dpmpp_2m",
+                    tooltip="The host's sampler.",
+                ),
+                io.Combo.Input(
+                    "scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="karras",
+                    tooltip="The host's noise schedule.",
+                ),
+                io.Int.Input(
+                    "frames_per_group", default=0, min=0, max=4096,
+                    tooltip=(
+                        "Frames sampled together in one call. 0: automatic, as many "
+                        "as the free memory holds (the whole clip when it fits)."
+                    ),
+                ),
+                io.Int.Input(
+                    "context_frames", default=2, min=0, max=64,
+                    tooltip=(
+                        "Frames each group takes over, finished, from the group before; the new "
+                        "frames continue from them. More: smoother group borders, more work."
+                    ),
+                ),
+                io.Int.Input(
+                    "tile_size", default=0, min=0, max=MAX_OUTPUT_SIDE // SCALE, step=8,
+                    tooltip=(
+                        "Side of the square spatial tiles, in input pixels (the output "
+                        "tile is 4x). 0: automatic, whole frames when they fit in memory."
+                    ),
+                ),
+                io.Int.Input(
+                    "tile_overlap", default=32, min=0, max=512, step=8,
+                    tooltip=(
+                        "Input pixels that neighbouring tiles share; the later "
+                        "tile fades in over the finished one across this band."
+                    ),
+                ),
+                io.Boolean.Input(
+                    "latent_shift", default=True,
+                    tooltip=(
+                        "Add latent-shift attention if the MODEL has none (it lands "
+                        "only in the x4 UNet's blocks with real self-attention)."
+                    ),
+                ),
             ],
-            outputs=[io.Image.Output(display_name="IMAGE", tooltip="The frames at 4x the width and height, same count and order.")],
+            outputs=[
+                io.Image.Output(
+                    display_name="IMAGE", tooltip="The frames at 4x the width and height, same count and order.",
+                )
+            ],
         )
 
     @classmethod
     def execute(cls, frames, model, vae, positive, negative, noise_augmentation, seed, steps, cfg, sampler_name,
                 scheduler, frames_per_group, context_frames, tile_size, tile_overlap, latent_shift) -> io.NodeOutput:
         # is_input_list: every input arrives as a list (so frames from a list of images form one clip).
-        (model, vae, positive, negative, noise_augmentation, seed, steps, cfg, sampler_name, scheduler, frames_per_group,
-         context_frames, tile_size, tile_overlap, latent_shift) = (
-            _single(v) for v in (model, vae, positive, negative, noise_augmentation, seed, steps, cfg, sampler_name, scheduler,
-                                 frames_per_group, context_frames, tile_size, tile_overlap, latent_shift))
-        settings = Settings(seed, steps, cfg, sampler_name, scheduler, noise_augmentation, frames_per_group, context_frames,
-                            tile_size, tile_overlap)
+        (model, vae, positive, negative, noise_augmentation, seed, steps, cfg, sampler_name, scheduler,
+         frames_per_group, context_frames, tile_size, tile_overlap, latent_shift) = (
+            _single(v) for v in (model, vae, positive, negative, noise_augmentation, seed, steps, cfg, sampler_name,
+                                 scheduler, frames_per_group, context_frames, tile_size, tile_overlap, latent_shift))
+        settings = Settings(seed, steps, cfg, sampler_name, scheduler, noise_augmentation, frames_per_group,
+                            context_frames, tile_size, tile_overlap)
         x4_conditioning()
         clip = clip_frames(frames)
         check_model(model)
@@ -347,12 +422,15 @@ class SimDAVideoUpscaler(io.ComfyNode):
         count, height, width = clip.shape[0], clip.shape[1], clip.shape[2]
         sizes, how = piece_sizes(sampling_model, count, height, width, settings)
         if not settings.tile_size:  # an automatic tile keeps its overlap under half its side
-            settings = replace(settings, tile_overlap=min(settings.tile_overlap, min(sizes.tile_height, sizes.tile_width) // 2))
+            settings = replace(
+                settings, tile_overlap=min(settings.tile_overlap, min(sizes.tile_height, sizes.tile_width) // 2)
+            )
         pieces = sizes.pieces(count, height, width, settings.context_frames, settings.tile_overlap)
         log.info(
             "%s: %d frames %dx%d -> %dx%d in pieces of up to %d frames (%d context) x %dx%d tiles (%s): %d pieces.",
             NODE, count, width, height, width * SCALE, height * SCALE, sizes.frames_per_group,
-            min(settings.context_frames, sizes.frames_per_group - 1), min(sizes.tile_width, width), min(sizes.tile_height, height), how, pieces,
+            min(settings.context_frames, sizes.frames_per_group - 1), min(sizes.tile_width, width),
+            min(sizes.tile_height, height), how, pieces,
         )
         with unloaded_on_failure(sampling_model):
             latents = upscale_latents(sampling_model, clip, positive, negative, settings, sizes)

@@ -91,7 +91,9 @@ def save_adapters(
     if path.suffix != ".safetensors":
         raise AdapterFileError(f"'{path.name}': SimDA adapters are saved as .safetensors; change the file name.")
     if path.exists() and not overwrite:
-        raise AdapterFileError(f"'{path}' already exists; choose another name (existing adapters are never overwritten).")
+        raise AdapterFileError(
+            f"'{path}' already exists; choose another name (existing adapters are never overwritten)."
+        )
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in adapters.file_state_dict().items()}
     meta = adapter_metadata(adapters, family, frames_trained, extra_metadata)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -163,9 +165,13 @@ def _sites_from_metadata(meta: dict[str, str], name: str) -> list[AdapterSite] |
         try:
             site = AdapterSite(**{**entry, "self_attention": tuple(entry.get("self_attention", ()))})
         except (TypeError, AttributeError, ValueError):
-            raise _metadata_error(name, "sites", f"has an entry that is not a transformer place ({str(entry)[:80]})") from None
-        if not (isinstance(site.path, str) and all(isinstance(getattr(site, f), int) and not isinstance(getattr(site, f), bool)
-                                                   for f in ("channels", "inner_dim", "depth", "level"))):
+            raise _metadata_error(
+                name, "sites", f"has an entry that is not a transformer place ({str(entry)[:80]})"
+            ) from None
+        if not (isinstance(site.path, str) and all(
+            isinstance(getattr(site, f), int) and not isinstance(getattr(site, f), bool)
+            for f in ("channels", "inner_dim", "depth", "level")
+        )):
             raise _metadata_error(name, "sites", f"has an entry with fields of the wrong type ({str(entry)[:80]})")
         sites.append(site)
     return sites
@@ -199,7 +205,9 @@ def is_authors_adapter_key(key: str) -> bool:
     return bool(_AUTHORS_SPATIAL.match(key) or _AUTHORS_TEMPORAL.match(key))
 
 
-def convert_authors_state_dict(state: dict[str, torch.Tensor], layers_per_block: int | None = None) -> dict[str, torch.Tensor]:
+def convert_authors_state_dict(
+    state: dict[str, torch.Tensor], layers_per_block: int | None = None
+) -> dict[str, torch.Tensor]:
     """The adapter tensors of an authors' UNet3DConditionModel state dict, under our keys.
     ``layers_per_block``: ResNets per down block, found from the keys of ``state`` unless given
     (when ``state`` holds only the adapter keys)."""
@@ -208,7 +216,10 @@ def convert_authors_state_dict(state: dict[str, torch.Tensor], layers_per_block:
     for key, tensor in state.items():
         if m := _AUTHORS_SPATIAL.match(key):
             site = _authors_site_path(m, layers)
-            out[f"{site}.transformer_blocks.{m.group('d')}.{_SPATIAL_KIND[m.group('kind')]}.{m.group('fc')}.{m.group('param')}"] = tensor
+            out[
+                f"{site}.transformer_blocks.{m.group('d')}.{_SPATIAL_KIND[m.group('kind')]}"
+                f".{m.group('fc')}.{m.group('param')}"
+            ] = tensor
         elif m := _AUTHORS_TEMPORAL.match(key):
             site = _authors_site_path(m, layers)
             out[f"{site}.temporal_adapter.{_TEMPORAL_LAYER[m.group('layer')]}.{m.group('param')}"] = tensor
@@ -282,7 +293,9 @@ def _read_safetensors(path: Path, name: str) -> _FileContents:
         raise AdapterFileError(
             f"'{name}' is not a readable safetensors file (truncated or corrupt: {e}); download or export it again."
         ) from None
-    return _FileContents(tensors, meta, _keys_layers_per_block(keys), context[1] if context and len(context) == 2 else None)
+    return _FileContents(
+        tensors, meta, _keys_layers_per_block(keys), context[1] if context and len(context) == 2 else None
+    )
 
 
 def _read_pickle(path: Path, name: str) -> _FileContents:
@@ -303,10 +316,15 @@ def _read_pickle(path: Path, name: str) -> _FileContents:
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise AdapterFileError(f"'{name}' does not hold a dictionary of tensors; it is not an adapter or UNet checkpoint.")
-    tensors = {k: v for k, v in state.items() if isinstance(k, str) and is_authors_adapter_key(k)}  # still mapped: only these pages are read
+        raise AdapterFileError(
+            f"'{name}' does not hold a dictionary of tensors; it is not an adapter or UNet checkpoint."
+        )
+    # still mapped: only these pages are read
+    tensors = {k: v for k, v in state.items() if isinstance(k, str) and is_authors_adapter_key(k)}
     probe = state.get(_CONTEXT_PROBE)
-    return _FileContents(tensors, {}, _keys_layers_per_block(state), probe.shape[1] if probe is not None and probe.ndim == 2 else None)
+    return _FileContents(
+        tensors, {}, _keys_layers_per_block(state), probe.shape[1] if probe is not None and probe.ndim == 2 else None
+    )
 
 
 def _read_tensors(path: Path, name: str) -> _FileContents:
@@ -314,7 +332,9 @@ def _read_tensors(path: Path, name: str) -> _FileContents:
         return _read_safetensors(path, name)
     if path.suffix in (".bin", ".pt", ".pth", ".ckpt"):
         return _read_pickle(path, name)
-    raise AdapterFileError(f"'{name}': unknown adapter file type '{path.suffix}'; use .safetensors (or the authors' .bin).")
+    raise AdapterFileError(
+        f"'{name}': unknown adapter file type '{path.suffix}'; use .safetensors (or the authors' .bin)."
+    )
 
 
 def _authors_family(weights: Path, context_dim: int | None, name: str) -> str:
@@ -329,11 +349,14 @@ def _authors_family(weights: Path, context_dim: int | None, name: str) -> str:
                 f"'{name}': its {label} is not readable JSON; restore it from the training output (or delete it)."
             ) from None
         if not isinstance(config, dict):
-            raise AdapterFileError(f"'{name}': its {label} is not a UNet configuration; restore it from the training output.")
+            raise AdapterFileError(
+                f"'{name}': its {label} is not a UNet configuration; restore it from the training output."
+            )
         dim = config.get("cross_attention_dim", context_dim)
         if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int)):
             raise AdapterFileError(
-                f"'{name}': its {label} gives cross_attention_dim {dim!r}, not a whole number; restore it from the training output."
+                f"'{name}': its {label} gives cross_attention_dim {dim!r}, "
+                "not a whole number; restore it from the training output."
             )
         context_dim = dim
     return "sd2" if context_dim == SD2_CONTEXT_DIM else "sd1"
@@ -363,7 +386,8 @@ def read_adapter_file(path: str | os.PathLike) -> AdapterFile:
         version = _metadata_count(meta, "format_version", 0, name)
         if version > FORMAT_VERSION:
             raise AdapterFileError(
-                f"'{name}' uses SimDA adapter format {version}, newer than this pack reads ({FORMAT_VERSION}); update the pack."
+                f"'{name}' uses SimDA adapter format {version}, newer than "
+                f"this pack reads ({FORMAT_VERSION}); update the pack."
             )
         adapter = AdapterFile(
             tensors=contents.tensors,

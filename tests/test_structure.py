@@ -31,8 +31,8 @@ def imported_modules(tree: ast.AST) -> list[tuple[int, str]]:
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             found.append((node.lineno, node.module))
         elif isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant):
-            name = ast.unparse(node.func)
-            if name in ("importlib.import_module", "import_module", "__import__") and isinstance(node.args[0].value, str):
+            by_name = ast.unparse(node.func) in ("importlib.import_module", "import_module", "__import__")
+            if by_name and isinstance(node.args[0].value, str):
                 found.append((node.lineno, node.args[0].value))
     return found
 

@@ -32,7 +32,11 @@ def host_norm_parameters(norm, x):
     """A host GroupNorm's ``(weight, bias)`` for this call, as its own forward would use them:
     through the host's ``cast_bias_weight`` when the host casts that layer per call (low-VRAM
     offload, manual cast, weight patches applied on the fly), else the layer's own tensors."""
-    if getattr(norm, "comfy_cast_weights", False) or getattr(norm, "weight_function", None) or getattr(norm, "bias_function", None):
+    if (
+        getattr(norm, "comfy_cast_weights", False)
+        or getattr(norm, "weight_function", None)
+        or getattr(norm, "bias_function", None)
+    ):
         import comfy.ops
 
         return comfy.ops.cast_bias_weight(norm, x)[:2]

@@ -50,7 +50,9 @@ def free_device_memory(model_patcher, device) -> float:
         fraction_of = getattr(torch.cuda, "get_per_process_memory_fraction", None)  # torch >= 2.6
         fraction = fraction_of(device) if fraction_of is not None else 1.0
         if fraction < 1.0:
-            capped = fraction * torch.cuda.get_device_properties(device).total_memory - torch.cuda.memory_allocated(device)
+            capped = (
+                fraction * torch.cuda.get_device_properties(device).total_memory - torch.cuda.memory_allocated(device)
+            )
             free = min(free, capped)
     return free
 

@@ -219,7 +219,9 @@ def _fresh_adapter_patcher(adapters, load_device, offload_device, disable_dynami
     as the host's loaders give a deep clone (multi-GPU) weights of its own."""
     import comfy.model_patcher
 
-    return comfy.model_patcher.ModelPatcher(copy.deepcopy(adapters), load_device=load_device, offload_device=offload_device)
+    return comfy.model_patcher.ModelPatcher(
+        copy.deepcopy(adapters), load_device=load_device, offload_device=offload_device
+    )
 
 
 def adapter_patcher(adapters, model_patcher):
@@ -230,7 +232,9 @@ def adapter_patcher(adapters, model_patcher):
     patcher = comfy.model_patcher.ModelPatcher(
         adapters, load_device=model_patcher.load_device, offload_device=model_patcher.offload_device
     )
-    patcher.cached_patcher_init = (_fresh_adapter_patcher, (adapters, model_patcher.load_device, model_patcher.offload_device))
+    patcher.cached_patcher_init = (
+        _fresh_adapter_patcher, (adapters, model_patcher.load_device, model_patcher.offload_device)
+    )
     return patcher
 
 
@@ -276,7 +280,10 @@ def apply_simda(model_patcher, config: SimDAConfig):
     adapters = config.active_adapters
     if adapters is not None or config.gradient_checkpointing:
         for site in sites:
-            object_patch(site.path, hooks.temporal_adapter_then_transformer(unet.get_submodule(site.path), site.path, runtime_ref))
+            object_patch(
+                site.path,
+                hooks.temporal_adapter_then_transformer(unet.get_submodule(site.path), site.path, runtime_ref),
+            )
     if config.gradient_checkpointing:
         for path in find_resblocks(unet):
             object_patch(path, hooks.checkpointed_resblock(unet.get_submodule(path), runtime_ref))
@@ -290,7 +297,9 @@ def apply_simda(model_patcher, config: SimDAConfig):
                 object_patch(f"{block_path}.norm3", hooks.pass_through)
                 by_block[shift_block_key(site, index)] = adapters.attention_adapter(block_path)
         model_patcher.set_model_attn1_output_patch(hooks.attention_adapters(by_block, runtime))
-        model_patcher.set_additional_models(ADDITIONAL_MODELS_KEY, [carried[0] if carried else adapter_patcher(adapters, model_patcher)])
+        model_patcher.set_additional_models(
+            ADDITIONAL_MODELS_KEY, [carried[0] if carried else adapter_patcher(adapters, model_patcher)]
+        )
 
     if config.uses_frame_group_norm:
         for path in find_resblock_norms(unet):

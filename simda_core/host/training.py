@@ -35,8 +35,8 @@ def training_patcher(model_patcher):
         delegate = getattr(patcher, "get_non_dynamic_delegate", None)
         if delegate is None:
             raise RuntimeError(
-                "SimDA: this ComfyUI streams the model's weights (Dynamic VRAM) but offers no non-dynamic copy to train "
-                "through; start ComfyUI with --disable-dynamic-vram to tune SimDA adapters."
+                "SimDA: this ComfyUI streams the model's weights (Dynamic VRAM) but offers no non-dynamic copy to "
+                "train through; start ComfyUI with --disable-dynamic-vram to tune SimDA adapters."
             )
         try:
             patcher = delegate()

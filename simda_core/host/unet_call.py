@@ -56,7 +56,9 @@ def unet_output(
     }
     wrapper = model_patcher.model_options.get("model_function_wrapper")
     if wrapper is not None:
-        denoised = wrapper(base.apply_model, {"input": x_noisy, "timestep": sigma, "c": inputs, "cond_or_uncond": cond_or_uncond})
+        denoised = wrapper(
+            base.apply_model, {"input": x_noisy, "timestep": sigma, "c": inputs, "cond_or_uncond": cond_or_uncond}
+        )
     else:
         denoised = base.apply_model(x_noisy, sigma, **inputs)
     return denoising_target(base.model_sampling, sigma, x_noisy, denoised)
@@ -94,7 +96,9 @@ class HostConditioning:
             base.current_patcher = previous
 
 
-def host_conditioned_output(model_patcher, conditioning: HostConditioning, x_noisy: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+def host_conditioned_output(
+    model_patcher, conditioning: HostConditioning, x_noisy: torch.Tensor, sigma: torch.Tensor
+) -> torch.Tensor:
     """The raw UNet output (noise or v) that the host's combined prediction for ``conditioning``
     amounts to: the output that would denoise ``x_noisy`` to that prediction."""
     denoised = conditioning.denoised(model_patcher, x_noisy, sigma, training=torch.is_grad_enabled())

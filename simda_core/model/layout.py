@@ -38,7 +38,9 @@ class ClipLayout:
 
     def __post_init__(self) -> None:
         if len(self.positions) != self.frames:
-            raise ClipLayoutError(f"a clip of {self.frames} frames needs {self.frames} time positions, got {len(self.positions)}")
+            raise ClipLayoutError(
+                f"a clip of {self.frames} frames needs {self.frames} time positions, got {len(self.positions)}"
+            )
         first = self.positions[0] if self.positions else 0
         offsets = tuple(int(p) - first for p in self.positions)
         if any(b <= a for a, b in zip(offsets, offsets[1:])):

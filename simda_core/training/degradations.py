@@ -135,7 +135,9 @@ def draw_degradation(config: DegradationConfig, seed: int, step: int, clip: int)
     angle, direction = uniform(0.0, 180.0), uniform(-1.0, 1.0)
     mode = config.resize_modes[int(torch.randint(len(config.resize_modes), (), generator=generator))]
     antialias = chance(0.5)
-    noisy, poisson, gray = chance(config.noise_probability), chance(config.poisson_probability), chance(config.gray_noise_probability)
+    noisy, poisson, gray = (
+        chance(config.noise_probability), chance(config.poisson_probability), chance(config.gray_noise_probability)
+    )
     gaussian_sigma = uniform(*config.gaussian_sigma)
     # Peak counts spread over orders of magnitude: draw their logarithm uniformly.
     log_low, log_high = torch.tensor(config.poisson_peak, dtype=torch.float64).log().tolist()
@@ -188,15 +190,19 @@ def apply_degradation(frames: torch.Tensor, degradation: ClipDegradation, scale:
             x = kornia.filters.motion_blur(x, length, angle, direction, border_type="reflect")
 
     smooth = degradation.resize_mode in ("bilinear", "bicubic")
-    x = torch.nn.functional.interpolate(x, size=size, mode=degradation.resize_mode, antialias=degradation.antialias and smooth,
-                                        align_corners=False if smooth else None)
+    x = torch.nn.functional.interpolate(
+        x, size=size, mode=degradation.resize_mode, antialias=degradation.antialias and smooth,
+        align_corners=False if smooth else None,
+    )
     x = x.clamp(0, 1)
 
     if degradation.gaussian_sigma is not None or degradation.poisson_peak is not None:
         generator = torch.Generator(device=x.device).manual_seed(degradation.noise_seed)
         channels = 1 if degradation.gray_noise else 3
         if degradation.gaussian_sigma is not None:
-            noise = torch.randn((count, channels, *size), generator=generator, device=x.device) * degradation.gaussian_sigma
+            noise = (
+                torch.randn((count, channels, *size), generator=generator, device=x.device) * degradation.gaussian_sigma
+            )
         else:
             # Poisson-like: photon counts at ``peak`` for white. Gray noise takes the counts of the
             # luma and adds its deviation to every channel.

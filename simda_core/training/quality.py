@@ -44,8 +44,10 @@ def check_clips(output: torch.Tensor, reference: torch.Tensor) -> None:
     if output.ndim != 4 or output.shape[-1] != 3:
         raise ValueError(f"clips must be IMAGE batches [F, H, W, 3]; got {list(output.shape)}")
     if output.shape != reference.shape:
-        raise ValueError(f"the clips differ in shape: {list(output.shape)} against the reference's {list(reference.shape)}; "
-                         "resize or crop the output to the reference first")
+        raise ValueError(
+            f"the clips differ in shape: {list(output.shape)} against the reference's {list(reference.shape)}; "
+            "resize or crop the output to the reference first"
+        )
 
 
 def _window(height: int, width: int, window: int) -> int:
@@ -73,7 +75,9 @@ def ssim_per_frame(output: torch.Tensor, reference: torch.Tensor, window: int = 
     return ssim_map(_channels_first(output), _channels_first(reference), 1.0, window).mean(dim=(1, 2, 3))
 
 
-def temporal_consistency_per_pair(output: torch.Tensor, reference: torch.Tensor, window: int = SSIM_WINDOW) -> torch.Tensor:
+def temporal_consistency_per_pair(
+    output: torch.Tensor, reference: torch.Tensor, window: int = SSIM_WINDOW
+) -> torch.Tensor:
     """Frame-difference SSIM of each adjacent pair ``[F - 1]``: ``SSIM(out[t+1] - out[t],
     ref[t+1] - ref[t])`` with ``max_val=2`` (a difference spans -1..1)."""
     check_clips(output, reference)

@@ -48,7 +48,8 @@ class AdapterTrainer:
     """Loss-scaler skips in a row after which training stops: the loss diverged, it did not overflow."""
 
     def __init__(
-        self, model_patcher, adapters: SimDAAdapters, recipe: TuningRecipe, seed: int = 0, loss_scaling: str | None = None
+        self, model_patcher, adapters: SimDAAdapters, recipe: TuningRecipe, seed: int = 0,
+        loss_scaling: str | None = None,
     ):
         """``loss_scaling``: the device type of a ``GradScaler`` to use whatever the precision (e.g.
         ``"cpu"``); by default the scaler runs with fp16 mixed precision on CUDA and is off otherwise."""
@@ -59,7 +60,8 @@ class AdapterTrainer:
         for p in self.parameters:
             p.requires_grad_(True)
         self.optimizer = torch.optim.AdamW(
-            self.parameters, lr=recipe.learning_rate, betas=recipe.betas, weight_decay=recipe.weight_decay, eps=recipe.eps
+            self.parameters, lr=recipe.learning_rate, betas=recipe.betas, weight_decay=recipe.weight_decay,
+            eps=recipe.eps,
         )
         self.device = model_patcher.load_device
         self.generator = torch.Generator(device="cpu").manual_seed(seed)
@@ -145,9 +147,9 @@ class AdapterTrainer:
             self.skipped_in_a_row += 1
             if self.skipped_in_a_row >= self.MAX_SKIPPED_IN_A_ROW:
                 raise FloatingPointError(
-                    f"the loss scaler skipped {self.skipped_in_a_row} steps in a row (non-finite gradients down to loss "
-                    f"scale {self.scaler.get_scale():g}, loss {float(loss.detach()):.4g}): the training diverged; lower the "
-                    "learning rate or train without mixed precision."
+                    f"the loss scaler skipped {self.skipped_in_a_row} steps in a row (non-finite gradients down to "
+                    f"loss scale {self.scaler.get_scale():g}, loss {float(loss.detach()):.4g}): the training diverged; "
+                    "lower the learning rate or train without mixed precision."
                 )
             return False
         self.skipped_in_a_row = 0

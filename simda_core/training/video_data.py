@@ -65,7 +65,10 @@ class ClipSampling:
         if self.stride < 1:
             raise VideoDataError(f"stride is {self.stride}; use 1 (every frame) or more.")
         if self.width < 8 or self.height < 8 or self.width % 8 or self.height % 8:
-            raise VideoDataError(f"{self.width}x{self.height} is not a multiple of 8 on both sides; SD latents are 1/8 of the image size.")
+            raise VideoDataError(
+                f"{self.width}x{self.height} is not a multiple of 8 "
+                "on both sides; SD latents are 1/8 of the image size."
+            )
         if self.crop not in CROPS:
             raise VideoDataError(f"crop '{self.crop}' is unknown; use one of {', '.join(CROPS)}.")
 
@@ -89,7 +92,9 @@ def find_clips(folder: str | Path) -> list[ClipEntry]:
     missing ones are named in one error."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise VideoDataError(f"the data folder '{folder}' does not exist; pass a folder of clips with .txt captions, or --csv.")
+        raise VideoDataError(
+            f"the data folder '{folder}' does not exist; pass a folder of clips with .txt captions, or --csv."
+        )
     clips = sorted(
         p for p in folder.rglob("*")
         if p.suffix.lower() in VIDEO_EXTENSIONS and not p.name.startswith(".") and p.is_file()
@@ -152,7 +157,9 @@ def read_csv(csv_path: str | Path, root: str | Path | None = None) -> list[ClipE
                 name = str(Path(page) / f"{video_id}.mp4") if video_id else ""
             caption = " ".join((row.get(caption_column) or "").split())
             if not name:
-                raise VideoDataError(f"row {row_number} of '{csv_path.name}' names no clip; fill in its {path_column or id_column}.")
+                raise VideoDataError(
+                    f"row {row_number} of '{csv_path.name}' names no clip; fill in its {path_column or id_column}."
+                )
             path = Path(name) if Path(name).is_absolute() else root / name
             if not caption:
                 uncaptioned.append(row_number)
@@ -167,7 +174,10 @@ def read_csv(csv_path: str | Path, root: str | Path | None = None) -> list[ClipE
             f"'{caption_column}' column or remove those rows."
         )
     if absent:
-        log.warning("SimDA data: %d clips listed in %s do not exist and are skipped (%s).", len(absent), csv_path.name, _shown(absent, root))
+        log.warning(
+            "SimDA data: %d clips listed in %s do not exist and are skipped (%s).",
+            len(absent), csv_path.name, _shown(absent, root),
+        )
     if not entries:
         raise VideoDataError(
             f"none of the clips listed in '{csv_path.name}' exist under '{root}'; point --data at the folder the "
@@ -232,7 +242,9 @@ def fit_frames(frames: torch.Tensor, width: int, height: int, position: float = 
     pixels = frames[:, top:top + h, left:left + w, :3].permute(0, 3, 1, 2)
     pixels = pixels.float() / 255.0 if not pixels.is_floating_point() else pixels.float()
     if (h, w) != (height, width):
-        pixels = torch.nn.functional.interpolate(pixels, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
+        pixels = torch.nn.functional.interpolate(
+            pixels, size=(height, width), mode="bilinear", align_corners=False, antialias=True
+        )
     return pixels.permute(0, 2, 3, 1).clamp(0, 1).contiguous()
 
 
@@ -303,7 +315,8 @@ class VideoClipDataset(Dataset):
             self._unusable.add(candidate)
         raise VideoDataError(
             f"none of the {len(self.entries)} clips gives a sample of {self.sampling.frames} frames every "
-            f"{self.sampling.stride} (each needs {self.sampling.span} frames); use shorter --frames or --stride, or longer clips."
+            f"{self.sampling.stride} (each needs {self.sampling.span} "
+            "frames); use shorter --frames or --stride, or longer clips."
         )
 
 

@@ -36,8 +36,8 @@ def conditioning_mismatch(conditionings: dict[str, list], frames: int, frames_pe
             if rows not in allowed:
                 per_clip = f" (or {frames_per_clip} per clip)" if frames_per_clip and frames_per_clip != frames else ""
                 return (
-                    f"the {name} conditioning holds {rows} rows, one per frame of a {rows}-frame prompt schedule, but the "
-                    f"clip has {frames} frames{per_clip}; set SimDA Prompt Travel's frames to {frames}, or use a "
+                    f"the {name} conditioning holds {rows} rows, one per frame of a {rows}-frame prompt schedule, but "
+                    f"the clip has {frames} frames{per_clip}; set SimDA Prompt Travel's frames to {frames}, or use a "
                     "conditioning with one row"
                 )
     return None
@@ -47,12 +47,15 @@ def frames_per_clip_mismatch(frames: int, frames_per_clip: int) -> str | None:
     """Whether ``frames`` split into whole clips of ``frames_per_clip`` (0: the whole batch is one clip)."""
     if frames_per_clip and frames % frames_per_clip:
         return (
-            f"the clip has {frames} frames, which do not split into clips of frames_per_clip = {frames_per_clip} (set in "
-            f"the Latent-Shift Patch); use a multiple of {frames_per_clip} frames, or set frames_per_clip to 0"
+            f"the clip has {frames} frames, which do not split into clips of frames_per_clip = {frames_per_clip} (set "
+            f"in the Latent-Shift Patch); use a multiple of {frames_per_clip} frames, or set frames_per_clip to 0"
         )
     return None
 
 
 def clip_mismatch(conditionings: dict[str, list], frames: int, frames_per_clip: int = 0) -> str | None:
     """Both checks of a sampling or tuning run, ``frames_per_clip`` first: one sentence, or None."""
-    return frames_per_clip_mismatch(frames, frames_per_clip) or conditioning_mismatch(conditionings, frames, frames_per_clip)
+    return (
+        frames_per_clip_mismatch(frames, frames_per_clip)
+        or conditioning_mismatch(conditionings, frames, frames_per_clip)
+    )

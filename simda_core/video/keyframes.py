@@ -28,7 +28,9 @@ def parse_frame_list(text: str, frames: int) -> list[int]:
     indices: list[int] = []
     for part in parts:
         if not re.fullmatch(r"-?\d+", part):
-            raise KeyframeError(f'"{part}" is not a frame number; write frame numbers separated by commas, e.g. "0, 8, -1"')
+            raise KeyframeError(
+                f'"{part}" is not a frame number; write frame numbers separated by commas, e.g. "0, 8, -1"'
+            )
         index = int(part)
         resolved = index + frames if index < 0 else index
         if not 0 <= resolved < frames:
@@ -43,7 +45,10 @@ def keyframed_clip(frames: int, keyframes: torch.Tensor, at: list[int]) -> tuple
     """``(samples [F, C, h, w], noise_mask [F, 1, h, w])`` for ``keyframes`` ``[K, C, h, w]`` placed at
     frames ``at`` (K entries)."""
     if keyframes.shape[0] != len(at):
-        raise KeyframeError(f"{keyframes.shape[0]} keyframe images or latents are given for {len(at)} keyframe frames; give one per frame")
+        raise KeyframeError(
+            f"{keyframes.shape[0]} keyframe images or latents are "
+            f"given for {len(at)} keyframe frames; give one per frame"
+        )
     _, channels, height, width = keyframes.shape
     samples = torch.zeros(frames, channels, height, width, dtype=keyframes.dtype, device=keyframes.device)
     mask = torch.ones(frames, 1, height, width, dtype=torch.float32, device=keyframes.device)

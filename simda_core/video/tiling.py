@@ -147,7 +147,9 @@ def piece_mask(tile: Tile, group: FrameGroup) -> torch.Tensor | None:
     return mask
 
 
-def blend_piece_(canvas: torch.Tensor, piece: torch.Tensor, mask: torch.Tensor | None, group: FrameGroup, tile: Tile) -> None:
+def blend_piece_(
+    canvas: torch.Tensor, piece: torch.Tensor, mask: torch.Tensor | None, group: FrameGroup, tile: Tile
+) -> None:
     """Write a sampled piece ``[group frames, C, height, width]`` into ``canvas`` ``[F, C, H, W]``
     in place: ``canvas + mask * (piece - canvas)``, so known positions (mask 0) stay exactly as
     they were and new ones take the piece."""

@@ -57,7 +57,9 @@ class CaptionEncoder:
         conds = [repeat_tokens(c, tokens) for c in conds]
         return torch.cat([c.expand(frames, -1, -1) for c in conds])
 
-    def model_conds(self, model_patcher, captions: list[str], frames: int, width: int, height: int) -> dict[str, torch.Tensor]:
+    def model_conds(
+        self, model_patcher, captions: list[str], frames: int, width: int, height: int
+    ) -> dict[str, torch.Tensor]:
         """The model's extra conditioning of each clip, made by the host's ``extra_conds`` from the
         clip's caption at the clips' frame size, as when it samples a CLIP Text Encode output:
         SDXL's ADM vector (pooled CLIP-G text + size embeddings, crop 0, target = frame size),
@@ -128,7 +130,9 @@ def sr_conditioning(model_patcher, frames: torch.Tensor, x0: torch.Tensor, seed:
     return {name: torch.cat(tensors) for name, tensors in parts.items()}
 
 
-def sample_draws(seed: int, sample_numbers: list[int], latent_shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_draws(
+    seed: int, sample_numbers: list[int], latent_shape: tuple[int, ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Timestep and noise of each sample of a shard, from the sample's number only: ``[clips]``
     and ``[clips * F, C, h, w]`` for per-clip latents ``latent_shape`` ``(F, C, h, w)``."""
     timesteps, noise = [], []

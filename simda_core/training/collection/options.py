@@ -43,7 +43,8 @@ class TrainingOptions:
     workers: int = 2
     resume: bool = False
     noise_augmentation: tuple[float, float] = (0.0, 0.2)
-    """x4 upscaler only: each clip's noise augmentation (SD 4x Upscale Conditioning's) is drawn uniformly from this range."""
+    """x4 upscaler only: each clip's noise augmentation (SD 4x Upscale Conditioning's) is drawn uniformly from this
+    range."""
     degradation: DegradationConfig = field(default_factory=DegradationConfig)
     """x4 upscaler only: how each clip's low-resolution input is made from its frames (realistic: blur,
     random resize, noise, JPEG, one draw per clip; bicubic: the clean downscale)."""
@@ -77,9 +78,14 @@ class TrainingOptions:
             flag = "--" + name.replace("_", "-") if name in {f.name for f in fields(DegradationConfig)} else name
             raise TrainingSetupError(f"super-resolution input: {flag} {rest}.") from None
         if self.sample_clip is not None and not Path(self.sample_clip).is_file():
-            raise TrainingSetupError(f"--sample-clip '{self.sample_clip}' does not exist; pass a video file (mp4, webm, ...).")
+            raise TrainingSetupError(
+                f"--sample-clip '{self.sample_clip}' does not exist; pass a video file (mp4, webm, ...)."
+            )
         if not Path(self.checkpoint).is_file():
-            raise TrainingSetupError(f"the checkpoint '{self.checkpoint}' does not exist; pass the path of an SD1.x, SD2.x or SDXL .safetensors/.ckpt file.")
+            raise TrainingSetupError(
+                f"the checkpoint '{self.checkpoint}' does not exist; pass "
+                "the path of an SD1.x, SD2.x or SDXL .safetensors/.ckpt file."
+            )
 
     def as_record(self) -> dict:
         """Plain values for the training state (no paths or custom types)."""

@@ -168,7 +168,9 @@ def write_mp4(frames: torch.Tensor, path: Path, fps: int = 8) -> None:
     import av
 
     pixels = (frames.clamp(0, 1) * 255).round().to(torch.uint8)
-    pixels = torch.nn.functional.pad(pixels.movedim(-1, 1), (0, pixels.shape[2] % 2, 0, pixels.shape[1] % 2)).movedim(1, -1)
+    pixels = torch.nn.functional.pad(
+        pixels.movedim(-1, 1), (0, pixels.shape[2] % 2, 0, pixels.shape[1] % 2)
+    ).movedim(1, -1)
     codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
 
     def write(tmp: Path) -> None:
@@ -211,14 +213,18 @@ class UpscalingSamples:
             self.prompt = options.sample_prompt or sample["caption"]
         degradation = draw_degradation(options.degradation, derived_seed(options.seed, "sample degradation"), 0, 0)
         self.low = low_resolution(self.truth, degradation)
-        self.plain = upscale_clip(base_model, captions, vae, self.low, self.prompt, options.sample_steps, options.sample_cfg,
-                                  options.noise_augmentation[0], options.seed)
+        self.plain = upscale_clip(
+            base_model, captions, vae, self.low, self.prompt, options.sample_steps, options.sample_cfg,
+            options.noise_augmentation[0], options.seed,
+        )
 
     def scores(self, clip: torch.Tensor) -> dict[str, float]:
         return {
             "psnr": quality.psnr(clip, self.truth),
             "ssim": quality.ssim(clip, self.truth),
-            "temporal_consistency": quality.temporal_consistency(clip, self.truth) if clip.shape[0] > 1 else float("nan"),
+            "temporal_consistency": (
+                quality.temporal_consistency(clip, self.truth) if clip.shape[0] > 1 else float("nan")
+            ),
         }
 
     def write(self, base_model, model_patcher, captions: CaptionEncoder, vae, step: int) -> Path:
@@ -226,8 +232,10 @@ class UpscalingSamples:
         if self.truth is None:
             self._prepare(base_model, captions, vae)
         options = self.options
-        ours = upscale_clip(model_patcher, captions, vae, self.low, self.prompt, options.sample_steps, options.sample_cfg,
-                            options.noise_augmentation[0], options.seed)
+        ours = upscale_clip(
+            model_patcher, captions, vae, self.low, self.prompt, options.sample_steps, options.sample_cfg,
+            options.noise_augmentation[0], options.seed,
+        )
         size = tuple(self.truth.shape[1:3])
         panels = [blown_up(self.low, size), self.plain, ours, self.truth.float()]
         plain_scores, our_scores = self.scores(self.plain), self.scores(ours)

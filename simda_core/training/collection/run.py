@@ -60,19 +60,20 @@ def load_host_model(options: TrainingOptions):
     except RuntimeError as e:
         reason = " ".join(str(e).split()).removeprefix("ERROR: ")
         raise TrainingSetupError(
-            f"ComfyUI could not load '{options.checkpoint}' ({reason}); pass an SD1.x, SD2.x or SDXL checkpoint (or the SD x4 upscaler) "
-            "with UNet, text encoder and VAE in one file."
+            f"ComfyUI could not load '{options.checkpoint}' ({reason}); pass an SD1.x, SD2.x or SDXL checkpoint (or "
+            "the SD x4 upscaler) with UNet, text encoder and VAE in one file."
         ) from None
     if model is None or clip is None or vae is None:
         raise TrainingSetupError(
-            f"'{Path(options.checkpoint).name}' lacks a UNet, text encoder or VAE; the trainer needs a full SD1.x, SD2.x or SDXL checkpoint "
-            "(or the full SD x4 upscaler, e.g. x4-upscaler-ema.safetensors)."
+            f"'{Path(options.checkpoint).name}' lacks a UNet, text encoder or VAE; the trainer needs a full SD1.x, "
+            "SD2.x or SDXL checkpoint (or the full SD x4 upscaler, e.g. x4-upscaler-ema.safetensors)."
         )
     family = model_family(model)
     if family not in TRAINABLE_FAMILIES:
         raise TrainingSetupError(
-            f"'{Path(options.checkpoint).name}' is a {family} checkpoint; SimDA adapters train on an SD1.x, SD2.x or SDXL "
-            "UNet, super-resolution adapters on the SD x4 upscaler: pass such a base checkpoint or x4-upscaler-ema.safetensors."
+            f"'{Path(options.checkpoint).name}' is a {family} checkpoint; SimDA adapters train on an SD1.x, SD2.x or "
+            "SDXL UNet, super-resolution adapters on the SD x4 upscaler: "
+            "pass such a base checkpoint or x4-upscaler-ema.safetensors."
         )
     return model, clip, vae, family
 
@@ -87,8 +88,8 @@ def prepare_training(model, family: str, options: TrainingOptions, state: dict |
             adapters.load_file_state_dict({k: v.to(device) for k, v in state["adapters"].items()})
         except KeyError as e:
             raise TrainingSetupError(
-                f"--resume: the saved adapters do not fit this checkpoint's UNet ({e.args[0]}); resume with the checkpoint "
-                "the run started from."
+                f"--resume: the saved adapters do not fit this checkpoint's UNet ({e.args[0]}); resume with the "
+                "checkpoint the run started from."
             ) from None
     processes.broadcast_(adapters)
     training = training_patcher(model)
@@ -120,8 +121,8 @@ def run(options: TrainingOptions, processes: Processes) -> Path:
         )
     global_batch = options.batch_per_process * processes.world
     if processes.is_main:
-        log.info("SimDA trainer: %d clips; global batch %d = %d per process x %d process%s; %d frames every %d at %dx%d; "
-                 "steps %d -> %d", len(entries), global_batch, options.batch_per_process, processes.world,
+        log.info("SimDA trainer: %d clips; global batch %d = %d per process x %d process%s; %d frames every %d at "
+                 "%dx%d; steps %d -> %d", len(entries), global_batch, options.batch_per_process, processes.world,
                  "es" if processes.world > 1 else "", options.frames, options.stride, options.width, options.height,
                  start_step, options.steps)
         if state:
@@ -146,8 +147,8 @@ def run(options: TrainingOptions, processes: Processes) -> Path:
         log.info("SimDA trainer: %s UNet, %.1fM adapter parameters, output in %s", family,
                  adapters.trainable_parameters() / 1e6, output)
         if super_resolution:
-            log.info("SimDA trainer: super-resolution: %dx%d frames from their %dx%d downscale, noise augmentation %g..%g",
-                     options.width, options.height, options.width // SR_SCALE, options.height // SR_SCALE,
+            log.info("SimDA trainer: super-resolution: %dx%d frames from their %dx%d downscale, noise augmentation "
+                     "%g..%g", options.width, options.height, options.width // SR_SCALE, options.height // SR_SCALE,
                      *options.noise_augmentation)
 
     dataset = VideoClipDataset(entries, sampling)
@@ -238,8 +239,8 @@ def run(options: TrainingOptions, processes: Processes) -> Path:
         elapsed = time.monotonic() - started
         trained = max(0, step + 1 - start_step)
         log.info("SimDA trainer: %d steps in %.1f s (%.2f s/step), final loss %.5f, %d update(s) skipped by the loss "
-                 "scaler; output in %s", trained, elapsed, elapsed / max(1, trained), losses[-1] if losses else float("nan"),
-                 trainer.skipped_steps, output)
+                 "scaler; output in %s", trained, elapsed, elapsed / max(1, trained),
+                 losses[-1] if losses else float("nan"), trainer.skipped_steps, output)
     return output
 
 

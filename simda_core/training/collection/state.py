@@ -82,7 +82,9 @@ def load_state(path: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001  (a cut or foreign file)
-        raise TrainingSetupError(f"--resume: '{path}' cannot be read ({type(e).__name__}: {e}); it is damaged.") from None
+        raise TrainingSetupError(
+            f"--resume: '{path}' cannot be read ({type(e).__name__}: {e}); it is damaged."
+        ) from None
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise TrainingSetupError(f"--resume: '{path}' is not a SimDA training state.")
     if int(state.get("version", 0)) > STATE_VERSION:
@@ -107,7 +109,8 @@ def check_output(options: TrainingOptions) -> Path:
         earlier = [p.name for p in (output.glob(f"{ADAPTER_PREFIX}*.safetensors") if output.is_dir() else [])]
         if state_path.exists() or earlier:
             raise TrainingSetupError(
-                f"the output folder '{output}' already holds a training run ({STATE_NAME if state_path.exists() else earlier[0]}); "
+                f"the output folder '{output}' already holds a training run "
+                f"({STATE_NAME if state_path.exists() else earlier[0]}); "
                 "pass --resume to continue it, or choose another output folder."
             )
     elif not state_path.is_file():
