@@ -81,6 +81,32 @@ def invert_clip(model, latent: torch.Tensor, conditioning, steps: int, scheduler
     ).to(comfy.model_management.intermediate_device())
 
 
+LOSS_MAP = getattr(io, "LossMap", None) or io.Custom("LOSS_MAP")
+"""The host's loss-history type (``{"loss": [one value per step]}``), drawn by its Plot Loss Graph node."""
+LOSS_WINDOW = 10
+
+
+def loss_text(losses: list[float], steps: int) -> str:
+    """The line shown under the Edit Tuner while it trains: the step, its loss, and the mean of the
+    last ten steps' (single steps' losses jump with their random timesteps)."""
+    recent = losses[-LOSS_WINDOW:]
+    return (
+        f"step {len(losses)}/{steps}: loss {losses[-1]:.4f}, "
+        f"mean of the last {len(recent)} {sum(recent) / len(recent):.4f}"
+    )
+
+
+def show_text(node_id: str | None, text: str) -> None:
+    """``text`` under the node in the frontend (the host's ``send_progress_text``), when a server runs it."""
+    if node_id is None:
+        return
+    from server import PromptServer
+
+    server = getattr(PromptServer, "instance", None)
+    if server is not None:
+        server.send_progress_text(text, node_id)
+
+
 class SimDAEditTuner(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -175,7 +201,15 @@ class SimDAEditTuner(io.ComfyNode):
                     display_name="frame_rate",
                     tooltip="Frame rate of the edited clip (source_fps / stride), for Create Video.",
                 ),
+                LOSS_MAP.Output(
+                    display_name="loss_map",
+                    tooltip=(
+                        "The training loss of every step, for the host's Plot Loss Graph: whether the steps were "
+                        "enough. The node also shows the loss under itself while it trains."
+                    ),
+                ),
             ],
+            hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
@@ -228,12 +262,14 @@ class SimDAEditTuner(io.ComfyNode):
                 context = HostConditioning(training, source_prompt, x0, seed=seed)
                 trainer = AdapterTrainer(training, adapters, recipe, seed=seed)
                 progress = comfy.utils.ProgressBar(steps)
+                losses = []
                 for step in range(steps):
                     comfy.model_management.throw_exception_if_processing_interrupted()
-                    loss = trainer.step(x0, context)
+                    losses.append(trainer.step(x0, context))
                     progress.update_absolute(step + 1, steps)
+                    show_text(cls.hidden.unique_id if cls.hidden else None, loss_text(losses, steps))
                     if step == 0 or (step + 1) % max(1, steps // 10) == 0:
-                        log.info("SimDA Edit Tuner: step %d/%d, loss %.5f", step + 1, steps, loss)
+                        log.info("SimDA Edit Tuner: step %d/%d, loss %.5f", step + 1, steps, losses[-1])
             adapters.requires_grad_(False)
 
         tuned = simda_clone(model, replace(config, adapters=adapters, strength=1.0, gradient_checkpointing=False))
@@ -241,7 +277,7 @@ class SimDAEditTuner(io.ComfyNode):
             inverted = invert_clip(tuned, latent, inversion_conditioning, inversion_steps, inversion_scheduler)
         result = TrainedAdapters(adapters, family, frames_trained=int(x0.shape[0]), steps=steps)
         start = {"samples": inverted, INVERSION_KEY: inversion_record(inversion_steps, inversion_scheduler)}
-        return io.NodeOutput(tuned, start, result, source_fps / stride)
+        return io.NodeOutput(tuned, start, result, source_fps / stride, {"loss": losses})
 
 
 SAVE_ATTEMPTS = 100

@@ -12,6 +12,7 @@ ComfyUI 0.3.75:
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -164,7 +165,7 @@ def test_edit_tuner_leaves_the_host_loaded_unet_as_it_was():
     with torch.inference_mode():
         frames = torch.rand(4, 64, 64, 3, generator=torch.Generator().manual_seed(0))
         prompt = clip.encode_from_tokens_scheduled(clip.tokenize("a clip"))
-        tuned, inverted, trained, _ = SimDAEditTuner.execute(
+        tuned, inverted, trained, _, loss_map = SimDAEditTuner.execute(
             model, vae, frames, prompt, steps=2, learning_rate=1e-3, seed=0, frames=4, start_frame=0, stride=1,
             width=64, height=64, gradient_checkpointing=True, inversion_steps=2, inversion_scheduler="ddim_uniform",
             clip=clip,
@@ -173,6 +174,7 @@ def test_edit_tuner_leaves_the_host_loaded_unet_as_it_was():
     assert any(
         (p != 0).any() for name, p in trained.adapters.named_parameters() if ".up." in name or ".fc2." in name
     ), "nothing trained"
+    assert len(loss_map["loss"]) == 2 and all(math.isfinite(v) for v in loss_map["loss"])
     after = dict(model.model.diffusion_model.named_parameters())
     assert after.keys() == before.keys()
     for name, (param, inference, values) in before.items():

@@ -319,7 +319,7 @@ def test_edit_tuner_trains_every_sdxl_adapter_with_the_clips_adm_vector(deep):
     prompt, empty = conditioning(6), conditioning(7)
 
     with torch.inference_mode():  # as the host's executor runs a node
-        tuned, inverted, trained, rate = SimDAEditTuner.execute(
+        tuned, inverted, trained, rate, _ = SimDAEditTuner.execute(
             model, vae, source, prompt, steps=2, learning_rate=lr, seed=0, frames=frames, start_frame=0, stride=1,
             width=width, height=height, gradient_checkpointing=True, inversion_steps=1,
             inversion_scheduler="ddim_uniform",

@@ -1,9 +1,11 @@
 """The host's side of training adapters: a clone of the MODEL that backward can run through (its
 inference weights wrapped, a streamed MODEL replaced by its non-dynamic delegate), loaded whole as
-the host's own training node loads, and the host's ``in_training`` flag."""
+the host's own training node loads, the host's ``in_training`` flag, and the precision the host's
+training node would pick for the model."""
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import torch
 
@@ -101,3 +103,39 @@ def host_training_mode():
         yield
     finally:
         mm.in_training = saved
+
+
+@dataclass(frozen=True)
+class TrainingPrecision:
+    """How a training step computes: autocast to ``dtype`` on ``device_type`` (None: the model's own
+    dtypes, no autocast) and whether a loss scaler guards fp16 gradients."""
+
+    device_type: str
+    dtype: torch.dtype | None
+    loss_scaling: bool
+
+    def autocast(self):
+        return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.dtype is not None)
+
+
+def training_precision(model_patcher, mixed_precision: bool = True) -> TrainingPrecision:
+    """The precision the host's own training node picks from a model (TrainLoraNode with
+    ``training_dtype`` "none": comfy_extras/nodes_train.py, 0.33.0 l. 1154-1180; its autocast on the
+    input's device type, l. 211): fp16 weights train under fp16 autocast with a loss scaler, bf16 and
+    fp8 weights under bf16 autocast. A device without bf16 (older CUDA cards) gets fp16 with a loss
+    scaler instead. fp32 weights: fp16 with a loss scaler on CUDA, SimDA's recipe (the authors' fp16
+    mixed precision); no autocast on other devices, where fp16 matmuls are slow. ``mixed_precision``
+    False trains in the model's own dtypes."""
+    device_type = torch.device(model_patcher.load_device).type
+    if not mixed_precision:
+        return TrainingPrecision(device_type, None, False)
+    stored = model_patcher.model.get_dtype()
+    if stored == torch.float16:
+        return TrainingPrecision(device_type, torch.float16, True)
+    if stored != torch.float32:  # bf16 and the fp8 formats
+        if device_type == "cuda" and not torch.cuda.is_bf16_supported():
+            return TrainingPrecision(device_type, torch.float16, True)
+        return TrainingPrecision(device_type, torch.bfloat16, False)
+    if device_type == "cuda":
+        return TrainingPrecision(device_type, torch.float16, True)
+    return TrainingPrecision(device_type, None, False)

@@ -1,5 +1,5 @@
 """Training SimDA adapters on a frozen SD UNet (SIMDA_SPEC.md section 5): the denoising loss at
-uniform DDPM timesteps, AdamW with gradient clipping, fp16 mixed precision on CUDA.
+uniform DDPM timesteps, AdamW with gradient clipping, mixed precision as the host's training node picks it.
 
 Used by the Edit Tuner node (one clip, 300 steps) and by the collection trainer. The UNet is the
 host's, called with the SimDA patches of a ModelPatcher clone; only adapter parameters train.
@@ -11,6 +11,7 @@ from typing import Callable
 
 import torch
 
+from ..host.training import training_precision
 from ..host.unet_call import HostConditioning, denoising_target, host_conditioned_output, unet_output
 from ..model.adapters import SimDAAdapters
 
@@ -29,7 +30,8 @@ class TuningRecipe:
     eps: float = 1e-8
     max_grad_norm: float = 1.0
     mixed_precision: bool = True
-    """fp16 autocast with loss scaling where the UNet runs on CUDA; ignored on the CPU."""
+    """Autocast in the precision the host's training node picks for the model
+    (``host.training.training_precision``); False trains in the model's own dtypes."""
 
 
 def initial_adapters(sites, seed: int = 0, device=None) -> SimDAAdapters:
@@ -52,7 +54,7 @@ class AdapterTrainer:
         loss_scaling: str | None = None,
     ):
         """``loss_scaling``: the device type of a ``GradScaler`` to use whatever the precision (e.g.
-        ``"cpu"``); by default the scaler runs with fp16 mixed precision on CUDA and is off otherwise."""
+        ``"cpu"``); by default the scaler runs where the precision asks for one (fp16 autocast)."""
         self.model_patcher = model_patcher
         self.adapters = adapters
         self.recipe = recipe
@@ -65,11 +67,11 @@ class AdapterTrainer:
         )
         self.device = model_patcher.load_device
         self.generator = torch.Generator(device="cpu").manual_seed(seed)
-        self.use_amp = recipe.mixed_precision and torch.device(self.device).type == "cuda"
+        self.precision = training_precision(model_patcher, recipe.mixed_precision)
         if loss_scaling is not None:
             self.scaler = torch.amp.GradScaler(loss_scaling, enabled=True)
         else:
-            self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+            self.scaler = torch.amp.GradScaler(self.precision.device_type, enabled=self.precision.loss_scaling)
         self.steps_done = 0
         self.skipped_steps = 0
         """Steps the loss scaler skipped (non-finite gradients: the adapters were left as they were)."""
@@ -102,7 +104,7 @@ class AdapterTrainer:
         noise = noise.to(self.device)
         x0 = x0.to(self.device)
         x_noisy = sampling.noise_scaling(sigma, noise, x0)
-        with torch.autocast("cuda", dtype=torch.float16, enabled=self.use_amp):
+        with self.precision.autocast():
             if isinstance(context, HostConditioning):
                 out = host_conditioned_output(self.model_patcher, context, x_noisy, sigma)
             else:
