@@ -4,6 +4,8 @@
 Nothing here executes pickle code: ``.bin`` files go through ``torch.load(weights_only=True)``.
 Of an authors' UNet only the adapter keys are read: per key from ``.safetensors``, from a memory map
 of ``.bin`` (``bench/bench_authors_load.py`` measures the peak memory on a full-size SD1.5 run).
+That is why these files are not read with the host's ``comfy.utils.load_torch_file``, which loads
+every tensor of a file (the whole 3.4 GB UNet) and unwraps one-key dictionaries its own way.
 """
 from __future__ import annotations
 

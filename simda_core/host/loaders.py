@@ -1,5 +1,5 @@
-"""Loading a whole checkpoint (UNet, text encoder, VAE) through the host's own loader, for the
-collection trainer, which runs outside a ComfyUI server."""
+"""Loading files through the host's own loaders, for the collection trainer (which runs outside a
+ComfyUI server): a whole checkpoint (UNet, text encoder, VAE) and its resume state."""
 from __future__ import annotations
 
 import torch
@@ -20,3 +20,12 @@ def load_checkpoint(path: str, mixed_precision: bool):
         te_model_options={} if on_cuda else {"dtype": torch.float32},
     )
     return model, clip, vae
+
+
+def load_weights_file(path) -> dict:
+    """A file of tensors (a ``torch.save`` pickle or safetensors) through the host's own
+    ``comfy.utils.load_torch_file``, weights only: a pickle that holds code is refused, and the
+    host's memory-mapping and device options apply."""
+    import comfy.utils
+
+    return comfy.utils.load_torch_file(str(path), safe_load=True)

@@ -10,6 +10,7 @@ from typing import Callable
 
 import torch
 
+from ...host.loaders import load_weights_file
 from ...model.adapters import SimDAAdapters
 from ..trainer import AdapterTrainer
 from .data_parallel import Processes
@@ -80,7 +81,7 @@ def load_state(path: Path) -> dict:
     if not path.is_file():
         raise TrainingSetupError(f"--resume: there is no {STATE_NAME} in '{path.parent}'; start without --resume.")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_weights_file(path)
     except Exception as e:  # noqa: BLE001  (a cut or foreign file)
         raise TrainingSetupError(
             f"--resume: '{path}' cannot be read ({type(e).__name__}: {e}); it is damaged."
