@@ -223,7 +223,21 @@ def bench_scripts(device: torch.device, out: Path, cpu: bool) -> dict:
 
     rows["bench_windows"] = bench_windows.run(device)
     rows["bench_longclip"] = bench_longclip.run(device, mode="cpu" if cpu else "gpu")
+    rows["bench_vs_ade"] = beside_ade(out) if not cpu else "not run with --cpu (bench_vs_ade.py --mode cpu: ~7 min)"
     return rows
+
+
+ADE_BENCH_TIMEOUT_S = 360
+"""bench_vs_ade.py --mode gpu: plain, SimDA, ADE, ADE + latent shift, 512x512, 16 frames, fp16."""
+
+
+def beside_ade(out: Path):
+    """SimDA beside AnimateDiff-Evolved's motion module (``bench_vs_ade.py --mode gpu``), when ADE is
+    installed in the host's custom_nodes: its rows, or why it did not run."""
+    ade_json = out / "bench_vs_ade.json"
+    command = [sys.executable, str(BENCH_DIR / "bench_vs_ade.py"), "--mode", "gpu", "--out", str(ade_json)]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=ADE_BENCH_TIMEOUT_S)
+    return json.loads(ade_json.read_text()) if completed.returncode == 0 else completed.stderr[-2000:]
 
 
 SDXL_BENCH_TIMEOUT_S = 480
