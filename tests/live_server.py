@@ -355,7 +355,7 @@ def start_server(base: Path, timeout: float = STARTUP_TIMEOUT_S) -> ComfyServer:
         raise
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def comfy_server_with_packs(tmp_path_factory):
     """Like ``comfy_server``, with VideoHelperSuite and AnimateDiff-Evolved installed next to SimDA."""
     packs = installed_video_packs()
@@ -369,10 +369,12 @@ def comfy_server_with_packs(tmp_path_factory):
         server.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def comfy_server(tmp_path_factory):
-    """One ComfyUI server for the session, on a temporary base folder holding the random SD1.5
-    checkpoint (models/checkpoints) and random SimDA adapters (models/simda)."""
+    """A ComfyUI server for the test module, on a temporary base folder holding the random SD1.5
+    checkpoint (models/checkpoints) and random SimDA adapters (models/simda). Each module that
+    imports this fixture gets its own server, stopped when the module is done (a session scope would
+    keep one server per importing module alive until the end: about 1-6 GB each)."""
     checkpoint, adapters = cached_test_models()
     base = tmp_path_factory.mktemp("comfyui_base")
     make_base_dir(base, checkpoint, adapters)

@@ -2,7 +2,7 @@
 Load Checkpoint -> SimDA Adapter Loader -> SimDA Latent-Shift Patch -> the host's KSampler on a
 batch of frames -> VAE Decode -> Save Image.
 
-One server for the session (tests/live_server.py); a random SD1.5 checkpoint and random SimDA adapters
+One server for the module (tests/live_server.py); a random SD1.5 checkpoint and random SimDA adapters
 keep it quick on a CPU. Bad adapter files are written into the server's models/simda folder
 before the prompt that names them is queued (the host validates a combo value against the folder).
 """

@@ -3,7 +3,7 @@
 Each test loads a workflow's JSON (the UI format the frontend saves), shrinks it by editing its
 widget values (a 64x64 clip of 4 frames in 2 steps instead of the real 512x512, 16 frames, 50
 steps), derives the API prompt from it with /object_info (scripts/workflow_format.py, the way
-the frontend does), queues it over HTTP and decodes the saved video. One server for the session
+the frontend does), queues it over HTTP and decodes the saved video. One server for the module
 (tests/live_server.py): a random SD1.5 checkpoint and random SimDA adapters, which make noise, not
 pictures; the checks are on what was saved (frames, size, frame rate) and on what changed it.
 """
