@@ -16,20 +16,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from PIL import Image
+from make_thumbnails import docs_picture
 
 PACK_DIR = Path(__file__).resolve().parents[1]
 DOCS = PACK_DIR / "web" / "docs"
 WIDTH, COLOURS, MAX_BYTES = 1000, 128, 200_000
-
-
-def help_picture(screenshot: Path, target: Path) -> int:
-    with Image.open(screenshot) as image:
-        picture = image.convert("RGB")
-    if picture.width > WIDTH:
-        picture = picture.resize((WIDTH, round(picture.height * WIDTH / picture.width)), Image.Resampling.LANCZOS)
-    picture.quantize(colors=COLOURS, method=Image.Quantize.MEDIANCUT).save(target, "PNG", optimize=True)
-    return target.stat().st_size
 
 
 def main() -> int:
@@ -46,7 +37,7 @@ def main() -> int:
     too_big = []
     for node in nodes:
         target = DOCS / "images" / f"{node}.png"
-        size = help_picture(args.screenshots / f"{node}.png", target)
+        size = docs_picture(args.screenshots / f"{node}.png", target, WIDTH, COLOURS)
         print(f"{target.relative_to(PACK_DIR)}: {size // 1000} kB")
         if size > MAX_BYTES:
             too_big.append(f"{target.name} ({size} bytes > {MAX_BYTES})")

@@ -49,11 +49,11 @@ def thumbnail(screenshot: Path, target: Path) -> int:
     return target.stat().st_size
 
 
-def docs_picture(screenshot: Path, target: Path) -> int:
-    """A smaller PNG with a reduced palette (the graph is flat UI colours; it stays sharp)."""
+def docs_picture(screenshot: Path, target: Path, width: int = DOCS_WIDTH, colours: int = DOCS_COLOURS) -> int:
+    """A smaller PNG with a reduced palette (the graph is flat UI colours; it stays sharp); its size in bytes."""
     with Image.open(screenshot) as image:
-        picture = resized(image.convert("RGB"), DOCS_WIDTH)
-    picture.quantize(colors=DOCS_COLOURS, method=Image.Quantize.MEDIANCUT).save(target, "PNG", optimize=True)
+        picture = resized(image.convert("RGB"), width)
+    picture.quantize(colors=colours, method=Image.Quantize.MEDIANCUT).save(target, "PNG", optimize=True)
     return target.stat().st_size
 
 
