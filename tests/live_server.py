@@ -336,23 +336,29 @@ def start_server(base: Path, timeout: float = STARTUP_TIMEOUT_S) -> ComfyServer:
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, cwd=str(HOST_DIR), stdout=log, stderr=subprocess.STDOUT, env=env)
     server = ComfyServer(base_url=f"http://127.0.0.1:{port}", base_dir=base, log_path=log_path, process=process)
-    deadline = time.monotonic() + timeout
     try:
-        while True:
-            if not server.alive():
-                raise server.fail("ComfyUI exited during start-up")
-            if time.monotonic() > deadline:
-                raise server.fail(f"ComfyUI did not answer /object_info within {timeout} s")
-            try:
-                with urllib.request.urlopen(server.base_url + "/object_info", timeout=30) as response:
-                    if response.status == 200:
-                        return server
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            time.sleep(0.5)
+        wait_ready(server, timeout)
     except BaseException:
         server.stop()
         raise
+    return server
+
+
+def wait_ready(server: ComfyServer, timeout: float = STARTUP_TIMEOUT_S) -> None:
+    """Until the server's /object_info answers (after a start or a restart)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if not server.alive():
+            raise server.fail("ComfyUI exited before /object_info answered")
+        if time.monotonic() > deadline:
+            raise server.fail(f"ComfyUI did not answer /object_info within {timeout} s")
+        try:
+            with urllib.request.urlopen(server.base_url + "/object_info", timeout=30) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(0.5)
 
 
 @pytest.fixture(scope="module")

@@ -35,7 +35,7 @@ import pytest
 
 import host  # first: it puts the host on sys.path and imports the pack as simda_pack
 from host import HOST_DIR, PACK_DIR
-from live_server import STARTUP_TIMEOUT_S, ComfyServer, cached_test_models, execution_error, free_port
+from live_server import ComfyServer, cached_test_models, execution_error, free_port, wait_ready
 from test_workflows import FRAMES, SIZE, decode_mp4, run_ok, saved_file, small_text_to_video
 from workflow_format import workflow_to_api
 
@@ -156,23 +156,6 @@ def start(root: Path, log_path: Path, environment: dict) -> ComfyServer:
         server.stop()
         raise
     return server
-
-
-def wait_ready(server: ComfyServer, timeout: float = STARTUP_TIMEOUT_S) -> None:
-    """Until /object_info answers (start-up or restart)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if not server.alive():
-            raise server.fail("ComfyUI exited")
-        if time.monotonic() > deadline:
-            raise server.fail(f"ComfyUI did not answer /object_info within {timeout} s")
-        try:
-            with urllib.request.urlopen(server.base_url + "/object_info", timeout=30) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        time.sleep(0.5)
 
 
 def reboot(server: ComfyServer) -> None:
