@@ -26,7 +26,7 @@ from ..simda_core.training.video_data import fit_frames
 from ..simda_core.video.clip_agreement import clip_mismatch
 from ..simda_core.video.inversion import INVERSION_KEY, inversion_record
 from .folders import save_folder
-from .simda_model import check_family, simda_clone
+from .simda_model import check_image_family, simda_clone
 
 log = logging.getLogger("SimDA")
 
@@ -216,11 +216,7 @@ class SimDAEditTuner(io.ComfyNode):
     def execute(cls, model, vae, source_frames, source_prompt, steps, learning_rate, seed, frames, start_frame, stride,
                 width, height, gradient_checkpointing, inversion_steps, inversion_scheduler, source_fps=24.0,
                 clip=None, inversion_conditioning=None) -> io.NodeOutput:
-        family = check_family(model, "", "SimDA Edit Tuner")
-        if family == "sd_x4_upscaler":
-            raise ValueError(
-                "SimDA Edit Tuner edits with an SD1.x, SD2.x or SDXL MODEL; the connected MODEL is the x4 upscaler."
-            )
+        family = check_image_family(model, "SimDA Edit Tuner")
         if steps < 1:
             raise ValueError(f"SimDA Edit Tuner: steps is {steps}; train at least 1 step.")
         if not learning_rate > 0:

@@ -15,14 +15,13 @@ from comfy_api.latest import io
 
 from ..simda_core.host.memory import unloaded_on_failure
 from ..simda_core.host.register import get_config
-from ..simda_core.host.samplers import adds_fresh_noise, noise_free_samplers
 from ..simda_core.model.config import SimDAConfig
 from ..simda_core.video.clip_agreement import clip_mismatch
 from ..simda_core.video.clip_noise import clip_noise
 from ..simda_core.video.frame_windows import host_window_indices, window_conds
-from ..simda_core.video.inversion import INVERSION_KEY, INVERSION_SAMPLER
 from ..simda_core.video.keyframes import paste_fixed
-from .simda_model import check_family
+from .inverted_noise import check_start_latent
+from .simda_model import check_image_family
 
 log = logging.getLogger("SimDA")
 
@@ -79,55 +78,6 @@ def with_frame_windows(model):
         model = model.clone()
         model.model_options["context_handler"] = frame_handler
     return model
-
-
-def check_start_latent(
-    start: dict, frames: int, height: int, width: int, steps: int, scheduler: str, denoise: float, *, sampler_name: str
-) -> torch.Tensor:
-    """The samples of an inverted ``start_latent``, after checking that this sampling walks the
-    inversion back: same frames and size, same steps and schedule, denoise 1, and a sampler that
-    adds no fresh noise (``host.samplers.adds_fresh_noise``)."""
-    samples = start["samples"]
-    if samples.ndim != 4:
-        raise ValueError(
-            "SimDA Video Sampler: start_latent must be a batch of frame "
-            f"latents [F, C, H, W], got shape {list(samples.shape)}."
-        )
-    if samples.shape[0] != frames or samples.shape[2] != height or samples.shape[3] != width:
-        raise ValueError(
-            f"SimDA Video Sampler: start_latent holds {samples.shape[0]} frames of "
-            f"{samples.shape[3] * 8}x{samples.shape[2] * 8}, but the clip to sample has "
-            f"{frames} frames of {width * 8}x{height * 8}; make both from the same clip."
-        )
-    made_with = start.get(INVERSION_KEY)
-    if made_with is None:
-        raise ValueError(
-            "SimDA Video Sampler: start_latent is not inverted noise (it carries no inversion settings); connect the "
-            "inversion output of SimDA Edit Tuner, or connect the clip to 'latent' instead."
-        )
-    if not isinstance(made_with, dict) or not {"steps", "scheduler"} <= set(made_with):
-        raise ValueError(
-            "SimDA Video Sampler: start_latent carries unreadable inversion settings; connect the inversion output of "
-            "SimDA Edit Tuner directly."
-        )
-    if made_with["steps"] != steps or made_with["scheduler"] != scheduler:
-        raise ValueError(
-            f"SimDA Video Sampler: start_latent was inverted with {made_with['steps']} steps of the "
-            f"'{made_with['scheduler']}' schedule, but this sampler runs {steps} steps of '{scheduler}'; use the same "
-            "steps and scheduler as the inversion."
-        )
-    if adds_fresh_noise(sampler_name):
-        raise ValueError(
-            f"SimDA Video Sampler: the sampler '{sampler_name}' adds fresh noise at every step, which undoes the "
-            "inverted start_latent; pick one that adds none: "
-            f"{', '.join(noise_free_samplers(comfy.samplers.KSampler.SAMPLERS))} "
-            f"(the inversion walked '{made_with.get('sampler', INVERSION_SAMPLER)}')."
-        )
-    if denoise != 1.0:
-        raise ValueError(
-            "SimDA Video Sampler: sampling from inverted noise starts at the first step; set denoise to 1.0."
-        )
-    return samples
 
 
 class SimDAVideoSampler(io.ComfyNode):
@@ -221,11 +171,7 @@ class SimDAVideoSampler(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, negative, frames, width, height, seed, steps, cfg, sampler_name, scheduler,
                 denoise, noise_shared, latent=None, start_latent=None) -> io.NodeOutput:
-        if check_family(model, "", "SimDA Video Sampler") == "sd_x4_upscaler":
-            raise ValueError(
-                "SimDA Video Sampler samples with an SD1.x, SD2.x or SDXL MODEL; the connected MODEL is the SD x4 "
-                "upscaler: connect the upscaler to SimDA Video Upscaler instead."
-            )
+        check_image_family(model, "SimDA Video Sampler")
         if not 0.0 <= noise_shared <= 1.0:
             raise ValueError(f"SimDA Video Sampler: noise_shared {noise_shared} must lie between 0 and 1.")
         if latent is not None:

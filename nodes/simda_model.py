@@ -24,6 +24,18 @@ def check_family(model, wanted: str, what: str) -> str:
     return family
 
 
+def check_image_family(model, what: str) -> str:
+    """The MODEL's family for a node that samples or tunes frames (SD1.x, SD2.x or SDXL): the SD x4
+    upscaler is refused, naming the node that takes it."""
+    family = check_family(model, "", what)
+    if family == "sd_x4_upscaler":
+        raise ValueError(
+            f"{what} works with an SD1.x, SD2.x or SDXL MODEL; the connected MODEL is the SD x4 upscaler: connect "
+            "the upscaler to SimDA Video Upscaler instead."
+        )
+    return family
+
+
 def simda_clone(model, config: SimDAConfig):
     """A clone of ``model`` with ``config`` registered; ``model`` itself is never changed. A patch
     that cannot coexist with SimDA is reported as the node's error, before any work."""

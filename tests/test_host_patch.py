@@ -34,7 +34,7 @@ from simda_pack.simda_core.host.family import adapter_storage_dtype
 from simda_pack.simda_core.host.register import (
     ADDITIONAL_MODELS_KEY, ATTACHMENT, SimDAPatchError, apply_simda, get_config, model_sites,
 )
-from simda_pack.simda_core.model import hooks
+from simda_pack.simda_core.model import patch_functions
 from simda_pack.simda_core.model.adapters import SimDAAdapters
 from simda_pack.simda_core.model.config import LatentShiftSettings, SimDAConfig
 from simda_pack.simda_core.model.layout import ClipLayout, unwrap_positions
@@ -530,7 +530,7 @@ def test_context_windows_hand_each_window_to_simda_as_a_clip(base, monkeypatch, 
     cfg 1 (cond only, half the work) where the cond/uncond batching is not what is tested."""
     windowed = host.context_windows(everything_on(base, seed=13), 6, 2, schedule, stride, closed_loop)
     calls = []
-    real_shift = hooks.latent_shift_attention
+    real_shift = patch_functions.latent_shift_attention
 
     def recording_shift(q, k, v, heads, layout, h, w, attention):
         calls[-1]["layouts"].add(layout)
@@ -547,7 +547,7 @@ def test_context_windows_hand_each_window_to_simda_as_a_clip(base, monkeypatch, 
         })
         return executor(x, *args, **kwargs)
 
-    monkeypatch.setattr(hooks, "latent_shift_attention", recording_shift)
+    monkeypatch.setattr(patch_functions, "latent_shift_attention", recording_shift)
     windowed.add_wrapper_with_key(DIFFUSION_MODEL, "test_probe", probe)
     out = sample(windowed, frames=12, steps=11, cfg=cfg)
 

@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from simda_pack.nodes.nodes_edit import invert_clip
-from simda_pack.nodes.nodes_sampler import check_start_latent
+from simda_pack.nodes.inverted_noise import check_start_latent
 from simda_pack.simda_core.host.samplers import (
     KNOWN_NOISE_FREE, adds_fresh_noise, host_sampler_inversion, probe_adds_fresh_noise,
 )

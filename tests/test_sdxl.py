@@ -36,7 +36,7 @@ from simda_pack.simda_core.formats import build_adapters, read_adapter_file, sav
 from simda_pack.simda_core.host.family import model_family
 from simda_pack.simda_core.host.register import apply_simda, get_config, model_sites, shift_block_key, shift_sites
 from simda_pack.simda_core.host.training import training_patcher
-from simda_pack.simda_core.model import hooks
+from simda_pack.simda_core.model import patch_functions
 from simda_pack.simda_core.model.adapters import SimDAAdapters
 from simda_pack.simda_core.model.config import LatentShiftSettings, SimDAConfig
 from simda_pack.simda_core.model.unet_sites import find_resblock_norms
@@ -176,7 +176,7 @@ def test_latent_shift_at_every_sdxl_block_is_the_spec_on_a_non_square_grid(deep)
             out = ours(q, k, v, extra_options)
             seen[key] = (q, k, v, extra_options["activations_shape"], extra_options["n_heads"], out)
             return out
-        return hooks.mark(attn1)
+        return patch_functions.mark(attn1)
 
     for key in list(replaced):
         replaced[key] = recording(key, replaced[key])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 
 from ..model.adapters import AdapterSite
+from ..model.patch_functions import mark
 
 
 def host_attention(q, k, v, heads, extra_options, preferred_attention=None):
@@ -54,5 +55,4 @@ def backward_safe_attention_override():
     def override(func, *args, **kwargs):
         return (pytorch_attention or func)(*args, **kwargs)
 
-    override.simda_patch = True
-    return override
+    return mark(override)

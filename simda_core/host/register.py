@@ -1,5 +1,5 @@
 """Registration of SimDA on a ComfyUI ``ModelPatcher`` clone: SimDA's hook functions
-(``model/hooks.py``) go onto the host's hook points, so the host applies them when it loads that
+(``model/patch_functions.py``) go onto the host's hook points, so the host applies them when it loads that
 clone and removes them when it unloads it (docs/HOST_COMPAT.md maps every hook in each host).
 
 What goes where (see docs/ARCHITECTURE.md):
@@ -27,7 +27,7 @@ from typing import Callable
 
 import torch
 
-from ..model import hooks
+from ..model import patch_functions
 from ..model.adapters import AdapterSite
 from ..model.config import SimDAConfig
 from ..model.layout import ClipLayout, ClipLayoutError
@@ -87,7 +87,7 @@ def _describe(fn) -> str:
 def find_conflicts(transformer_options: dict, shift_keys: list[tuple[str, int, int]]) -> str | None:
     """A sentence naming a patch that cannot coexist with latent shift, or None."""
     for patch in transformer_options.get("patches", {}).get("attn1_patch", []):
-        if not hooks.is_simda(patch):
+        if not patch_functions.is_simda(patch):
             return (
                 f"another patch changes the self-attention tokens ({_describe(patch)}, e.g. HyperTile); "
                 "latent-shift attention needs each frame's whole token grid: remove that node from this MODEL's chain "
@@ -96,7 +96,7 @@ def find_conflicts(transformer_options: dict, shift_keys: list[tuple[str, int, i
     replaced = transformer_options.get("patches_replace", {}).get("attn1", {})
     for key in shift_keys:
         fn = replaced.get(key)
-        if fn is not None and not hooks.is_simda(fn):
+        if fn is not None and not patch_functions.is_simda(fn):
             return (
                 f"another node already replaces self-attention at {key} ({_describe(fn)}); SimDA's latent-shift "
                 "attention needs that slot: use one of the two on this MODEL, not both"
@@ -149,7 +149,7 @@ def _call_wrapper(runtime: SimDARuntime, shift_keys: list[tuple[str, int, int]],
         with runtime.using(layout, shift_active):
             return executor(x, *args, **kwargs)
 
-    return hooks.mark(wrapper)
+    return patch_functions.mark(wrapper)
 
 
 def _sampling_check(runtime: SimDARuntime):
@@ -166,7 +166,7 @@ def _sampling_check(runtime: SimDARuntime):
             raise SimDAPatchError(f"SimDA: {problem}.")
         return executor(noise, latent_image, *args, **kwargs)
 
-    return hooks.mark(wrapper)
+    return patch_functions.mark(wrapper)
 
 
 # -- registering a config on a clone --------------------------------------------------------------
@@ -180,10 +180,10 @@ def _remove_previous(model_patcher, previous: SimDAConfig | None) -> None:
     to = model_patcher.model_options.setdefault("transformer_options", {})
     registered = to.get("patches", {})
     if "attn1_output_patch" in registered:
-        registered["attn1_output_patch"] = [p for p in registered["attn1_output_patch"] if not hooks.is_simda(p)]
+        registered["attn1_output_patch"] = [p for p in registered["attn1_output_patch"] if not patch_functions.is_simda(p)]
     replaced = to.get("patches_replace", {}).get("attn1")
     if replaced:
-        for key in [k for k, fn in replaced.items() if hooks.is_simda(fn)]:
+        for key in [k for k, fn in replaced.items() if patch_functions.is_simda(fn)]:
             del replaced[key]
     model_patcher.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, KEY)
     model_patcher.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, KEY)
@@ -282,31 +282,31 @@ def apply_simda(model_patcher, config: SimDAConfig):
         for site in sites:
             object_patch(
                 site.path,
-                hooks.temporal_adapter_then_transformer(unet.get_submodule(site.path), site.path, runtime_ref),
+                patch_functions.temporal_adapter_then_transformer(unet.get_submodule(site.path), site.path, runtime_ref),
             )
     if config.gradient_checkpointing:
         for path in find_resblocks(unet):
-            object_patch(path, hooks.checkpointed_resblock(unet.get_submodule(path), runtime_ref))
+            object_patch(path, patch_functions.checkpointed_resblock(unet.get_submodule(path), runtime_ref))
     if adapters is not None:
         by_block = {}
         for site in sites:
             for index in range(site.depth):
                 block_path = site.block_path(index)
                 block = unet.get_submodule(block_path)
-                object_patch(f"{block_path}.ff", hooks.ffn_with_adapter(block, block_path, runtime_ref))
-                object_patch(f"{block_path}.norm3", hooks.pass_through)
+                object_patch(f"{block_path}.ff", patch_functions.ffn_with_adapter(block, block_path, runtime_ref))
+                object_patch(f"{block_path}.norm3", patch_functions.pass_through)
                 by_block[shift_block_key(site, index)] = adapters.attention_adapter(block_path)
-        model_patcher.set_model_attn1_output_patch(hooks.attention_adapters(by_block, runtime))
+        model_patcher.set_model_attn1_output_patch(patch_functions.attention_adapters(by_block, runtime))
         model_patcher.set_additional_models(
             ADDITIONAL_MODELS_KEY, [carried[0] if carried else adapter_patcher(adapters, model_patcher)]
         )
 
     if config.uses_frame_group_norm:
         for path in find_resblock_norms(unet):
-            object_patch(path, hooks.frame_group_norm(unet.get_submodule(path), runtime_ref, host_norm_parameters))
+            object_patch(path, patch_functions.frame_group_norm(unet.get_submodule(path), runtime_ref, host_norm_parameters))
 
     for site, index in shifted:
-        replace_fn = hooks.latent_shift_self_attention(runtime, layer_attention(unet, site, index))
+        replace_fn = patch_functions.latent_shift_self_attention(runtime, layer_attention(unet, site, index))
         model_patcher.set_model_attn1_replace(replace_fn, *shift_block_key(site, index))
 
     unet_ref = weakref.ref(unet)

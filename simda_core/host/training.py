@@ -9,16 +9,16 @@ from dataclasses import dataclass
 
 import torch
 
+from ..model.patch_functions import mark
 from .memory import is_dynamic, unload
 
 
+@mark
 def _fresh(weight: torch.Tensor) -> torch.Tensor:
     """Weight wrapper: the layer's weight as a tensor autograd may save for backward. The host
     already hands a wrapped layer a per-call copy; an inference tensor is copied here otherwise."""
     return weight.clone() if weight.is_inference() else weight
 
-
-_fresh.simda_patch = True
 
 
 def training_patcher(model_patcher):
