@@ -192,10 +192,9 @@ def child(path: Path, whole: bool) -> None:
 
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
-        count = sum(t.numel() for t in tensors.values())
     else:
-        adapter_file = formats.read_adapter_file(path)
-        count = formats.adapter_parameter_count(adapter_file.tensors)
+        tensors = formats.read_adapter_file(path).tensors
+    count = sum(t.numel() for t in tensors.values())
     seconds = time.perf_counter() - started
     peak = peak_rss_bytes()
     print(json.dumps({"parameters": count, "seconds": seconds, "baseline_bytes": baseline, "peak_bytes": peak}))

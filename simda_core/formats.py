@@ -451,7 +451,3 @@ def build_adapters(adapter_file: AdapterFile, sites: list[AdapterSite], dtype=No
 def _describe_sites(sites: list[AdapterSite]) -> str:
     channels = sorted({s.channels for s in sites})
     return f"{len(sites)} places with {'/'.join(map(str, channels))} channels"
-
-
-def adapter_parameter_count(tensors: dict[str, torch.Tensor]) -> int:
-    return sum(math.prod(t.shape) for t in tensors.values())
