@@ -24,7 +24,8 @@ def blend_entry(keyframe_entries: list, weights) -> list:
         options["pooled_output"] = interpolate([p.reshape(1, -1) for p in pooled], weights)  # [F, dim]
     return [interpolate([repeat_tokens(c, tokens) for c in contexts], weights), options]  # [F, tokens, dim]
 
-EXAMPLE = "0: a cat walking in a garden\n16: a (tiger:1.2) walking in a garden"
+EXAMPLE = "0: a cat walking in a garden\n-1: a (tiger:1.2) walking in a garden"
+"""The default schedule: the first frame and the last (-1), so it fits any number of frames."""
 
 
 class SimDAPromptTravel(io.ComfyNode):
