@@ -41,8 +41,8 @@ from workflow_format import workflow_to_api
 
 MANAGER_FLAGS = ("--enable-manager", "--enable-manager-legacy-ui")
 PACK_FOLDER = "comfyui-simda"
-"""The clone's folder name, so the Manager installs the pack as custom_nodes/comfyui-simda, as it does
-from the GitHub URL."""
+"""The clone's folder name, so the Manager installs the pack as custom_nodes/comfyui-simda, as it
+would from a git URL ending in comfyui-simda."""
 TORCH_PACKAGES = ("torch", "torchvision", "torchaudio")
 
 
