@@ -6,7 +6,7 @@
 t2v:  a 50-step DDIM, 16-frame, 512x512, cfg 7.5 run with adapters + latent shift + frame GroupNorm
       against the plain model sampling the same 16 frames as independent images, in the same process
       (issue target <= 1.22x; the paper reports 11.2 s per video on an A100).
-tune: Edit Tuner training steps (SIMDA_SPEC section 5) on 24 frames at 512x512 with per-block
+tune: Edit Tuner training steps (docs/METHOD.md §7) on 24 frames at 512x512 with per-block
       gradient checkpointing; time per step, 300 steps extrapolated, peak memory
       (issue target <= 90 s for 300 steps on an H100/H200).
 Only the host's model and sampling code is imported, and ``simda_core`` as a top-level package.

@@ -1,6 +1,6 @@
 """Quality of super-resolution on held-out real frames: the plain x4 model frame by frame, the SimDA
 Video Upscaler without SR adapters, and the Video Upscaler with SR adapters trained by
-scripts/train_simda.py, in one run, scored with simda_core/quality.py (PSNR, SSIM, temporal
+scripts/train_simda.py, in one run, scored with simda_core/training/quality.py (PSNR, SSIM, temporal
 consistency against the ground truth).
 
     python bench/bench_quality.py                          # CPU smoke run: the tests' random x4 model

@@ -1,5 +1,5 @@
 """SimDA Video Upscaler: temporally consistent x4 super-resolution of a clip's frames with the SD x4
-upscaler (SIMDA_SPEC.md section 6: the paper's second stage, 256x256 -> 1024x1024).
+upscaler (docs/METHOD.md §9: the paper's second stage, 256x256 -> 1024x1024).
 
 Each (frame group, spatial tile) piece is sampled by the host's own KSampler (``comfy.sample.sample``)
 with the x4 model's concat conditioning made by the host's ``SD_4XUpscale_Conditioning`` for that

@@ -1,5 +1,5 @@
 """Frame-shared GroupNorm and the temporal adapter against torch's own operators on the
-``[clips, C, F, H, W]`` rearrangement (SIMDA_SPEC.md sections 2 and 4), and loop mode of both."""
+``[clips, C, F, H, W]`` rearrangement (docs/METHOD.md §3 and §5), and loop mode of both."""
 from __future__ import annotations
 
 import host  # noqa: F401  (registers the pack as simda_pack)

@@ -1,4 +1,4 @@
-"""DDIM inversion (SIMDA_SPEC.md section 5) against an independent implementation of the VP
+"""DDIM inversion (docs/METHOD.md §8) against an independent implementation of the VP
 formula that Tune-A-Video and SimDA use, and samplers for inverted starts.
 
 The reference below works in the VP parametrisation (x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps): each

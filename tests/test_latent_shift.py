@@ -1,4 +1,4 @@
-"""Latent-Shift Attention against a deliberately naive reading of SIMDA_SPEC.md section 3, and
+"""Latent-Shift Attention against a deliberately naive reading of docs/METHOD.md §4, and
 how a UNet batch splits into clips (ClipLayout)."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""SimDA's trainable parts (SIMDA_SPEC.md sections 1 and 2): spatial adapters inside every
+"""SimDA's trainable parts (docs/METHOD.md §2 and §3): spatial adapters inside every
 transformer block and a depth-wise temporal adapter before every transformer.
 
 Every layer here is a plain ``torch.nn`` layer (never one of the host's ``comfy.ops`` classes), so

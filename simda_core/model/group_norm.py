@@ -1,4 +1,4 @@
-"""Frame-shared GroupNorm (SIMDA_SPEC.md section 4): the statistics of each channel group are
+"""Frame-shared GroupNorm (docs/METHOD.md §5): the statistics of each channel group are
 taken over all frames of a clip, as the authors' ResnetBlock3D does on ``[b, C, F, H, W]``.
 
 The batch stays in the host's frame-major layout ``[clips * F, C, H, W]``: viewed as

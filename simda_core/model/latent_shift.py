@@ -1,4 +1,4 @@
-"""Latent-Shift Attention (SIMDA_SPEC.md section 3).
+"""Latent-Shift Attention (docs/METHOD.md §4).
 
 Queries stay the current frame's tokens. Keys and values come from a shifted token map: the
 token at grid position (r, c) of frame t is taken from frame ``t - P[r % 4][c % 4]`` (or stays

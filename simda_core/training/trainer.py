@@ -1,4 +1,4 @@
-"""Training SimDA adapters on a frozen SD UNet (SIMDA_SPEC.md section 5): the denoising loss at
+"""Training SimDA adapters on a frozen SD UNet (docs/METHOD.md §7): the denoising loss at
 uniform DDPM timesteps, AdamW with gradient clipping, mixed precision as the host's training node picks it.
 
 Used by the Edit Tuner node (one clip, 300 steps) and by the collection trainer. The UNet is the

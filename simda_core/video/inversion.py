@@ -1,4 +1,4 @@
-"""DDIM inversion of a clip (the starting noise for editing, SIMDA_SPEC.md section 5); which of the
+"""DDIM inversion of a clip (the starting noise for editing, docs/METHOD.md §8); which of the
 host's samplers may start from it is decided in ``host/samplers.py``, which also runs it as a host sampler.
 
 Tune-A-Video and SimDA invert in the VP parametrisation ``x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps``:

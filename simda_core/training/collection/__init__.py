@@ -1,6 +1,6 @@
 """Collection training: SimDA adapters trained on a folder (or CSV) of captioned clips, from an SD1.x,
 SD2.x or SDXL checkpoint loaded with the host's own loader. ``scripts/train_simda.py`` is the command.
-Given the SD x4 upscaler it trains super-resolution adapters (SIMDA_SPEC.md section 6): the clips'
+Given the SD x4 upscaler it trains super-resolution adapters (docs/METHOD.md §9): the clips'
 frames are the targets, their 4x downscales the concat image (see :func:`conditioning.sr_conditioning`).
 
 One step: this process's shard of the global batch (``video_data.GlobalBatchPlan``) -> frames to
