@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from .layout import ClipLayout
@@ -91,10 +92,11 @@ class TemporalAdapter(nn.Module):
         down_w, down_b = _like(self.down.weight, x), _like(self.down.bias, x)
         dw_w, dw_b = _like(self.depthwise.weight, x), _like(self.depthwise.bias, x)
         up_w, up_b = _like(self.up.weight, x), _like(self.up.bias, x)
-        hidden = torch.matmul(down_w.flatten(1), x.flatten(2))  # [(b f), C/2, H * W]
+        pixels = rearrange(x, "bf c h w -> bf c (h w)")
+        hidden = torch.matmul(down_w.flatten(1), pixels)  # [(b f), C/2, H * W]
         if down_b is not None:
             hidden.add_(down_b[:, None])
-        frames = hidden.unflatten(0, (layout.clips, layout.frames))  # [b, f, C/2, H * W] (a view)
+        frames = rearrange(hidden, "(b f) c n -> b f c n", b=layout.clips, f=layout.frames)  # a view
         before, now, after = (dw_w[:, 0, i, 0] for i in range(3))  # [C/2, 1] taps for t-1, t, t+1
         mixed = torch.addcmul(dw_b[:, None], frames, now) if dw_b is not None else frames * now
         mixed[:, 1:].addcmul_(frames[:, :-1], before)
@@ -102,10 +104,10 @@ class TemporalAdapter(nn.Module):
         if layout.closes_loop:
             mixed[:, :1].addcmul_(frames[:, -1:], before)
             mixed[:, -1:].addcmul_(frames[:, :1], after)
-        out = torch.matmul(up_w.flatten(1), mixed.flatten(0, 1))  # [(b f), C, H * W]
+        out = torch.matmul(up_w.flatten(1), rearrange(mixed, "b f c n -> (b f) c n"))  # [(b f), C, H * W]
         if up_b is not None:
             out.add_(up_b[:, None])
-        return out.view(x.shape)
+        return rearrange(out, "bf c (h w) -> bf c h w", h=x.shape[2])
 
     def forward(self, x: torch.Tensor, layout: ClipLayout) -> torch.Tensor:
         return x + self.delta(x, layout)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+from einops import rearrange
 
 from .layout import ClipLayout
 
@@ -51,7 +52,7 @@ def _shared_statistics_norm(
         raise ValueError(f"GroupNorm of {groups} groups cannot split {channels} channels")
     per_group = channels // groups
     accumulate = torch.float64 if x.dtype == torch.float64 else torch.float32
-    rows = x.reshape(clips, -1, groups, per_group * x[0, 0].numel())  # [b, f, g, c/g * hw]
+    rows = rearrange(x, "(b f) (g c) ... -> b f g (c ...)", b=clips, g=groups)
     # Each frame's group statistics from contiguous rows, in two passes (mean, then the mean
     # square around it: no cancellation whatever the mean), accumulated in float32 at least;
     # then the frames' statistics combined into the clip's (small tensors, float64).
@@ -71,5 +72,5 @@ def _shared_statistics_norm(
     shift = -mean * scale
     if bias is not None:
         shift = shift + bias.to(device=x.device, dtype=accumulate).reshape(per_channel)
-    view = x.reshape(clips, -1, groups, per_group, x[0, 0].numel())  # [b, f, g, c/g, hw]
+    view = rearrange(x, "(b f) (g c) ... -> b f g c (...)", b=clips, g=groups)
     return torch.addcmul(shift.to(x.dtype), view, scale.to(x.dtype)).reshape(x.shape)

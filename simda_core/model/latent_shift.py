@@ -18,6 +18,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 
 from .layout import ClipLayout
 
@@ -108,22 +109,20 @@ def latent_shift_keys_values(
             f"{layout.frames} frames, {h}x{w} grid) but got {batch} x {tokens}"
         )
     index = key_value_index(layout, h, w, k.device)
-    clip_tokens = layout.frames * tokens
 
     def gather(t: torch.Tensor) -> torch.Tensor:
-        # [clips, F * N, D] -> [clips, F * 2N, D] -> [clips * F, 2N, D]
-        return t.reshape(layout.clips, clip_tokens, t.shape[-1]).index_select(1, index).reshape(batch, 2 * tokens, -1)
+        clip_tokens = rearrange(t, "(b f) n d -> b (f n) d", f=layout.frames)
+        shifted = clip_tokens.index_select(1, index)  # [b, F * 2N, d]
+        return rearrange(shifted, "b (f n2) d -> (b f) n2 d", f=layout.frames)
 
     return gather(k), gather(v)
 
 
 def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
     """Multi-head attention on ``[B, tokens, heads * d]`` tensors (PyTorch's SDPA)."""
-    b, _, inner = q.shape
-    d = inner // heads
-    q, k, v = (t.reshape(b, -1, heads, d).transpose(1, 2) for t in (q, k, v))
+    q, k, v = (rearrange(t, "b n (heads d) -> b heads n d", heads=heads) for t in (q, k, v))
     out = F.scaled_dot_product_attention(q, k, v)
-    return out.transpose(1, 2).reshape(b, -1, inner)
+    return rearrange(out, "b heads n d -> b n (heads d)")
 
 
 def latent_shift_attention(
