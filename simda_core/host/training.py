@@ -1,7 +1,7 @@
 """The host's side of training adapters: a clone of the MODEL that backward can run through (its
 inference weights wrapped, a streamed MODEL replaced by its non-dynamic delegate), loaded whole as
-the host's own training node loads, the host's ``in_training`` flag, and the precision the host's
-training node would pick for the model."""
+the host's own training node loads, the host's ``in_training`` flag, and the precision a training
+step runs in (the host's training node's rule, but fp16 with a loss scaler for fp32 weights on CUDA)."""
 from __future__ import annotations
 
 import contextlib
@@ -119,13 +119,16 @@ class TrainingPrecision:
 
 
 def training_precision(model_patcher, mixed_precision: bool = True) -> TrainingPrecision:
-    """The precision the host's own training node picks from a model (TrainLoraNode with
-    ``training_dtype`` "none": comfy_extras/nodes_train.py, 0.33.0 l. 1154-1180; its autocast on the
-    input's device type, l. 211): fp16 weights train under fp16 autocast with a loss scaler, bf16 and
-    fp8 weights under bf16 autocast. A device without bf16 (older CUDA cards) gets fp16 with a loss
-    scaler instead. fp32 weights: fp16 with a loss scaler on CUDA, SimDA's recipe (the authors' fp16
-    mixed precision); no autocast on other devices, where fp16 matmuls are slow. ``mixed_precision``
-    False trains in the model's own dtypes."""
+    """The precision a training step runs in, from the dtype the model's weights are stored in.
+
+    fp16, bf16 and fp8 weights: as the host's own training node picks it (TrainLoraNode with
+    ``training_dtype`` "none", ComfyUI 0.33+; it autocasts on the input's device type; lines per host
+    in docs/HOST_COMPAT.md): fp16 weights train under fp16 autocast with a loss scaler, bf16 and fp8
+    weights under bf16 autocast. A device without bf16 (older CUDA cards) gets fp16 with a loss scaler
+    instead. fp32 weights: fp16 autocast with a loss scaler on CUDA, where the host's node picks bf16,
+    because fp16 mixed precision is SimDA's recipe (the authors') and keeps more mantissa bits, the
+    scaler guarding its range; no autocast on other devices, where half-precision matmuls are slow.
+    ``mixed_precision`` False trains in the model's own dtypes."""
     device_type = torch.device(model_patcher.load_device).type
     if not mixed_precision:
         return TrainingPrecision(device_type, None, False)

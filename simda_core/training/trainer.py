@@ -1,5 +1,6 @@
 """Training SimDA adapters on a frozen SD UNet (docs/METHOD.md §7): the denoising loss at
-uniform DDPM timesteps, AdamW with gradient clipping, mixed precision as the host's training node picks it.
+uniform DDPM timesteps, AdamW with gradient clipping, mixed precision chosen from the model's stored dtype
+(``host.training.training_precision``).
 
 Used by the Edit Tuner node (one clip, 300 steps) and by the collection trainer. The UNet is the
 host's, called with the SimDA patches of a ModelPatcher clone; only adapter parameters train.
@@ -30,8 +31,8 @@ class TuningRecipe:
     eps: float = 1e-8
     max_grad_norm: float = 1.0
     mixed_precision: bool = True
-    """Autocast in the precision the host's training node picks for the model
-    (``host.training.training_precision``); False trains in the model's own dtypes."""
+    """Autocast in the precision ``host.training.training_precision`` picks from the model's stored
+    dtype; False trains in the model's own dtypes."""
 
 
 def initial_adapters(sites, seed: int = 0, device=None) -> SimDAAdapters:
