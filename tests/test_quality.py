@@ -1,4 +1,4 @@
-"""Quality metrics (simda_core/quality.py) on known inputs: PSNR and SSIM agree with kornia's own
+"""Quality metrics (simda_core/training/quality.py) on known inputs: PSNR and SSIM agree with kornia's own
 functions and with a direct computation from their definitions; identical clips score SSIM 1 and
 temporal consistency 1; a frame shifted, replaced or flickering, or noise that changes per frame,
 scores worse on temporal consistency."""
