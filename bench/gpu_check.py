@@ -262,8 +262,8 @@ def sdxl_ratios(device: torch.device) -> dict:
 
 
 def start_dynamic_vram() -> str:
-    """The first half of how ComfyUI 0.33's ``main.py`` switches Dynamic VRAM on (l. 96-108):
-    ``comfy_aimdo.control.init`` before the host's model management is imported."""
+    """The first half of how ComfyUI 0.33's ``main.py`` switches Dynamic VRAM on (lines in
+    docs/HOST_COMPAT.md): ``comfy_aimdo.control.init`` before the host's model management is imported."""
     try:
         import comfy_aimdo.control
     except ImportError as error:
@@ -278,7 +278,7 @@ def start_dynamic_vram() -> str:
 
 
 def finish_dynamic_vram() -> bool:
-    """The second half (``main.py`` l. 300-330): aimdo takes the devices, and the host's core
+    """The second half (``main.py``'s ``init_devices`` call): aimdo takes the devices, and the host's core
     patcher becomes ``ModelPatcherDynamic``."""
     import comfy.memory_management
     import comfy.model_management as mm

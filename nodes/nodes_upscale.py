@@ -4,7 +4,7 @@ upscaler (docs/METHOD.md §9: the paper's second stage, 256x256 -> 1024x1024).
 Each (frame group, spatial tile) piece is sampled by the host's own KSampler (``comfy.sample.sample``)
 with the x4 model's concat conditioning made by the host's ``SD_4XUpscale_Conditioning`` for that
 piece's low-resolution frames. Pieces that share frames or pixels with finished pieces get those
-as known latents through the host's denoise mask (``simda_core/tiling.py`` explains how), so
+as known latents through the host's denoise mask (``simda_core/video/tiling.py`` explains how), so
 group borders keep their temporal context and tile borders leave no seam.
 """
 from __future__ import annotations

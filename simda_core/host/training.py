@@ -75,8 +75,8 @@ def release_training_wrappers(model_patcher) -> None:
 @contextlib.contextmanager
 def loaded_for_training(training):
     """``training`` (from :func:`training_patcher`) loaded whole, with the memory headroom the host's
-    own training node asks for (``load_models_gpu(..., memory_required=1e20, force_full_load=True)``:
-    0.3.75 ``nodes_train.py`` l. 595, 0.33 l. 1226); afterwards, also after Cancel, an error or
+    own training node asks for (``load_models_gpu(..., memory_required=1e20, force_full_load=True)`` in
+    ``TrainLoraNode.execute``; lines per host in docs/HOST_COMPAT.md); afterwards, also after Cancel, an error or
     out-of-memory, its weight wrappers are off the host's layers and it is unloaded, so the shared
     UNet carries nothing of it."""
     import comfy.model_management as mm
