@@ -158,3 +158,19 @@ def test_no_file_names_a_missing_address_or_document():
             continue  # pictures, archives, weights
         found += [f"{name}: {word}" for word in FORBIDDEN if word.lower() in text.lower()]
     assert found == [], "\n".join(found)
+
+
+HOST_LINE = re.compile(r"\b(?:l\.|lines?)\s*\d+")
+
+
+def test_code_names_host_functions_not_their_line_numbers():
+    """Host line numbers go stale with every host release: code comments and docstrings name the host
+    function, and docs/HOST_COMPAT.md keeps the lines, per host version."""
+    found = []
+    for name in read_files():
+        if name.endswith(".py"):
+            prose = prose_of(name)
+            found += [f"{name}: ...{prose[max(0, m.start() - 50):m.end()]}" for m in HOST_LINE.finditer(prose)]
+    assert found == [], "line numbers in code prose (move them to docs/HOST_COMPAT.md):\n" + "\n".join(found)
+    assert HOST_LINE.search((PACK_DIR / "docs" / "HOST_COMPAT.md").read_text(encoding="utf-8")), \
+        "docs/HOST_COMPAT.md keeps no host line numbers"
