@@ -5,15 +5,13 @@
 
     COMFYUI_PATH=.hosts/0.33.0/ComfyUI python bench/gpu_check.py --dynamic-vram   # 0.33 with Dynamic VRAM on
 
-It installs nothing. The lent GPU machines have torch + CUDA and no internet: carry a pinned host
+It installs nothing. On a GPU machine with torch + CUDA and no internet, copy a pinned host
 (``.hosts/0.3.75/ComfyUI``, 26 MB, or ``.hosts/0.33.0/ComfyUI``, 31 MB) and the pure-Python packages
 the host's sampling code imports (``pip install --target .gpu_deps torchsde trampoline einops
 safetensors``; ``PYTHONPATH=.gpu_deps``). 0.33 also imports ``comfy_kitchen`` (a 58 MB wheel, 227 MB
-unpacked) and ``comfy_aimdo`` (under 1 MB) unconditionally: the 64 MiB carry cannot hold both the
-wheel and the 0.33 tree, so a first call carries the wheel alone and unpacks it (a wheel is a zip)
-into ``.gpu_deps`` on the device, which keeps ignored outputs between calls; a second call carries
-the host. Check what the device already has first. Checks that need a missing package report it
-instead of failing the run.
+unpacked) and ``comfy_aimdo`` (under 1 MB) unconditionally; a wheel is a zip, so it can be unpacked
+into ``.gpu_deps`` on that machine. Checks that need a missing package report it instead of failing
+the run.
 
 Checks (each a row of the printed table):
 - the authors' tiny fixture on CUDA in fp16 and bf16 against its fp32 CPU reference outputs;
