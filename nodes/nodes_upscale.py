@@ -3,14 +3,15 @@ upscaler (docs/METHOD.md §9: the paper's second stage, 256x256 -> 1024x1024).
 
 Each (frame group, spatial tile) piece is sampled by the host's own KSampler (``comfy.sample.sample``)
 with the x4 model's concat conditioning made by the host's ``SD_4XUpscale_Conditioning`` for that
-piece's low-resolution frames. Pieces that share frames or pixels with finished pieces get those
-as known latents through the host's denoise mask (``simda_core/video/tiling.py`` explains how), so
-group borders keep their temporal context and tile borders leave no seam.
+piece's low-resolution frames, and the piece's own rows of per-frame conditioning. Pieces that share
+frames or pixels with finished pieces get those as known latents through the host's denoise mask
+(``simda_core/video/tiling.py`` explains how, and how a looped clip's groups are laid out), so group
+borders keep their temporal context and tile borders leave no seam.
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 import comfy.model_management
 import comfy.sample
@@ -26,9 +27,11 @@ from ..simda_core.host.memory import free_device_memory, is_dynamic, resident_we
 from ..simda_core.host.register import get_config
 from ..simda_core.host.x4 import x4_conditioning
 from ..simda_core.model.config import LatentShiftSettings, SimDAConfig
+from ..simda_core.video.clip_agreement import clip_mismatch
 from ..simda_core.video.clip_noise import clip_noise
 from ..simda_core.video.tiling import (
-    FrameGroup, PieceSizes, Tile, blend_piece_, choose_sizes, frame_groups, piece_mask, spatial_tiles,
+    FrameGroup, PieceSizes, Tile, blend_piece_, choose_sizes, frame_groups, piece_conditioning, piece_mask,
+    spatial_tiles,
 )
 from .simda_model import check_family, simda_clone
 
@@ -113,7 +116,9 @@ def check_vae(vae) -> None:
         )
 
 
-def check_conditioning(model, positive, negative) -> None:
+def check_conditioning(model, positive, negative, frames: int) -> None:
+    """Text tokens of the x4 upscaler's width, and rows that fit the clip (one, or one per frame:
+    the Video Sampler's check, ``clip_mismatch``), for the whole clip before any piece is sampled."""
     wanted = model.model.model_config.unet_config.get("context_dim")
     for name, conditioning in (("positive", positive), ("negative", negative)):
         if not conditioning:
@@ -125,6 +130,9 @@ def check_conditioning(model, positive, negative) -> None:
                 f"{wanted}-wide ones (its own OpenCLIP text encoder); encode the "
                 "prompt with the CLIP output of the x4 upscaler's Load Checkpoint."
             )
+    problem = clip_mismatch({"positive": positive, "negative": negative}, frames)
+    if problem:
+        raise ValueError(f"{NODE}: {problem}.")
 
 
 @dataclass(frozen=True)
@@ -167,13 +175,17 @@ class Settings:
 
 # -- the MODEL -----------------------------------------------------------------------------------
 
-def upscaler_model(model, latent_shift: bool):
+def upscaler_model(model, latent_shift: bool, straight: bool = False):
     """The MODEL as the upscaler samples it: latent shift added when asked for and missing (it only
-    lands on blocks with real self-attention), each call's frames one clip (frames_per_clip 0)."""
+    lands on blocks with real self-attention), each call's frames one clip (frames_per_clip 0).
+    ``straight``: a looped clip cut into several groups, whose loop the groups' layout carries
+    (``frame_groups``); each call is then a straight piece of it and must not wrap onto itself."""
     config = get_config(model) or SimDAConfig()
     wanted = config
     if latent_shift and wanted.latent_shift is None:
         wanted = replace(wanted, latent_shift=LatentShiftSettings())
+    if straight and wanted.loop:
+        wanted = replace(wanted, loop=False)
     if wanted.frames_per_clip:
         log.info(
             "%s: frames_per_clip %d on the MODEL is ignored; each frame group is one clip.", NODE,
@@ -255,7 +267,8 @@ class PieceProgress:
 def sample_piece(model, pixels: torch.Tensor, positive, negative, latent: torch.Tensor, noise: torch.Tensor,
                  mask: torch.Tensor | None, settings: Settings, callback) -> torch.Tensor:
     """One piece through the host's KSampler: ``pixels`` ``[f, h, w, 3]`` low-resolution frames,
-    ``latent``/``noise`` ``[f, 4, h, w]``; returns the sampled latents (VAE space)."""
+    ``latent``/``noise`` ``[f, 4, h, w]``, conditionings with one row or one per frame of the piece;
+    returns the sampled latents (VAE space)."""
     conditioned = x4_conditioning().execute(pixels, positive, negative, float(SCALE), settings.noise_augmentation)
     piece_positive, piece_negative = conditioned[0], conditioned[1]
     return comfy.sample.sample(
@@ -266,29 +279,32 @@ def sample_piece(model, pixels: torch.Tensor, positive, negative, latent: torch.
 
 
 def upscale_latents(
-    model, frames: torch.Tensor, positive, negative, settings: Settings, sizes: PieceSizes
+    model, frames: torch.Tensor, positive, negative, settings: Settings, sizes: PieceSizes, loop: bool = False
 ) -> torch.Tensor:
     """The clip's upscaled latents ``[F, 4, H, W]`` (H, W: the input frames' size), sampled piece by
-    piece: frame groups in order, tiles in raster order within each group."""
+    piece: frame groups in order (``loop``: the last one carries the clip's first frames after its
+    end), tiles in raster order within each group. Per-frame conditioning rows go with their frames."""
     count, height, width = frames.shape[0], frames.shape[1], frames.shape[2]
     context = min(settings.context_frames, sizes.frames_per_group - 1)
-    groups: list[FrameGroup] = frame_groups(count, sizes.frames_per_group, context)
+    groups: list[FrameGroup] = frame_groups(count, sizes.frames_per_group, context, loop)
     tiles: list[Tile] = spatial_tiles(height, width, sizes.tile_height, sizes.tile_width, settings.tile_overlap)
     channels = model.get_model_object("latent_format").latent_channels
     noise = clip_noise((count, channels, height, width), settings.seed, 0.0)  # [F, C, H, W], per-frame seeded
     canvas = torch.zeros(count, channels, height, width, device=comfy.model_management.intermediate_device())
     progress = PieceProgress(model, len(groups) * len(tiles), settings.steps)
     for group in groups:
+        index = torch.tensor(group.indices)
+        group_positive = piece_conditioning(positive, group.indices, count)
+        group_negative = piece_conditioning(negative, group.indices, count)
         for tile in tiles:
             comfy.model_management.throw_exception_if_processing_interrupted()
-            frames_slice = slice(group.start, group.stop)
             mask = piece_mask(tile, group)
             sampled = sample_piece(
                 model,
-                frames[frames_slice, tile.rows, tile.cols],
-                positive, negative,
-                latent=canvas[frames_slice, :, tile.rows, tile.cols].clone(),
-                noise=noise[frames_slice, :, tile.rows, tile.cols].contiguous(),
+                frames[index][:, tile.rows, tile.cols],
+                group_positive, group_negative,
+                latent=canvas[index.to(canvas.device)][:, :, tile.rows, tile.cols].contiguous(),
+                noise=noise[index][:, :, tile.rows, tile.cols].contiguous(),
                 mask=mask,
                 settings=settings,
                 callback=progress.callback,
@@ -405,40 +421,81 @@ class SimDAVideoUpscaler(io.ComfyNode):
     def execute(cls, frames, model, vae, positive, negative, noise_augmentation, seed, steps, cfg, sampler_name,
                 scheduler, frames_per_group, context_frames, tile_size, tile_overlap, latent_shift) -> io.NodeOutput:
         # is_input_list: every input arrives as a list (so frames from a list of images form one clip).
-        (model, vae, positive, negative, noise_augmentation, seed, steps, cfg, sampler_name, scheduler,
-         frames_per_group, context_frames, tile_size, tile_overlap, latent_shift) = (
-            _single(v) for v in (model, vae, positive, negative, noise_augmentation, seed, steps, cfg, sampler_name,
-                                 scheduler, frames_per_group, context_frames, tile_size, tile_overlap, latent_shift))
-        settings = Settings(seed, steps, cfg, sampler_name, scheduler, noise_augmentation, frames_per_group,
-                            context_frames, tile_size, tile_overlap)
+        inputs = single_values(dict(
+            model=model, vae=vae, positive=positive, negative=negative, noise_augmentation=noise_augmentation,
+            seed=seed, steps=steps, cfg=cfg, sampler_name=sampler_name, scheduler=scheduler,
+            frames_per_group=frames_per_group, context_frames=context_frames, tile_size=tile_size,
+            tile_overlap=tile_overlap, latent_shift=latent_shift,
+        ))
+        model, vae, positive, negative = (inputs[name] for name in ("model", "vae", "positive", "negative"))
+        settings = Settings(**{field.name: inputs[field.name] for field in fields(Settings)})
         x4_conditioning()
         clip = clip_frames(frames)
         check_model(model)
         check_vae(vae)
-        check_conditioning(model, positive, negative)
+        check_conditioning(model, positive, negative, clip.shape[0])
         settings.check()
-        sampling_model = upscaler_model(model, latent_shift)
-
-        count, height, width = clip.shape[0], clip.shape[1], clip.shape[2]
-        sizes, how = piece_sizes(sampling_model, count, height, width, settings)
-        if not settings.tile_size:  # an automatic tile keeps its overlap under half its side
-            settings = replace(
-                settings, tile_overlap=min(settings.tile_overlap, min(sizes.tile_height, sizes.tile_width) // 2)
-            )
-        pieces = sizes.pieces(count, height, width, settings.context_frames, settings.tile_overlap)
-        log.info(
-            "%s: %d frames %dx%d -> %dx%d in pieces of up to %d frames (%d context) x %dx%d tiles (%s): %d pieces.",
-            NODE, count, width, height, width * SCALE, height * SCALE, sizes.frames_per_group,
-            min(settings.context_frames, sizes.frames_per_group - 1), min(sizes.tile_width, width),
-            min(sizes.tile_height, height), how, pieces,
-        )
-        with unloaded_on_failure(sampling_model):
-            latents = upscale_latents(sampling_model, clip, positive, negative, settings, sizes)
+        plan = plan_pieces(model, inputs["latent_shift"], clip, settings)
+        with unloaded_on_failure(plan.model):
+            latents = upscale_latents(plan.model, clip, positive, negative, plan.settings, plan.sizes, plan.loop)
         comfy.model_management.throw_exception_if_processing_interrupted()
         images = vae.decode(latents)
         return io.NodeOutput(images)
 
 
-def _single(values: list):
-    """An input of an ``is_input_list`` node: its one value (the first when a list brings several)."""
-    return values[0]
+def single_values(inputs: dict[str, list]) -> dict:
+    """The one value of each input of this ``is_input_list`` node other than ``frames`` (whose items
+    form one clip); an input that brings a list of several values is refused, naming it."""
+    for name, values in inputs.items():
+        if len(values) != 1:
+            raise ValueError(
+                f"{NODE}: '{name}' brings {len(values)} values (a list from the node before it), but every input "
+                f"other than 'frames' (whose items form one clip) takes one value; connect a single {name}."
+            )
+    return {name: values[0] for name, values in inputs.items()}
+
+
+@dataclass(frozen=True)
+class PiecePlan:
+    model: object
+    """The MODEL each piece is sampled with (:func:`upscaler_model`)."""
+    sizes: PieceSizes
+    settings: Settings
+    loop: bool
+    """The clip loops and needs several groups: its last group carries the first frames after its end."""
+
+
+def plan_pieces(model, latent_shift: bool, clip: torch.Tensor, settings: Settings) -> PiecePlan:
+    """How the clip is cut (group and tile sizes from the settings or free memory) and the MODEL
+    each piece is sampled with; the plan goes to ComfyUI's log."""
+    count, height, width = clip.shape[0], clip.shape[1], clip.shape[2]
+    sampling_model = upscaler_model(model, latent_shift)
+    sizes, how = piece_sizes(sampling_model, count, height, width, settings)
+    if not settings.tile_size:  # an automatic tile keeps its overlap under half its side
+        settings = replace(
+            settings, tile_overlap=min(settings.tile_overlap, min(sizes.tile_height, sizes.tile_width) // 2)
+        )
+    looped = bool((get_config(sampling_model) or SimDAConfig()).loop)
+    loop = looped and sizes.frames_per_group < count
+    if loop:  # the groups' layout carries the loop; each call is a straight piece of it
+        sampling_model = upscaler_model(model, latent_shift, straight=True)
+    context = min(settings.context_frames, sizes.frames_per_group - 1)
+    pieces = sizes.pieces(count, height, width, settings.context_frames, settings.tile_overlap, loop)
+    log.info(
+        "%s: %d frames %dx%d -> %dx%d in pieces of up to %d frames (%d context) x %dx%d tiles (%s): %d pieces%s.",
+        NODE, count, width, height, width * SCALE, height * SCALE, sizes.frames_per_group, context,
+        min(sizes.tile_width, width), min(sizes.tile_height, height), how, pieces,
+        loop_plan(looped, loop, frame_groups(count, sizes.frames_per_group, context, loop)[-1].closing),
+    )
+    return PiecePlan(sampling_model, sizes, settings, loop)
+
+
+def loop_plan(looped: bool, loop: bool, closing: int) -> str:
+    """How the log says a looped clip is sampled."""
+    if not looped:
+        return ""
+    if not loop:
+        return "; the loop fits in one call"
+    if not closing:
+        return "; a loop, but with context_frames 0 the last group does not continue into the first frames"
+    return f"; a loop: the last group continues into frames 0..{closing - 1}"

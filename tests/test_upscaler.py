@@ -6,6 +6,11 @@ encoder: conditioning is random 1024-wide tokens) is built once with the host's 
 cached in ``.cache/`` and loaded through ``comfy.sd.load_checkpoint_guess_config`` like a user's
 file. Frames are small (16 -> 64, 32 -> 128 pixels): one CPU UNet step at 512 output takes tens of
 seconds. Torch runs one thread here (two stall each other on a busy 2-core machine).
+
+The last part drives the node over HTTP on the real server (a looped clip in one group and in
+several, a list input, per-frame conditioning rows), watching from outside the pack through the
+test-only nodes of tests/fixtures/recording_nodes: which frames and conditioning rows each UNet call
+received, and the upscaled frames as tensors.
 """
 from __future__ import annotations
 
@@ -13,6 +18,9 @@ import hashlib
 import json
 import os
 from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageSequence
 
 import host  # noqa: F401  (first: puts the host on sys.path and imports the pack as simda_pack)
 from host import PACK_DIR
@@ -31,6 +39,8 @@ import torch
 from comfy.ldm.models.autoencoder import AutoencoderKL
 from comfy_extras.nodes_sdupscale import SD_4XUpscale_Conditioning
 
+from live_server import cached_test_models, execution_error, make_base_dir, start_server
+from node_info import widget_values
 from simda_pack.nodes.nodes_adapters import SimDAAdapterLoader
 from simda_pack.nodes.nodes_latent_shift import SimDALatentShiftPatch
 from simda_pack.nodes.nodes_sampler import SimDAVideoSampler
@@ -45,7 +55,7 @@ from simda_pack.simda_core.model.adapters import SimDAAdapters
 from simda_pack.simda_core.model.config import SimDAConfig
 from simda_pack.simda_core.video.clip_noise import clip_noise
 from simda_pack.simda_core.video.tiling import (
-    PieceSizes, choose_sizes, cosine_ramp, frame_groups, piece_mask, spatial_tiles,
+    FrameGroup, PieceSizes, choose_sizes, cosine_ramp, frame_groups, piece_conditioning, piece_mask, spatial_tiles,
 )
 
 CACHE_DIR = PACK_DIR / ".cache"
@@ -239,6 +249,48 @@ def test_frame_groups_make_every_frame_new_once_after_its_context():
         assert all(b.start == a.stop - context for a, b in zip(groups, groups[1:]))
     with pytest.raises(ValueError, match="fewer than the frames per group"):
         frame_groups(8, 2, 2)
+
+
+def test_a_looped_clip_in_several_groups_ends_with_its_first_frames_and_no_group_repeats_a_frame():
+    cases = [(7, 3, 1), (16, 8, 2), (10, 8, 3), (13, 8, 3), (17, 5, 4), (10, 3, 0), (12, 4, 2), (9, 3, 2)]
+    for frames, size, context in cases:
+        groups = frame_groups(frames, size, context, loop=True)
+        assert len(groups) > 1
+        new = [f for g in groups for f in range(g.start + g.context, g.stop)]
+        assert new == list(range(frames)), (frames, size, context, groups)
+        assert all(g.frames <= size for g in groups), groups
+        assert all(len(set(g.indices)) == len(g.indices) for g in groups), f"a group holds a frame twice: {groups}"
+        assert all(g.closing == 0 for g in groups[:-1])
+        last = groups[-1]
+        closing = min(context, size - context - 1)  # room for at least one new frame
+        # The last call runs ..., F-1 and on into 0, 1, ...: time goes round the loop once.
+        assert last.indices[last.stop - last.start - 1:] == [frames - 1] + list(range(closing)), groups
+    # Worked by hand: 6 frames in groups of 4 sharing 1 frame; the last group ends with frame 0.
+    assert [g.indices for g in frame_groups(6, 4, 1, loop=True)] == [[0, 1, 2, 3], [3, 4, 5, 0]]
+    # 7 frames in groups of 3 sharing 1: the open layout's last group [4, 7) is full, so it is cut to
+    # [4, 6) and a final group takes 5 (context), 6 and then 0.
+    assert [g.indices for g in frame_groups(7, 3, 1, loop=True)] == [[0, 1, 2], [2, 3, 4], [4, 5], [5, 6, 0]]
+    # 13 frames in groups of 8 sharing 3: the open layout's last group [5, 13) is full, so it is cut
+    # to [5, 11) and a final group takes 8..12 (3 of them context) and then 0, 1, 2.
+    assert [g.indices for g in frame_groups(13, 8, 3, loop=True)] == [
+        [0, 1, 2, 3, 4, 5, 6, 7], [5, 6, 7, 8, 9, 10], [8, 9, 10, 11, 12, 0, 1, 2]]
+    assert frame_groups(8, 8, 2, loop=True) == [FrameGroup(0, 8, 0)], "a loop that fits one group is one call"
+    # The closing frames are known latents: mask 0, like the context frames.
+    last = frame_groups(6, 4, 1, loop=True)[-1]
+    mask = piece_mask(spatial_tiles(8, 8, 8, 8, 0)[0], last)
+    assert mask.shape[0] == 4 and mask[:, 0, 0, 0].tolist() == [0.0, 1.0, 1.0, 0.0]
+
+
+def test_per_frame_rows_are_cut_to_each_groups_frames():
+    rows = torch.arange(6.0)[:, None, None].expand(6, 3, 2).clone()  # row f holds the value f
+    pooled = torch.arange(6.0)[:, None] * 10
+    shared = torch.full((1, 3, 2), 7.0)
+    conditioning = [[rows, {"pooled_output": pooled, "strength": 0.5}], [shared, {}]]
+    piece = piece_conditioning(conditioning, [4, 5, 0], 6)
+    assert piece[0][0][:, 0, 0].tolist() == [4.0, 5.0, 0.0]
+    assert piece[0][1]["pooled_output"][:, 0].tolist() == [40.0, 50.0, 0.0]
+    assert piece[0][1]["strength"] == 0.5 and piece[1][0] is shared
+    assert conditioning[0][0].shape[0] == 6 and conditioning[0][1]["pooled_output"].shape[0] == 6, "input changed"
 
 
 def test_tiles_cover_the_latent_with_at_least_the_overlap():
@@ -514,7 +566,7 @@ def test_an_sd15_model_in_the_upscaler_and_the_x4_in_the_video_sampler_are_refus
     sd15 = host.build_model(host.TINY_UNET, seed=None)
     refuses(r"needs the SD x4 upscaler MODEL.*connected MODEL is an SD1\.x UNet",
             lambda: upscale(sd15, vae, smooth_frames(2, 16)))
-    refuses(r"SimDA Video Sampler samples with an SD1\.x, SD2\.x or SDXL MODEL; "
+    refuses(r"SimDA Video Sampler works with an SD1\.x, SD2\.x or SDXL MODEL; "
             r"the connected MODEL is the SD x4 upscaler",
             lambda: SimDAVideoSampler.execute(model, conditioning(1), conditioning(2), 2, 64, 64, 0, 2, 1.0, "euler",
                                               "normal", 1.0, 0.0))
@@ -556,3 +608,231 @@ def test_settings_out_of_range_are_refused(x4):
             lambda: upscale(model, vae, smooth_frames(1, 16), frames_per_group=4, context_frames=4))
     refuses(r"tile_overlap 40 is more than half of tile_size 64",
             lambda: upscale(model, vae, smooth_frames(1, 16), tile_size=64, tile_overlap=40))
+
+
+# -- over HTTP, on the real server: loops, lists, per-frame rows ---------------------------------
+
+RECORDING_NODES = PACK_DIR / "tests" / "fixtures" / "recording_nodes"
+"""Test-only nodes (Record UNet Calls, Save Tensor) linked into the server's custom_nodes/: what each
+UNet call receives and what the upscaler put out, seen from outside the pack."""
+SR_ADAPTERS = "sr.safetensors"
+FRAME_RED, RED_STEP = 40, 30
+"""Frame i of a test clip is flat red at FRAME_RED + RED_STEP * i (its green and blue hold image-like
+content): the x4 model's concatenated low-resolution image tells which frames a UNet call holds."""
+
+
+@pytest.fixture(scope="module")
+def x4_server(tmp_path_factory, sr_adapter_file):
+    """The real ComfyUI server with the SD1.5 test checkpoint and adapters of tests/live_server.py,
+    the x4 upscaler checkpoint with its text encoder, the random super-resolution adapters
+    (models/simda/sr.safetensors) and the recording nodes."""
+    checkpoint, adapters = cached_test_models()
+    base = tmp_path_factory.mktemp("comfyui_base_x4")
+    make_base_dir(base, checkpoint, adapters)
+    x4_file = x4_checkpoint_with_text_encoder()
+    (base / "models" / "checkpoints" / x4_file.name).symlink_to(x4_file)
+    (base / "models" / "simda" / SR_ADAPTERS).symlink_to(sr_adapter_file[0] / SR_ADAPTERS)
+    (base / "custom_nodes" / RECORDING_NODES.name).symlink_to(RECORDING_NODES, target_is_directory=True)
+    server = start_server(base)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def info(x4_server):
+    return x4_server.object_info()
+
+
+def id_frames(count: int, size: int = 16, seed: int = 0, redrawn: int | None = None) -> np.ndarray:
+    """``[count, size, size, 3]`` uint8 frames, frame i flat red at FRAME_RED + RED_STEP * i with
+    smooth content in green and blue; ``redrawn``: that frame's content drawn anew (its red kept)."""
+    content = smooth_frames(count, size, seed)
+    if redrawn is not None:
+        content[redrawn] = smooth_frames(1, size, seed + 100)[0]
+    frames = (content * 255).round().to(torch.uint8).numpy()
+    frames[..., 0] = (FRAME_RED + RED_STEP * np.arange(count))[:, None, None]
+    return frames
+
+
+def put_clip(server, name: str, frames: np.ndarray) -> str:
+    """The frames as one animated PNG in the server's input folder, which Load Image reads as a batch."""
+    path = server.input_dir / name
+    images = [Image.fromarray(frame) for frame in frames]
+    images[0].save(path, format="PNG", save_all=True, append_images=images[1:])
+    with Image.open(path) as written:
+        back = np.stack([np.asarray(f.convert("RGB")) for f in ImageSequence.Iterator(written)])
+    assert np.array_equal(back, frames), "the animated PNG does not hold the frames"
+    return name
+
+
+def call_frames(calls: list[dict]) -> list[list[int]]:
+    """The clip frames each recorded UNet call held, from the red of its concatenated image."""
+    return [[round(((c[0] + 1) / 2 * 255 - FRAME_RED) / RED_STEP) for c in call["concat"]] for call in calls]
+
+
+def recorded_calls(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+class UpscalerRun:
+    """API prompts for the upscaler on the x4 checkpoint: frames from an animated PNG, positive from
+    CLIP Text Encode (or ``positive``: a node given by the test), the MODEL through SR adapters, the
+    Latent-Shift Patch and the recorder where asked; the output saved as a tensor."""
+
+    def __init__(self, server, info, tmp_path: Path):
+        self.server, self.info, self.tmp, self.runs = server, info, tmp_path, 0
+
+    def prompt(self, clip_name: str, *, loop: bool | None = None, adapters: bool = False, record: bool = True,
+               positive: dict | None = None, extra: dict | None = None, **settings) -> dict:
+        self.runs += 1
+        self.output = self.tmp / f"upscaled_{self.runs}.pt"
+        self.record = self.tmp / f"calls_{self.runs}.jsonl"
+        prompt = {
+            "x4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": X4_CLIP_CHECKPOINT.name}},
+            "clip": {"class_type": "LoadImage", "inputs": {"image": clip_name}},
+            "positive": positive or {"class_type": "CLIPTextEncode",
+                                     "inputs": {"text": "a red fox in the snow", "clip": ["x4", 1]}},
+            "negative": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["x4", 1]}},
+            **(extra or {}),
+        }
+        model = ["x4", 0]
+        if adapters:
+            prompt["adapters"] = {"class_type": "SimDAAdapterLoader", "inputs": {
+                **widget_values(self.info["SimDAAdapterLoader"]), "model": model, "adapter_name": SR_ADAPTERS}}
+            model = ["adapters", 0]
+        if loop is not None:
+            prompt["shift"] = {"class_type": "SimDALatentShiftPatch", "inputs": {
+                **widget_values(self.info["SimDALatentShiftPatch"]), "model": model, "loop": loop}}
+            model = ["shift", 0]
+        if record:
+            prompt["record"] = {"class_type": "TestRecordUNetCalls",
+                                "inputs": {"model": model, "path": str(self.record)}}
+            model = ["record", 0]
+        prompt["upscale"] = {"class_type": "SimDAVideoUpscaler", "inputs": {
+            **widget_values(self.info["SimDAVideoUpscaler"]),
+            "frames": ["clip", 0], "model": model, "vae": ["x4", 2], "positive": ["positive", 0],
+            "negative": ["negative", 0], "seed": 3, "steps": 2, "cfg": 1.0, "sampler_name": "euler",
+            "scheduler": "normal", "tile_overlap": 8, **settings,
+        }}
+        prompt["save"] = {"class_type": "TestSaveTensor", "inputs": {"value": ["upscale", 0], "path": str(self.output)}}
+        return prompt
+
+    def images(self, clip_name: str, **options) -> torch.Tensor:
+        """The upscaled frames ``[F, H, W, 3]``; the UNet calls are in ``self.calls``."""
+        entry = self.server.run_prompt(self.prompt(clip_name, **options), timeout=600)
+        assert execution_error(entry) is None, execution_error(entry)
+        self.calls = recorded_calls(self.record)
+        return torch.load(self.output)
+
+    def refusal(self, clip_name: str, **options) -> str:
+        """The one sentence the prompt was refused with; nothing was sampled or saved."""
+        entry = self.server.run_prompt(self.prompt(clip_name, **options), timeout=600)
+        error = execution_error(entry)
+        assert error is not None, "the prompt ran"
+        assert "\n" not in error and error.endswith("."), error
+        assert recorded_calls(self.record) == [], "the UNet ran before the refusal"
+        assert not self.output.exists()
+        return error
+
+
+@pytest.fixture
+def run(x4_server, info, tmp_path):
+    return UpscalerRun(x4_server, info, tmp_path)
+
+
+def moved(a: torch.Tensor, b: torch.Tensor) -> list[float]:
+    """Largest change of each frame between two runs."""
+    return [float((x - y).abs().max()) for x, y in zip(a, b)]
+
+
+def test_a_looped_clip_that_fits_one_group_stays_a_loop(x4_server, run):
+    """Plain x4 model, latent shift only: latent shift reads earlier frames only, so in an open clip
+    the first frame cannot see the last one; in a loop it does (it follows the last frame)."""
+    clip = put_clip(x4_server, "loop_one_group.png", id_frames(4, seed=11))
+    redrawn = put_clip(x4_server, "loop_one_group_last_redrawn.png", id_frames(4, seed=11, redrawn=3))
+    changes = {}
+    for loop in (False, True):
+        first = run.images(clip, loop=loop, frames_per_group=4, context_frames=1)
+        assert call_frames(run.calls) == [[0, 1, 2, 3]] * 2, "one call per step, holding the whole clip"
+        changes[loop] = moved(first, run.images(redrawn, loop=loop, frames_per_group=4, context_frames=1))
+    assert changes[False][0] == 0.0 and changes[False][3] > 1e-3, f"open clip: {changes[False]}"
+    assert changes[True][0] > 1e-3, f"looped clip: frame 0 does not see the last frame ({changes[True]})"
+
+
+def test_a_looped_clip_in_several_groups_lays_its_loop_over_the_groups(x4_server, run):
+    """SR adapters (their temporal adapter looks at both neighbours) and latent shift; 6 frames in
+    groups of 4 sharing 1 frame. Looped, the last group runs on from frame 5 into frame 0 (finished
+    by the first group): the end is sampled next to the start. No group wraps onto its own first
+    frames: the first group is the same call as in the open clip, so its frames come out the same."""
+    clip = put_clip(x4_server, "loop_groups.png", id_frames(6, seed=12))
+    settings = dict(adapters=True, frames_per_group=4, context_frames=1)
+    open_clip = run.images(clip, loop=False, **settings)
+    assert call_frames(run.calls) == [[0, 1, 2, 3]] * 2 + [[3, 4, 5]] * 2
+    looped = run.images(clip, loop=True, **settings)
+    assert call_frames(run.calls) == [[0, 1, 2, 3]] * 2 + [[3, 4, 5, 0]] * 2
+    change = moved(open_clip, looped)
+    assert change[:4] == [0.0] * 4, f"a group wrapped onto itself: the first group's frames moved by {change[:4]}"
+    assert change[4] > 1e-3 and change[5] > 1e-3, f"the last group did not meet the first frames: {change}"
+
+
+def test_a_list_of_frames_is_one_clip_and_a_list_of_another_input_is_refused(x4_server, run):
+    clip = put_clip(x4_server, "list_input.png", id_frames(4, seed=13))
+    whole = run.images(clip, record=False, latent_shift=True)
+    as_list = {"frame_list": {"class_type": "RebatchImages", "inputs": {"images": ["clip", 0], "batch_size": 1}}}
+    listed = run.prompt(clip, record=False, latent_shift=True, extra=as_list)
+    listed["upscale"]["inputs"]["frames"] = ["frame_list", 0]
+    entry = x4_server.run_prompt(listed, timeout=600)
+    assert execution_error(entry) is None, execution_error(entry)
+    assert torch.equal(torch.load(run.output), whole), "four 1-frame items are not the same clip as the batch"
+
+    # Two conditionings: SD 4x Upscale Conditioning mapped over a list of two 2-frame batches.
+    two = {
+        "halves": {"class_type": "RebatchImages", "inputs": {"images": ["clip", 0], "batch_size": 2}},
+        "text": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red fox", "clip": ["x4", 1]}},
+    }
+    conditioned = {"class_type": "SD_4XUpscale_Conditioning", "inputs": {
+        "images": ["halves", 0], "positive": ["text", 0], "negative": ["text", 0], "scale_ratio": 4.0,
+        "noise_augmentation": 0.0}}
+    error = run.refusal(clip, positive=conditioned, extra=two)
+    assert error.startswith("SimDA Video Upscaler: 'positive' brings 2 values"), error
+
+
+def travel(frames: int) -> dict:
+    return {"class_type": "SimDAPromptTravel", "inputs": {
+        "clip": ["x4", 1], "prompts": "0: a red fox in the snow\n-1: a grey wolf on a beach", "frames": frames}}
+
+
+def row_fingerprints(conditioning) -> torch.Tensor:
+    """``[rows, 8]``: per row, the token mean of the first 8 context channels (as the recorder takes it)."""
+    return conditioning[0][0][:, :, :8].float().mean(dim=1)
+
+
+@pytest.mark.parametrize("latent_shift", [False, True])
+def test_per_frame_rows_go_with_their_frames_into_every_group(x4_server, run, latent_shift):
+    """5 frames, a 5-row Prompt Travel schedule, groups of 2 sharing 1 frame: every UNet call holds
+    the schedule's rows of exactly its frames (plain x4 model, with and without latent shift)."""
+    clip = put_clip(x4_server, "rows.png", id_frames(5, seed=14))
+    rows_file = run.tmp / "rows.pt"
+    extra = {"rows": {"class_type": "TestSaveTensor", "inputs": {"value": ["positive", 0], "path": str(rows_file)}}}
+    run.images(clip, positive=travel(5), extra=extra, latent_shift=latent_shift, frames_per_group=2,
+               context_frames=1)
+    schedule = row_fingerprints(torch.load(rows_file))
+    assert schedule.shape[0] == 5 and float(torch.cdist(schedule, schedule).add(torch.eye(5)).min()) > 1e-3
+    frames = call_frames(run.calls)
+    assert frames == [f for g in ([0, 1], [1, 2], [2, 3], [3, 4]) for f in (g, g)], frames
+    for call, held in zip(run.calls, frames):
+        seen = torch.tensor(call["context"])
+        assert seen.shape[0] == len(held)
+        torch.testing.assert_close(seen, schedule[held], rtol=1e-4, atol=1e-5, msg=f"the call of frames {held}")
+
+
+@pytest.mark.parametrize("latent_shift", [False, True])
+def test_rows_of_another_length_are_refused_for_the_whole_clip_before_any_work(x4_server, run, latent_shift):
+    clip = put_clip(x4_server, "rows_wrong.png", id_frames(5, seed=15))
+    error = run.refusal(clip, positive=travel(6), latent_shift=latent_shift, frames_per_group=2, context_frames=1)
+    assert error == (  # the Video Sampler's sentence, for the upscaler's whole clip
+        "SimDA Video Upscaler: the positive conditioning holds 6 rows, one per frame of a 6-frame prompt schedule, "
+        "but the clip has 5 frames; set SimDA Prompt Travel's frames to 5, or use a conditioning with one row."
+    ), error

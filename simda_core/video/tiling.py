@@ -7,6 +7,15 @@ one clip so latent shift, temporal adapters and frame GroupNorm see them togethe
 - in time, a group starts with ``context`` frames the previous group already finished; they are
   handed to the sampler as known latents (mask 0), so the new frames are sampled next to the
   finished ones and attend to them, and the finished frames are never rewritten;
+- a looped clip (its last frame leads into its first) that needs several groups is laid out as an
+  open clip whose last group carries the clip's first ``context`` frames, finished by the first
+  group, after its own last frame, as known latents in the order time runs round the loop
+  (``..., F-2, F-1, 0, 1``). Each group is a straight piece of the loop and is sampled as one (no
+  group wraps onto its own first frames), and the clip's end is sampled next to its start. Latent
+  shift reads only earlier frames, so across the seam the first frames read nothing of the end
+  (they were finished first, as the first group's first frames are in an open clip); the parts
+  that look both ways in time (the temporal adapter, frame-shared GroupNorm) see the end meet the
+  start. A looped clip that fits in one group is one looped call;
 - in space, a tile's bands shared with tiles finished before it (above, left) are known latents
   that fade into the new tile along a cosine ramp; the sampler keeps re-imposing them at every
   step (the host's denoise mask), so the new tile grows out of its neighbours instead of being
@@ -19,7 +28,7 @@ untiled sampling call. Everything here is plain PyTorch on shapes; units are lat
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -28,27 +37,35 @@ import torch
 
 @dataclass(frozen=True)
 class FrameGroup:
-    """Frames ``start .. stop-1`` of the clip, sampled together."""
+    """Frames ``start .. stop-1`` of the clip, sampled together, followed (in a looped clip's last
+    group) by the clip's frames ``0 .. closing-1``."""
 
     start: int
     stop: int
     context: int
     """Leading frames that an earlier group already finished: known latents, kept as they are."""
+    closing: int = 0
+    """The clip's first frames, finished by the first group, that follow this group's last frame as
+    known latents: the last group of a looped clip, whose end leads into its start."""
+
+    @property
+    def indices(self) -> list[int]:
+        """The clip's frames this group samples, in the order of the sampling call."""
+        return list(range(self.start, self.stop)) + list(range(self.closing))
 
     @property
     def frames(self) -> int:
-        return self.stop - self.start
-
-    @property
-    def new_frames(self) -> int:
-        return self.frames - self.context
+        return self.stop - self.start + self.closing
 
 
-def frame_groups(frames: int, group_size: int, context: int) -> list[FrameGroup]:
+def frame_groups(frames: int, group_size: int, context: int, loop: bool = False) -> list[FrameGroup]:
     """Cover ``frames`` frames with groups of at most ``group_size``; each group after the first
     repeats the last ``context`` frames of the one before as its known context.
 
-    Every frame is new in exactly one group; the last group may be shorter."""
+    Every frame is new in exactly one group; the last group may be shorter. With ``loop`` and more
+    than one group, the last group also carries the clip's first frames as known frames after its
+    end (``closing``: as many as ``context``, fewer where the group has no room for them); the module
+    docstring says why."""
     if frames < 1 or group_size < 1:
         raise ValueError(f"need at least one frame and a group size of at least 1 (got {frames}, {group_size})")
     if not 0 <= context < group_size:
@@ -57,7 +74,42 @@ def frame_groups(frames: int, group_size: int, context: int) -> list[FrameGroup]
     while groups[-1].stop < frames:
         start = groups[-1].stop - context
         groups.append(FrameGroup(start, min(start + group_size, frames), context))
+    if loop and len(groups) > 1:
+        groups[-1:] = closing_groups(groups[-1], frames, group_size, context)
     return groups
+
+
+def closing_groups(last: FrameGroup, frames: int, group_size: int, context: int) -> list[FrameGroup]:
+    """An open layout's last group as a looped clip's end: with the clip's first frames after it,
+    or, where it is too full to take them, cut in two so the second part has room for them."""
+    closing = min(context, group_size - context - 1)  # the last group keeps at least one new frame
+    if last.frames + closing <= group_size:
+        return [replace(last, closing=closing)]
+    new_in_final = group_size - context - closing
+    cut = FrameGroup(last.start, frames - new_in_final, last.context)
+    return [cut, FrameGroup(cut.stop - context, frames, context, closing)]
+
+
+def piece_conditioning(conditioning: list, indices: list[int], frames: int) -> list:
+    """A CONDITIONING (``[context, options]`` entries) for the frames ``indices`` of a ``frames``-frame
+    clip: per-frame rows (``frames`` rows of text context or pooled output; see
+    ``clip_agreement.conditioning_rows``) cut to those frames, in that order; one row as it is."""
+    if frames == 1:
+        return conditioning
+    index = torch.tensor(indices)
+
+    def rows(tensor):
+        if isinstance(tensor, torch.Tensor) and tensor.ndim >= 2 and tensor.shape[0] == frames:
+            return tensor.index_select(0, index.to(tensor.device))
+        return tensor
+
+    pieces = []
+    for context, options in conditioning:
+        options = dict(options)
+        if "pooled_output" in options:
+            options["pooled_output"] = rows(options["pooled_output"])
+        pieces.append([rows(context), options])
+    return pieces
 
 
 # -- spatial tiles -------------------------------------------------------------------------------
@@ -138,12 +190,12 @@ def tile_new_weight(tile: Tile) -> torch.Tensor:
 
 def piece_mask(tile: Tile, group: FrameGroup) -> torch.Tensor | None:
     """The sampler's denoise mask for one (group, tile) piece, ``[group frames, 1, height, width]``:
-    0 on the group's context frames (finished), the tile's new-weight on its new frames. ``None``
-    when the piece has no known part: sampling it is the plain, unmasked call."""
-    if group.context == 0 and not tile.has_known_part:
+    0 on the group's context and closing frames (finished), the tile's new-weight on its new
+    frames. ``None`` when the piece has no known part: sampling it is the plain, unmasked call."""
+    if group.context == 0 and group.closing == 0 and not tile.has_known_part:
         return None
     mask = torch.zeros(group.frames, 1, tile.height, tile.width)
-    mask[group.context:] = tile_new_weight(tile)
+    mask[group.context:group.stop - group.start] = tile_new_weight(tile)
     return mask
 
 
@@ -152,12 +204,13 @@ def blend_piece_(
 ) -> None:
     """Write a sampled piece ``[group frames, C, height, width]`` into ``canvas`` ``[F, C, H, W]``
     in place: ``canvas + mask * (piece - canvas)``, so known positions (mask 0) stay exactly as
-    they were and new ones take the piece."""
+    they were and new ones take the piece. The closing frames (known everywhere) are not written."""
+    own = group.stop - group.start
     region = canvas[group.start:group.stop, :, tile.rows, tile.cols]
     if mask is None:
-        region.copy_(piece.to(region))
+        region.copy_(piece[:own].to(region))
     else:
-        region.lerp_(piece.to(region), mask.to(region))
+        region.lerp_(piece[:own].to(region), mask[:own].to(region))
 
 
 # -- sizes from memory ---------------------------------------------------------------------------
@@ -168,8 +221,8 @@ class PieceSizes:
     tile_height: int
     tile_width: int
 
-    def pieces(self, frames: int, height: int, width: int, context: int, overlap: int) -> int:
-        groups = len(frame_groups(frames, self.frames_per_group, min(context, self.frames_per_group - 1)))
+    def pieces(self, frames: int, height: int, width: int, context: int, overlap: int, loop: bool = False) -> int:
+        groups = len(frame_groups(frames, self.frames_per_group, min(context, self.frames_per_group - 1), loop))
         return groups * len(spatial_tiles(height, width, self.tile_height, self.tile_width, overlap))
 
 
