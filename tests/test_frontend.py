@@ -41,6 +41,7 @@ from host import PACK_DIR
 
 import test_upscaler
 from test_workflows import bigbuckbunny, decode_mp4
+from node_info import pack_folder_name
 
 if str(PACK_DIR / "scripts") not in sys.path:
     sys.path.insert(0, str(PACK_DIR / "scripts"))
@@ -513,14 +514,6 @@ def test_workflow_without_its_pack_names_the_missing_node_types(comfy_server, pa
 
 
 # -- templates ---------------------------------------------------------------------------------
-
-def pack_folder_name(server) -> str:
-    """The folder under the server's custom_nodes/ that holds this pack (the templates' key)."""
-    for entry in (server.base_dir / "custom_nodes").iterdir():
-        if entry.resolve() == PACK_DIR:
-            return entry.name
-    raise AssertionError(f"the pack is not in {server.base_dir / 'custom_nodes'}")
-
 
 MAX_THUMBNAIL_BYTES = 200_000
 

@@ -23,14 +23,16 @@ import json
 import os
 import re
 import urllib.parse
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 # test_frontend first: it imports live_server and tests/host.py, which put the host on sys.path.
-from test_frontend import assert_loads, browser, load_workflow, open_page, pack_folder_name  # noqa: F401
+from test_frontend import assert_loads, browser, load_workflow, open_page  # noqa: F401
 from live_server import comfy_server  # noqa: F401  (a fixture)
 from host import PACK_DIR
+from node_info import NodeInput, help_pages, node_inputs, pack_folder_name, pack_nodes
 
 DOCS = PACK_DIR / "web" / "docs"
 HELP_SHOTS = PACK_DIR / "tests" / "output" / "help"
@@ -77,16 +79,10 @@ def page_text(node_id: str) -> str:
     return (DOCS / f"{node_id}.md").read_text(encoding="utf-8")
 
 
-def pack_node_ids(server) -> dict[str, dict]:
-    """The server's node types that this pack registered (their ``python_module``), with their info."""
-    module = f"custom_nodes.{pack_folder_name(server)}"
-    return {name: spec for name, spec in server.object_info().items() if spec.get("python_module") == module}
-
-
 # -- the pages and the server ----------------------------------------------------------------------
 
 def test_every_node_has_a_help_page_with_a_heading_and_pictures(comfy_server):
-    served = pack_node_ids(comfy_server)
+    served = pack_nodes(comfy_server)
     assert sorted(served) == NODE_IDS, f"the server lists {sorted(served)}; nodes/ declares {NODE_IDS}"
     pages = sorted(p.stem for p in DOCS.glob("*.md"))
     assert pages == NODE_IDS, f"web/docs holds pages for {pages}; the nodes are {NODE_IDS}"
@@ -99,6 +95,162 @@ def test_every_node_has_a_help_page_with_a_heading_and_pictures(comfy_server):
             assert not re.match(r"(?:[a-z]+:)?//", picture), f"{node_id}.md: {picture} is not the pack's own file"
             path = (DOCS / picture).resolve()
             assert path.is_file() and DOCS in path.parents, f"{node_id}.md: {picture} is not a file under web/docs"
+
+
+# -- the pages' inputs and /object_info -----------------------------------------------------------
+
+@dataclass(frozen=True)
+class DocumentedInput:
+    """One input as a page's Inputs section documents it: ``- `name` (TYPE lo to hi, step s, optional,
+    default v): text``. A combo is documented by what it offers (``ComfyUI's samplers``, ``file in
+    `models/simda```) instead of a type; ``STRING input`` is a text taken from a link only."""
+
+    name: str
+    type: str | None
+    link_only: bool = False
+    optional: bool = False
+    multiline: bool = False
+    minimum: str | None = None
+    maximum: str | None = None
+    step: str | None = None
+    default: str | None = None
+    """As written: on/off, a number, a word, or `code` (lines of a multiline default joined by ` / `)."""
+
+
+INPUT_LINE = re.compile(r"^- ((?:`[^`]+`(?:, )?)+) \(((?:`[^`]*`|[^()`])*)\):", re.M)
+TYPE_PART = re.compile(r"^([A-Z][A-Z0-9_]*)( input)?(?: (-?[0-9.e+-]+) to (-?[0-9.e+-]+))?$")
+
+
+def section(markdown: str, heading: str) -> str:
+    match = re.search(rf"^## {heading}\s*$(.*?)(?=^## |\Z)", markdown, re.M | re.S)
+    return match.group(1) if match else ""
+
+
+def documented_inputs(markdown: str) -> tuple[dict[str, DocumentedInput], list[str]]:
+    """The inputs of a page's ``## Inputs`` section, and the parts of it that could not be read."""
+    found, unreadable = {}, []
+    for match in INPUT_LINE.finditer(section(markdown, "Inputs")):
+        names = re.findall(r"`([^`]+)`", match.group(1))
+        parts = [p.strip() for p in re.findall(r"(?:`[^`]*`|[^,`])+", match.group(2))]
+        fields = {}
+        typed = TYPE_PART.match(parts[0])
+        if typed:
+            fields.update(type=typed.group(1), link_only=bool(typed.group(2)), minimum=typed.group(3),
+                          maximum=typed.group(4))
+        else:
+            fields["type"] = None  # a combo, named by what it offers
+        for part in parts[1:]:
+            if part in ("optional", "multiline"):
+                fields[part] = True
+            elif m := re.fullmatch(r"(?:step|multiples of) (\S+)", part):
+                fields["step"] = m.group(1)
+            elif m := re.fullmatch(r"default (.+)", part):
+                fields["default"] = m.group(1)
+            else:
+                unreadable.append(f"{', '.join(names)}: '{part}'")
+        for name in names:
+            found[name] = DocumentedInput(name, **fields)
+    return found, unreadable
+
+
+def documented_value(text: str, served: NodeInput):
+    """A documented default as the server would serve it."""
+    if "`" in text:
+        return "\n".join(re.findall(r"`([^`]*)`", text))
+    if served.type == "BOOLEAN":
+        return {"on": True, "off": False}.get(text, text)
+    if served.type in ("INT", "FLOAT"):
+        try:
+            return float(text)
+        except ValueError:
+            return text
+    return text
+
+
+def same_number(documented: str, served) -> bool:
+    try:
+        return served is not None and float(documented) == float(served)
+    except ValueError:
+        return False
+
+
+def input_disagreements(node_id: str, page: DocumentedInput, served: NodeInput) -> list[str]:
+    """What the page says about one input that /object_info does not."""
+    where = f"{node_id}.md `{page.name}`"
+    problems = []
+    if page.type is not None and page.type != served.type:
+        problems.append(f"{where}: documented as {page.type}, the server has {served.type}")
+    if page.type is None and served.type != "COMBO":
+        problems.append(f"{where}: documented as a choice, the server has {served.type}")
+    if page.optional != served.optional:
+        problems.append(f"{where}: documented as {'optional' if page.optional else 'required'}, the server has it "
+                        f"{'optional' if served.optional else 'required'}")
+    if page.link_only != bool(served.options.get("forceInput")):
+        problems.append(f"{where}: documented as {'a link only' if page.link_only else 'a widget'}, the server "
+                        f"disagrees (forceInput {served.options.get('forceInput', False)})")
+    if page.multiline and not served.options.get("multiline"):
+        problems.append(f"{where}: documented as multiline, the server's is not")
+    for what, documented in (("min", page.minimum), ("max", page.maximum), ("step", page.step)):
+        if documented is not None and not same_number(documented, served.options.get(what)):
+            problems.append(f"{where}: documented {what} {documented}, the server's is {served.options.get(what)}")
+    if page.default is None and served.has_default:
+        problems.append(f"{where}: no default documented, the server's is {served.default!r}")
+    elif page.default is not None and not served.has_default:
+        problems.append(f"{where}: documented default {page.default!r}, the server has none")
+    elif page.default is not None and documented_value(page.default, served) != served.default:
+        problems.append(f"{where}: documented default {page.default!r}, the server's is {served.default!r}")
+    return problems
+
+
+def page_disagreements(node_id: str, markdown: str, served: dict[str, NodeInput]) -> list[str]:
+    """Every difference between a page's Inputs section and the node's inputs on the server."""
+    documented, unreadable = documented_inputs(markdown)
+    problems = [f"{node_id}.md: cannot read {part}" for part in unreadable]
+    problems += [f"{node_id}.md documents `{name}`, which the node does not have" for name in documented
+                 if name not in served]
+    problems += [f"{node_id}.md does not document `{name}`" for name in served if name not in documented]
+    for name in documented.keys() & served.keys():
+        problems += input_disagreements(node_id, documented[name], served[name])
+    return problems
+
+
+def test_each_pages_inputs_and_defaults_are_the_servers(comfy_server):
+    """For every page in web/docs (every node's, whoever added it): the inputs it documents are the
+    node's inputs on this host's server, with the same types, optional inputs, defaults, and ranges and
+    steps where the page gives them."""
+    served = pack_nodes(comfy_server)
+    problems = []
+    for node_id, path in help_pages().items():
+        if node_id not in served:
+            problems.append(f"{path.name}: the server has no node {node_id}")
+            continue
+        problems += page_disagreements(node_id, path.read_text(encoding="utf-8"), node_inputs(served[node_id]))
+    assert not problems, f"{len(problems)} disagreements:\n" + "\n".join(problems)
+    print(f"{len(help_pages())} pages agree with /object_info")
+
+
+def test_the_page_check_sees_each_kind_of_disagreement(comfy_server):
+    """The check above, on a page changed in one place at a time, finds each change."""
+    node_id = "SimDAVideoUpscaler"
+    served = node_inputs(pack_nodes(comfy_server)[node_id])
+    page = page_text(node_id)
+    assert page_disagreements(node_id, page, served) == []
+    changes = {
+        "a default": ("`steps` (INT, default 20)", "`steps` (INT, default 21)"),
+        "a boolean default": ("`latent_shift` (BOOLEAN, default on)", "`latent_shift` (BOOLEAN, default off)"),
+        "a combo default": ("default dpmpp_2m)", "default euler)"),
+        "a range": ("`noise_augmentation` (FLOAT 0 to 1,", "`noise_augmentation` (FLOAT 0 to 2,"),
+        "a step": ("`tile_size` (INT, step 8,", "`tile_size` (INT, step 16,"),
+        "a name": ("- `seed` (INT", "- `noise_seed` (INT"),
+        "a type": ("`cfg` (FLOAT,", "`cfg` (INT,"),
+        "an optional input": ("`vae` (VAE)", "`vae` (VAE, optional)"),
+        "an unreadable part": ("`steps` (INT, default 20)", "`steps` (INT, defaults to 20)"),
+    }
+    for what, (old, new) in changes.items():
+        assert page.count(old) == 1, what
+        assert page_disagreements(node_id, page.replace(old, new), served), f"{what} changed unseen"
+    missing = re.sub(r"^- `tile_overlap`.*\n", "", page, flags=re.M)
+    assert page_disagreements(node_id, missing, served) == [f"{node_id}.md does not document `tile_overlap`"]
 
 
 MAX_PICTURE_BYTES = 300_000
