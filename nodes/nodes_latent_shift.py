@@ -1,7 +1,6 @@
 """SimDA Latent-Shift Patch: training-free temporal consistency for any SD1.x, SD2.x or SDXL checkpoint."""
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 
 from comfy_api.latest import io
@@ -66,7 +65,10 @@ class SimDALatentShiftPatch(io.ComfyNode):
                 ],
                 io.Float.Input(
                     "start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
-                    tooltip="Part of the sampling schedule where the shift starts (0 = first step).",
+                    tooltip=(
+                        "Part of the sampling schedule where the shift starts (0 = first step), in the schedule "
+                        "the MODEL samples with (a ModelSampling node after this one moves it along)."
+                    ),
                 ),
                 io.Float.Input(
                     "end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
@@ -114,11 +116,8 @@ class SimDALatentShiftPatch(io.ComfyNode):
                 "SimDA Latent-Shift Patch: every level is switched off; turn at least one on, or bypass the node."
             )
         check_levels_shift_something(model, levels)
-        sampling = model.get_model_object("model_sampling")
         shift = LatentShiftSettings(
-            levels=None if len(levels) == len(chosen) else levels,
-            sigma_start=math.inf if start_percent <= 0.0 else float(sampling.percent_to_sigma(start_percent)),
-            sigma_end=0.0 if end_percent >= 1.0 else float(sampling.percent_to_sigma(end_percent)),
+            levels=None if len(levels) == len(chosen) else levels, start_percent=start_percent, end_percent=end_percent,
         )
         config = get_config(model) or SimDAConfig()
         config = replace(

@@ -1,8 +1,6 @@
 """SimDA Video Sampler: one clip of F frames through the host's own sampling machinery."""
 from __future__ import annotations
 
-import functools
-import importlib
 import logging
 
 import comfy.model_management
@@ -14,11 +12,10 @@ import torch
 from comfy_api.latest import io
 
 from ..simda_core.host.memory import unloaded_on_failure
-from ..simda_core.host.register import get_config
+from ..simda_core.host.register import get_config, serve_context_windows
 from ..simda_core.model.config import SimDAConfig
 from ..simda_core.video.clip_agreement import clip_mismatch
 from ..simda_core.video.clip_noise import clip_noise
-from ..simda_core.video.frame_windows import host_window_indices, window_conds
 from ..simda_core.video.keyframes import paste_fixed
 from .inverted_noise import check_start_latent
 from .simda_model import check_image_family
@@ -26,58 +23,73 @@ from .simda_model import check_image_family
 log = logging.getLogger("SimDA")
 
 
-@functools.cache
-def frame_batch_context_handler():
-    """The host's context-window handler for windows over the frames of the batch (``dim`` 0), made
-    when a MODEL with context windows first reaches the Video Sampler (the host class moved or missing
-    costs only this feature).
-
-    The host finds the current step by comparing the schedule with the timestep tensor, which has
-    one entry per batch item; over the batch dimension that only lines up when there are as many
-    frames as schedule entries. All frames share one sigma, so the first one identifies the step."""
-    host_class = getattr(importlib.import_module("comfy.context_windows"), "IndexListContextHandler")
-
-    class FrameBatchContextHandler(host_class):
-        def get_context_windows(self, model, x_in, model_options):
-            """The host's windows, each told the whole clip's frame count (``total_frames``, as the
-            newest host's windows carry it): a looping clip's windows wrap around the whole clip."""
-            windows = super().get_context_windows(model, x_in, model_options)
-            for window in windows:
-                if getattr(window, "total_frames", None) is None:
-                    window.total_frames = int(x_in.size(self.dim))
-            return windows
-
-        def set_step(self, timestep, model_options):
-            return super().set_step(timestep[:1], model_options)
-
-        def get_resized_cond(self, cond_in, x_in, window, device=None):
-            """The host's resized conds, with per-frame conditioning cut to the window's frames (the
-            host keeps the first frames' rows for every window on 0.3.75)."""
-            resized = super().get_resized_cond(cond_in, x_in, window, device)
-            return window_conds(resized, x_in.size(0), host_window_indices(window), device)
-
-    return host_class, FrameBatchContextHandler
+NODE = "SimDA Video Sampler"
 
 
-def with_frame_windows(model):
-    """``model``, or a clone whose batch-dimension context windows find their step."""
-    handler = model.model_options.get("context_handler")
-    if handler is None:
-        return model
-    try:
-        host_class, frame_class = frame_batch_context_handler()
-    except (ImportError, AttributeError):
-        raise RuntimeError(
-            "SimDA Video Sampler: this ComfyUI has no comfy.context_windows.IndexListContextHandler, which context "
-            "windows on a MODEL need (ComfyUI 0.3.75 or newer has "
-            "it); update ComfyUI or remove the context windows node."
-        ) from None
-    if type(handler) is host_class and handler.dim == 0:
-        frame_handler = frame_class.__new__(frame_class)
-        frame_handler.__dict__.update(handler.__dict__)
-        model = model.clone()
-        model.model_options["context_handler"] = frame_handler
-    return model
+def clip_latent(model, frames: int, width: int, height: int, latent: dict | None, start_latent: dict | None):
+    """The clip's latent frames: the connected latent, zeros shaped as start_latent, or empty frames
+    from the frames/width/height widgets."""
+    if latent is not None:
+        latent_image = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
+        if latent_image.ndim != 4:
+            raise ValueError(
+                f"{NODE}: the latent must be a batch of frames [F, C, H, W], got shape {list(latent_image.shape)}."
+            )
+        log.info(
+            "%s: using the connected latent (%d frames, %dx%d); the frames/width/height widgets are ignored.",
+            NODE, latent_image.shape[0], latent_image.shape[3] * 8, latent_image.shape[2] * 8,
+        )
+        return latent_image
+    if start_latent is not None:
+        latent_image = torch.zeros_like(start_latent["samples"])
+        log.info(
+            "%s: frames and size come from start_latent (%d frames, %dx%d); the frames/width/height widgets are "
+            "ignored.", NODE, latent_image.shape[0], latent_image.shape[-1] * 8, latent_image.shape[-2] * 8,
+        )
+        return latent_image
+    if frames < 1:
+        raise ValueError(f"{NODE}: frames is {frames}; a clip needs at least 1 frame.")
+    if width % 8 or height % 8 or width < 8 or height < 8:
+        raise ValueError(
+            f"{NODE}: {width}x{height} is not a multiple of 8 on both sides; SD latents are 1/8 of the image size."
+        )
+    channels = model.get_model_object("latent_format").latent_channels
+    return torch.zeros(
+        [frames, channels, height // 8, width // 8], device=comfy.model_management.intermediate_device()
+    )
+
+
+def check_clip_agreement(model, positive, negative, frames: int, noise_mask, start_latent) -> None:
+    """The conditionings, ControlNet hints and ``frames_per_clip`` agree with the clip, and a keyframe
+    mask does not meet inverted noise."""
+    frames_per_clip = (get_config(model) or SimDAConfig()).frames_per_clip
+    problem = clip_mismatch({"positive": positive, "negative": negative}, frames, frames_per_clip)
+    if problem:
+        raise ValueError(f"{NODE}: {problem}.")
+    if noise_mask is not None and start_latent is not None:
+        raise ValueError(
+            f"{NODE}: the latent carries a noise mask (keyframes) and start_latent is inverted noise; sampling from "
+            "inverted noise regenerates every frame: connect one of the two."
+        )
+
+
+def sample_clip(model, noise, latent_image, positive, negative, *, steps, cfg, sampler_name, scheduler, denoise,
+                disable_noise, noise_mask, seed) -> torch.Tensor:
+    """The host's sampling of the clip, with previews and progress; context windows on a MODEL without
+    SimDA served as a SimDA MODEL's are (``register.serve_context_windows``)."""
+    if get_config(model) is None:
+        log.info(
+            "%s: the MODEL carries no SimDA patch, so the %d frames are sampled independently.",
+            NODE, latent_image.shape[0],
+        )
+    model = serve_context_windows(model)
+    callback = latent_preview.prepare_callback(model, steps)
+    with unloaded_on_failure(model):
+        return comfy.sample.sample(
+            model, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
+            denoise=denoise, disable_noise=disable_noise, noise_mask=noise_mask, callback=callback,
+            disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed,
+        )
 
 
 class SimDAVideoSampler(io.ComfyNode):
@@ -155,7 +167,7 @@ class SimDAVideoSampler(io.ComfyNode):
                 io.Latent.Input(
                     "start_latent", optional=True,
                     tooltip=(
-                        "DDIM-inverted noise of a source clip (from SimDA Edit Tuner): "
+                        "DDIM-inverted noise of a source clip (from SimDA Invert): "
                         "sampling starts from it; steps and scheduler must match the inversion."
                     ),
                 ),
@@ -171,77 +183,27 @@ class SimDAVideoSampler(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, negative, frames, width, height, seed, steps, cfg, sampler_name, scheduler,
                 denoise, noise_shared, latent=None, start_latent=None) -> io.NodeOutput:
-        check_image_family(model, "SimDA Video Sampler")
+        check_image_family(model, NODE)
         if not 0.0 <= noise_shared <= 1.0:
-            raise ValueError(f"SimDA Video Sampler: noise_shared {noise_shared} must lie between 0 and 1.")
-        if latent is not None:
-            latent_image = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
-            if latent_image.ndim != 4:
-                raise ValueError(
-                    "SimDA Video Sampler: the latent must be a batch of frames "
-                    f"[F, C, H, W], got shape {list(latent_image.shape)}."
-                )
-            log.info(
-                "SimDA Video Sampler: using the connected latent (%d frames, %dx%d); "
-                "the frames/width/height widgets are ignored.",
-                latent_image.shape[0], latent_image.shape[3] * 8, latent_image.shape[2] * 8,
-            )
-        elif start_latent is not None:
-            latent_image = torch.zeros_like(start_latent["samples"])
-            log.info(
-                "SimDA Video Sampler: frames and size come from start_latent (%d frames, %dx%d); "
-                "the frames/width/height widgets are ignored.",
-                latent_image.shape[0], latent_image.shape[-1] * 8, latent_image.shape[-2] * 8,
-            )
-        else:
-            if frames < 1:
-                raise ValueError(f"SimDA Video Sampler: frames is {frames}; a clip needs at least 1 frame.")
-            if width % 8 or height % 8 or width < 8 or height < 8:
-                raise ValueError(
-                    f"SimDA Video Sampler: {width}x{height} is not a multiple "
-                    "of 8 on both sides; SD latents are 1/8 of the image size."
-                )
-            channels = model.get_model_object("latent_format").latent_channels
-            latent_image = torch.zeros(
-                [frames, channels, height // 8, width // 8], device=comfy.model_management.intermediate_device()
-            )
-        frames = latent_image.shape[0]
-        frames_per_clip = (get_config(model) or SimDAConfig()).frames_per_clip
-        problem = clip_mismatch({"positive": positive, "negative": negative}, frames, frames_per_clip)
-        if problem:
-            raise ValueError(f"SimDA Video Sampler: {problem}.")
+            raise ValueError(f"{NODE}: noise_shared {noise_shared} must lie between 0 and 1.")
+        latent_image = clip_latent(model, frames, width, height, latent, start_latent)
         noise_mask = latent.get("noise_mask") if latent is not None else None
-        if noise_mask is not None and start_latent is not None:
-            raise ValueError(
-                "SimDA Video Sampler: the latent carries a noise mask (keyframes) and start_latent is inverted noise; "
-                "sampling from inverted noise regenerates every frame: connect one of the two."
-            )
+        check_clip_agreement(model, positive, negative, latent_image.shape[0], noise_mask, start_latent)
 
         if start_latent is not None:
             latent_image = check_start_latent(
-                start_latent, frames, latent_image.shape[2], latent_image.shape[3], steps, scheduler, denoise,
-                sampler_name=sampler_name,
+                start_latent, latent_image.shape[0], latent_image.shape[2], latent_image.shape[3], steps, scheduler,
+                denoise, sampler_name=sampler_name, model=model,
             )
             noise = torch.zeros_like(latent_image, device="cpu")
-            disable_noise = True
         else:
             noise = clip_noise(tuple(latent_image.shape), seed, noise_shared)
-            disable_noise = False
 
-        if get_config(model) is None:
-            log.info(
-                "SimDA Video Sampler: the MODEL carries no SimDA patch, so the %d frames are sampled independently.",
-                frames,
-            )
-
-        model = with_frame_windows(model)
-        callback = latent_preview.prepare_callback(model, steps)
-        with unloaded_on_failure(model):
-            samples = comfy.sample.sample(
-                model, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
-                denoise=denoise, disable_noise=disable_noise, noise_mask=noise_mask, callback=callback,
-                disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed,
-            )
+        samples = sample_clip(
+            model, noise, latent_image, positive, negative, steps=steps, cfg=cfg, sampler_name=sampler_name,
+            scheduler=scheduler, denoise=denoise, disable_noise=start_latent is not None, noise_mask=noise_mask,
+            seed=seed,
+        )
         if noise_mask is None:
             return io.NodeOutput({"samples": samples})
         # The host keeps masked-out latents on their noised originals during sampling but returns its

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# Installs the two video packs SimDA is tested with into a ComfyUI's custom_nodes/, the way
+# Installs the video packs SimDA is tested with into a ComfyUI's custom_nodes/, the way
 # ComfyUI-Manager does (the pack's source at a pinned commit, then its Python requirements):
 #   - ComfyUI-VideoHelperSuite     4ee72c065db22c9d96c2427954dc69e7b908444b (1.7.9)
 #   - ComfyUI-AnimateDiff-Evolved  d8d163cd90b1111f6227495e3467633676fbb346 (1.5.7)
+#   - ComfyUI-Advanced-ControlNet  per host: 9e60d8a9c8016c5315063aa7af66b321a0444df7 (1.5.8, its V3
+#     nodes) on ComfyUI 0.33 and newer, ba0795aaaa6d100f8d84a1f060df682bcc1091fa (the commit before its
+#     move to V3, which also loads on older hosts) below 0.33
 # The source comes from `git clone` + `git checkout <commit>` when GitHub can be reached, otherwise
 # from the release archives <name>-<short commit>.tar.gz in the folder SIMDA_PACKS_DIR names.
 #
@@ -10,7 +13,7 @@
 #
 # Requirements go into that ComfyUI's venv (scripts/hosts.sh; VHS: opencv-python-headless and
 # imageio-ffmpeg). Running it again
-# changes nothing once both packs sit at their commits.
+# changes nothing once every pack sits at its commit.
 set -euo pipefail
 
 source "$(dirname "${BASH_SOURCE[0]}")/hosts.sh"
@@ -20,10 +23,21 @@ py="$venv/bin/python"
 [ -f "$host/main.py" ] || { echo "setup_packs.sh: $host is not a ComfyUI folder (no main.py); run scripts/setup_host.sh first." >&2; exit 1; }
 [ -x "$py" ] || { echo "setup_packs.sh: no virtual environment at $venv; run scripts/setup_host.sh first." >&2; exit 1; }
 
+acn_commit() {  # the Advanced-ControlNet commit for this host's version (V3 nodes from 0.33 on)
+  local version
+  version=$(host_version "$host")
+  if [ -n "$version" ] && [ "$(printf '%s\n0.33.0\n' "$version" | sort -V | head -n 1)" = 0.33.0 ]; then
+    echo 9e60d8a9c8016c5315063aa7af66b321a0444df7
+  else
+    echo ba0795aaaa6d100f8d84a1f060df682bcc1091fa
+  fi
+}
+
 # name | repository | commit | requirements we install for it
 packs=(
   "ComfyUI-VideoHelperSuite|https://github.com/Kosinkadink/ComfyUI-VideoHelperSuite|4ee72c065db22c9d96c2427954dc69e7b908444b|opencv-python-headless imageio-ffmpeg"
   "ComfyUI-AnimateDiff-Evolved|https://github.com/Kosinkadink/ComfyUI-AnimateDiff-Evolved|d8d163cd90b1111f6227495e3467633676fbb346|"
+  "ComfyUI-Advanced-ControlNet|https://github.com/Kosinkadink/ComfyUI-Advanced-ControlNet|$(acn_commit)|"
 )
 stamp_name=".simda-pinned-commit"
 

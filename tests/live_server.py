@@ -297,7 +297,7 @@ def make_base_dir(base: Path, checkpoint: Path, adapters: Path, packs: tuple[Pat
         (base / "custom_nodes" / pack.name).symlink_to(pack, target_is_directory=True)
 
 
-VIDEO_PACKS = ("ComfyUI-VideoHelperSuite", "ComfyUI-AnimateDiff-Evolved")
+VIDEO_PACKS = ("ComfyUI-VideoHelperSuite", "ComfyUI-AnimateDiff-Evolved", "ComfyUI-Advanced-ControlNet")
 """The third-party packs of the compatibility tests, at the commits scripts/setup_packs.sh pins."""
 
 
@@ -317,9 +317,9 @@ def installed_video_packs() -> tuple[Path, ...]:
     return tuple(HOST_DIR / "custom_nodes" / name for name in VIDEO_PACKS)
 
 
-def start_server(base: Path, timeout: float = STARTUP_TIMEOUT_S) -> ComfyServer:
-    """Start the host's ``main.py`` on ``base`` (CPU, a free port, an in-memory database) and
-    wait until ``/object_info`` answers."""
+def start_server(base: Path, timeout: float = STARTUP_TIMEOUT_S, extra_args: tuple[str, ...] = ()) -> ComfyServer:
+    """Start the host's ``main.py`` on ``base`` (CPU, a free port, an in-memory database, and
+    ``extra_args``) and wait until ``/object_info`` answers."""
     port = free_port()
     log_path = base / "comfyui.log"
     command = [
@@ -327,7 +327,7 @@ def start_server(base: Path, timeout: float = STARTUP_TIMEOUT_S) -> ComfyServer:
         "--cpu", "--listen", "127.0.0.1", "--port", str(port),
         "--base-directory", str(base),
         "--database-url", "sqlite:///:memory:",
-        "--disable-auto-launch", "--disable-api-nodes", "--dont-print-server",
+        "--disable-auto-launch", "--disable-api-nodes", "--dont-print-server", *extra_args,
     ]
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
     # One CPU thread unless the caller says otherwise: on a busy 2-core machine two OpenMP threads

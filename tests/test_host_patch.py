@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import gc
 import logging
+import re
 import weakref
 from dataclasses import replace
 
@@ -20,6 +21,7 @@ import comfy.model_patcher
 import comfy.ops
 import comfy.patcher_extension
 import comfy.sample
+import comfy.samplers
 import comfy.sd
 import comfy.supported_models
 import folder_paths
@@ -37,7 +39,7 @@ from simda_pack.simda_core.host.register import (
 from simda_pack.simda_core.model import patch_functions
 from simda_pack.simda_core.model.adapters import SimDAAdapters
 from simda_pack.simda_core.model.config import LatentShiftSettings, SimDAConfig
-from simda_pack.simda_core.model.layout import ClipLayout, unwrap_positions
+from simda_pack.simda_core.model.layout import ClipLayout
 from simda_pack.simda_core.model.unet_sites import find_resblock_norms
 
 pytestmark = pytest.mark.usefixtures("unload_host_models")
@@ -474,26 +476,44 @@ def test_cross_attention_patches_still_run(base):
     assert not torch.allclose(call(patched, frame), call(clone, frame), atol=1e-3)
 
 
-def hypertile(model):
-    return node_model(HyperTile.execute(model, tile_size=256, swap_size=2, max_depth=0, scale_depth=False))
+def hypertile(model, tile_size=256, swap_size=2):
+    tiled = HyperTile.execute(model, tile_size=tile_size, swap_size=swap_size, max_depth=0, scale_depth=False)
+    return node_model(tiled)
 
 
-def test_hypertile_before_latent_shift_is_refused_when_patching(base):
-    tiled = hypertile(base)
-    target = tiled.clone()
-    before = patcher_state(target)
-    with pytest.raises(SimDAPatchError, match="HyperTile") as error:
-        apply_simda(target, SimDAConfig(latent_shift=LatentShiftSettings()))
-    assert "latent shift" in str(error.value)
-    assert patcher_state(target) == before, "a refused patch must leave the MODEL as it was"
-    with pytest.raises(ValueError, match="HyperTile"):
-        SimDALatentShiftPatch.execute(tiled, 0, True, True, True, True, 0.0, 1.0, False)
+def test_hypertile_that_tiles_is_refused_at_the_first_unet_call_in_either_order(base):
+    """HyperTile with parameters that really tile an 8x8 latent (tiles of 4 latent pixels, swap size 1)
+    re-tiles the queries of the top level: the grid check of the first call refuses it, naming it."""
+    shift = LatentShiftSettings()
+    for model in (hypertile(simda(base, latent_shift=shift), 32, 1), simda(hypertile(base, 32, 1), latent_shift=shift)):
+        with pytest.raises(SimDAPatchError, match=r"token grid \(\S*hypertile_in \(from comfy_extras\.nodes_hypertile\)"):
+            sample(model, frames=4, steps=1)
 
 
-def test_hypertile_after_latent_shift_is_refused_at_the_first_unet_call(base):
-    tiled = hypertile(simda(base, latent_shift=LatentShiftSettings()))
-    with pytest.raises(SimDAPatchError, match="HyperTile"):
-        sample(tiled, frames=4, steps=1)
+def test_hypertile_that_does_not_tile_runs_with_latent_shift(base):
+    """With its defaults HyperTile tiles nothing below a latent side of 32 (tiles of 32 latent pixels):
+    latent shift runs beside it and the clip equals latent shift alone."""
+    shift = simda(base, latent_shift=LatentShiftSettings())
+    assert torch.equal(sample(hypertile(shift), frames=4, steps=2), sample(shift, frames=4, steps=2))
+
+
+def hypernetwork_like(q, k, v, extra_options):
+    """A per-token ``attn1_patch`` as the host's hypernetworks are: keys and values changed token by token."""
+    return q, k * 1.5 + 0.1, v * 0.5
+
+
+def test_a_per_token_attention_patch_runs_with_latent_shift(base):
+    shift = simda(base, latent_shift=LatentShiftSettings())
+    patched = shift.clone()
+    patched.set_model_attn1_patch(hypernetwork_like)
+    before = simda(base.clone(), latent_shift=LatentShiftSettings())
+    before.set_model_attn1_patch(hypernetwork_like)
+    plain = base.clone()
+    plain.set_model_attn1_patch(hypernetwork_like)
+    with_patch = sample(patched, frames=4, steps=2)
+    assert torch.equal(with_patch, sample(simda(plain, latent_shift=LatentShiftSettings()), frames=4, steps=2))
+    assert (with_patch - sample(shift, frames=4, steps=2)).abs().max() > 1e-3, "the patch did not act"
+    assert (with_patch - sample(plain, frames=4, steps=2)).abs().max() > 1e-3, "latent shift did not act"
 
 
 def foreign_self_attention(q, k, v, extra_options):
@@ -502,31 +522,75 @@ def foreign_self_attention(q, k, v, extra_options):
     return attention.optimized_attention(q, k, v, extra_options["n_heads"])
 
 
-def test_another_self_attention_replacement_is_named(base):
+@pytest.mark.parametrize("key", [("input", 1, 0), ("input", 1)])
+def test_a_replacement_on_the_model_is_refused_in_either_order(base, key):
+    """Another node's self-attention replacement set on the MODEL (at ``(block, id, index)`` or at
+    ``(block, id)``) would take latent shift's slot on every call: refused, naming it."""
     occupied = base.clone()
-    occupied.set_model_attn1_replace(foreign_self_attention, "input", 1, 0)
-    with pytest.raises(
-        SimDAPatchError, match=r"\('input', 1, 0\) \(foreign_self_attention \(from \S*test_host_patch\)\)"
-    ):
+    occupied.set_model_attn1_replace(foreign_self_attention, *key)
+    named = re.escape(f"at {key} on this MODEL (") + r"foreign_self_attention \(from \S*test_host_patch\)"
+    with pytest.raises(SimDAPatchError, match=named):
         apply_simda(occupied.clone(), SimDAConfig(latent_shift=LatentShiftSettings()))
 
     later = simda(base, latent_shift=LatentShiftSettings())
-    later.set_model_attn1_replace(foreign_self_attention, "output", 4, 0)
-    with pytest.raises(SimDAPatchError, match=r"\('output', 4, 0\) \(foreign_self_attention "):
+    later.set_model_attn1_replace(foreign_self_attention, *key)
+    with pytest.raises(RuntimeError, match=named):  # when the sampling run starts
+        sample(later, frames=3, steps=1)
+    with pytest.raises(SimDAPatchError, match=named):  # a UNet call outside a sampling run
         call(later, video_batch(frames=3, groups=1), cond_or_uncond=(0,))
+
+
+def guidance_pass(key, seen):
+    """A guidance node's post-CFG function in the shape of the host's Perturbed-Attention Guidance:
+    one more pass of the cond with its own self-attention replacement at ``key``, added to a copy of the
+    call's options; its result is the guidance output, so what that pass computed decides the clip."""
+
+    def perturbed(q, k, v, extra_options, mask=None):
+        seen.append(tuple(extra_options["block"]) + (extra_options["block_index"],))
+        return v
+
+    def post_cfg(args):
+        options = comfy.model_patcher.set_model_options_patch_replace(
+            args["model_options"].copy(), perturbed, "attn1", *key
+        )
+        (out,) = comfy.samplers.calc_cond_batch(args["model"], [args["cond"]], args["input"], args["sigma"], options)
+        return out
+
+    return post_cfg
+
+
+@pytest.mark.parametrize("key", [("middle", 0), ("middle", 0, 0), ("input", 1)])
+def test_a_guidance_pass_takes_its_blocks_and_latent_shift_keeps_the_others(base, key, monkeypatch):
+    seen, shifted = [], []
+    real_shift = patch_functions.latent_shift_attention
+
+    def recording_shift(q, k, v, heads, layout, h, w, attention):
+        shifted.append(len(seen))
+        return real_shift(q, k, v, heads, layout, h, w, attention=attention)
+
+    monkeypatch.setattr(patch_functions, "latent_shift_attention", recording_shift)
+    guided = simda(base, latent_shift=LatentShiftSettings())
+    guided.set_model_sampler_post_cfg_function(guidance_pass(key, seen))
+    out = sample(guided, frames=4, steps=1)
+    assert seen and set(seen) == {key if len(key) == 3 else key + (0,)}, seen  # the guidance pass ran its own
+    assert not torch.equal(out, sample(simda(base, latent_shift=LatentShiftSettings()), frames=4, steps=1))
+    shifts_per_pass = TRANSFORMER_BLOCKS
+    assert len(shifted) == 2 * shifts_per_pass + (shifts_per_pass - 1), len(shifted)  # cond+uncond, then the pass
 
 
 # -- 6: context windows -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(
     "schedule, stride, closed_loop, cfg",
-    [("standard_static", 1, False, 4.0), ("standard_uniform", 2, False, 1.0), ("looped_uniform", 1, True, 1.0)],
+    [("standard_static", 1, False, 4.0), ("standard_uniform", 2, False, 1.0), ("looped_uniform", 1, True, 1.0),
+     ("looped_uniform", 2, True, 1.0)],
 )
 def test_context_windows_hand_each_window_to_simda_as_a_clip(base, monkeypatch, schedule, stride, closed_loop, cfg):
-    """12 frames, windows of 6: every UNet call is one window per cond/uncond group, and the
-    latent shift sees a clip of 6 frames at the window's real (unwrapped) frame positions.
-
-    11 steps because of the host (see test_host_context_windows_on_frames_need_steps_plus_one_frames);
+    """12 frames, windows of 6 (sliding, strided, looped, looped and strided; on 0.33 with the frame
+    before each window first): every UNet call is one window per cond/uncond group, and the latent
+    shift sees a clip of 6 (or 7) frames at the time positions of the window's frames, walked around
+    the 12-frame clip in the test. 5 steps: the host's 0.3.75 step lookup (see
+    test_host_context_windows_on_frames_need_steps_plus_one_frames) is served on a SimDA MODEL's runs.
     cfg 1 (cond only, half the work) where the cond/uncond batching is not what is tested."""
     windowed = host.context_windows(everything_on(base, seed=13), 6, 2, schedule, stride, closed_loop)
     calls = []
@@ -549,7 +613,7 @@ def test_context_windows_hand_each_window_to_simda_as_a_clip(base, monkeypatch, 
 
     monkeypatch.setattr(patch_functions, "latent_shift_attention", recording_shift)
     windowed.add_wrapper_with_key(DIFFUSION_MODEL, "test_probe", probe)
-    out = sample(windowed, frames=12, steps=11, cfg=cfg)
+    out = sample(windowed, frames=12, steps=5, cfg=cfg)
 
     assert out.shape == (12, 4, 8, 8) and bool(torch.isfinite(out).all())
     assert len(calls) > 2
@@ -557,13 +621,28 @@ def test_context_windows_hand_each_window_to_simda_as_a_clip(base, monkeypatch, 
     for seen in calls:
         count = len(seen["frames"])
         assert len(seen["window"]) == 6 and count in (6, 7) and seen["batch"] == count * seen["groups"]
-        assert seen["layouts"] == {ClipLayout(seen["groups"], count, unwrap_positions(seen["frames"]))}
+        assert seen["layouts"] == {ClipLayout(seen["groups"], count, walked_positions(seen["frames"], 12))}
     assert set().union(*(c["window"] for c in calls)) == set(range(12))
     steps = {b - a for c in calls for a, b in zip(c["window"], c["window"][1:])}
     if stride > 1:
         assert 2 in steps, "no strided window was sampled"
     if closed_loop:
         assert any(c["window"][0] > c["window"][-1] for c in calls), "no window wrapped around"
+    if closed_loop and stride > 1:
+        assert any(c["window"][0] > c["window"][-1] and 2 in np_steps(c["window"]) for c in calls), "none strided+looped"
+
+
+def np_steps(window) -> set[int]:
+    return {b - a for a, b in zip(window, window[1:]) if b > a}
+
+
+def walked_positions(indices: list[int], total: int) -> tuple[int, ...]:
+    """The time positions of a window's frames, by walking them: the first at its index, each next
+    one ``(index - previous index) mod total`` frames later."""
+    positions = [indices[0]]
+    for previous, index in zip(indices, indices[1:]):
+        positions.append(positions[-1] + (index - previous) % total)
+    return tuple(positions)
 
 
 def real_frames(window) -> list[int]:

@@ -204,7 +204,7 @@ def test_contiguous_window_behaves_like_a_clip_from_frame_0():
 
 def test_looped_window_continues_past_the_last_frame():
     h, w = 4, 4
-    layout = ClipLayout.from_batch(8, groups=2, window_indices=[14, 15, 0, 1])
+    layout = ClipLayout.from_batch(8, groups=2, window_indices=[14, 15, 0, 1], total_frames=16)
     assert layout.positions == (14, 15, 16, 17)
     _, k, v = random_qkv(2, 4, h, w, seed=22)
     got = latent_shift_keys_values(k, v, layout, h, w)
@@ -245,16 +245,27 @@ def test_earlier_frame_matches_reference_on_irregular_positions(positions):
 
 
 @pytest.mark.parametrize(
-    "window,expected",
+    "window,total,expected",
     [
-        ([12, 14, 0, 2], (12, 14, 16, 18)),  # every 2nd frame of a 16-frame loop
-        ([11, 13, 0, 2], (11, 13, 15, 17)),  # every 2nd frame of a 15-frame loop
-        ([15, 1, 3, 5], (15, 17, 19, 21)),  # wraps right after the first frame
-        ([10, 14, 2, 6], (10, 14, 18, 22)),  # every 4th frame of a 16-frame loop
+        ([12, 14, 0, 2], 16, (12, 14, 16, 18)),  # every 2nd frame of a 16-frame loop
+        ([11, 13, 0, 2], 15, (11, 13, 15, 17)),  # every 2nd frame of a 15-frame loop
+        ([15, 1, 3, 5], 16, (15, 17, 19, 21)),  # wraps right after the first frame
+        ([10, 14, 2, 6], 16, (10, 14, 18, 22)),  # every 4th frame of a 16-frame loop
+        ([11, 12, 14, 0, 2], 16, (11, 12, 14, 16, 18)),  # the frame before a strided window first (0.33's anchor)
+        ([13, 14, 0, 2, 4], 16, (13, 14, 16, 18, 20)),  # anchor 13 before the looped window [14, 0, 2, 4]
+        ([7, 8, 0, 1], 9, (7, 8, 9, 10)),  # a 9-frame loop
     ],
 )
-def test_looped_strided_window_keeps_its_stride(window, expected):
-    assert ClipLayout.from_batch(8, groups=2, window_indices=window).positions == expected
+def test_looped_strided_window_keeps_its_stride(window, total, expected):
+    layout = ClipLayout.from_batch(2 * len(window), groups=2, window_indices=window, total_frames=total)
+    assert layout.positions == expected
+
+
+def test_a_window_that_wraps_needs_the_clip_length():
+    with pytest.raises(ClipLayoutError, match="do not go forward in time around a clip whose frame count is unknown"):
+        ClipLayout.from_batch(8, groups=2, window_indices=[14, 15, 0, 1])
+    with pytest.raises(ClipLayoutError, match="do not go forward in time around a clip of 16 frames"):
+        ClipLayout.from_batch(4, groups=2, window_indices=[3, 3], total_frames=16)
 
 
 @pytest.mark.parametrize("num_frames", [15, 16, 24])
@@ -270,7 +281,8 @@ def test_host_looped_windows_unwrap_to_real_time(num_frames):
     strided_wraps = [w for w in windows if w != sorted(w) and min(b - a for a, b in zip(w, w[1:]) if b > a) > 1]
     assert strided_wraps, "no strided window wraps around: the test would check nothing"
     for window in windows:
-        positions = ClipLayout.from_batch(len(window), groups=1, window_indices=window).positions
+        layout = ClipLayout.from_batch(len(window), groups=1, window_indices=window, total_frames=num_frames)
+        positions = layout.positions
         step = positions[1] - positions[0]
         assert step >= 1 and all(b - a == step for a, b in zip(positions, positions[1:])), (window, positions)
         assert [p % num_frames for p in positions] == window

@@ -17,11 +17,12 @@ from live_server import cached_test_models
 
 import comfy.model_management
 import comfy.sample
+import comfy.samplers
 import comfy.sd
 from simda_pack.nodes.nodes_latent_shift import SimDALatentShiftPatch
 from simda_pack.nodes.nodes_prompts import SimDAPromptTravel
 from simda_pack.nodes.nodes_sampler import SimDAVideoSampler
-from simda_pack.simda_core.video.frame_windows import window_conds, window_context, window_frames
+from simda_pack.simda_core.video.frame_windows import window_frames
 from simda_pack.simda_core.video.prompt_schedule import PromptScheduleError, frame_weights, parse_schedule
 
 pytestmark = pytest.mark.usefixtures("unload_host_models")
@@ -149,16 +150,38 @@ def test_the_unet_sees_frame_i_with_its_own_prompt(checkpoint, travel, sampler):
         torch.testing.assert_close(cond_rows(entry), travel[0][0].to(entry[2].dtype), rtol=1e-3, atol=1e-3)
 
 
+def sample_with(path: str, model, positive, negative, frames: int, steps: int):
+    """One clip through one of the host's sampler paths, or the Video Sampler."""
+    if path == "video_sampler":
+        SimDAVideoSampler.execute(model, positive, negative, frames, 64, 64, 0, steps, 5.0, "euler", "normal", 1.0, 0.0)
+        return
+    latent = torch.zeros(frames, 4, 8, 8)
+    noise = comfy.sample.prepare_noise(latent, 0)
+    if path == "ksampler":
+        comfy.sample.sample(model, noise, steps, 5.0, "euler", "normal", positive, negative, latent, disable_pbar=True,
+                            seed=0)
+        return
+    guider = comfy.samplers.CFGGuider(model)
+    guider.set_conds(positive, negative)
+    guider.set_cfg(5.0)
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", steps)
+    guider.sample(noise, latent, comfy.samplers.sampler_object("euler"), sigmas, disable_pbar=True, seed=0)
+
+
+@pytest.mark.parametrize("path", ["video_sampler", "ksampler", "sampler_custom_advanced"])
 @pytest.mark.parametrize(
     "schedule, closed_loop", [("standard_static", False), ("standard_uniform", False), ("looped_uniform", True)]
 )
-def test_each_context_window_sees_its_own_frames_prompts(checkpoint, travel, schedule, closed_loop):
-    """Windows of 4 over 8 frames (the host's ContextWindowsManual on the frame batch)."""
+def test_each_context_window_sees_its_own_frames_prompts(checkpoint, travel, schedule, closed_loop, path):
+    """Windows of 4 over 8 frames (the host's ContextWindowsManual on the frame batch), 2 steps (on
+    ComfyUI 0.3.75 the host's own step lookup needs frames = steps + 1): every sampler path's
+    cross-attention sees each window's own frames' rows (the frame before the window included where
+    0.33 adds it)."""
     model, clip = checkpoint
     negative = [[encode(clip, NEGATIVE_TEXT)[0], {}]]
     windowed = host.context_windows(simda_model(model), 4, 2, schedule, 1, closed_loop)
     seen = record_cross_attention(windowed)
-    SimDAVideoSampler.execute(windowed, travel, negative, FRAMES, 64, 64, 0, 2, 5.0, "euler", "normal", 1.0, 0.0)
+    sample_with(path, windowed, travel, negative, FRAMES, 2)
     windows = {entry[0] for entry in seen}
     assert None not in windows and len(windows) >= 3 and set().union(*windows) == set(range(FRAMES))
     per_frame = travel[0][0]
@@ -174,6 +197,7 @@ def test_window_frames_reads_the_host_and_ade():
         index_list = [6, 7, 0, 1]
 
     assert window_frames({"context_window": Window()}) == ([6, 7, 0, 1], 0)
+    assert window_frames({"context_window": Window()}, total_frames=8) == ([6, 7, 0, 1], 8)  # 0.3.75: from the run
 
     class AnchoredWindow:  # 0.33's causal_window_fix: the frame before the window goes first
         index_list = [4, 5, 6, 7]
@@ -191,26 +215,20 @@ def test_window_frames_reads_the_host_and_ade():
     assert window_frames({}) is None
 
 
-def test_window_context_cuts_a_whole_clips_per_frame_context():
-    context = torch.arange(2 * 12, dtype=torch.float32).reshape(24, 1, 1).expand(24, 3, 5)  # 2 groups x 12 frames
-    options = {"ad_params": {"sub_idxs": [10, 11, 0, 1], "full_length": 12}, "cond_or_uncond": [1, 0]}
-    cut = window_context(context, options, layout=object())
-    assert cut[:, 0, 0].tolist() == [10, 11, 0, 1, 22, 23, 12, 13]
-    same = context[:8]
-    assert window_context(same, options, layout=object()) is same  # already one row per latent of the call
-    assert window_context(context, {"cond_or_uncond": [0]}, layout=object()) is context  # no window
-
-
-def test_window_conds_cut_only_per_frame_model_conds():
+def test_window_rows_cut_only_what_the_host_left_whole():
     import comfy.conds
+
+    from simda_pack.simda_core.host.windows import window_rows
 
     per_frame = comfy.conds.CONDCrossAttn(torch.arange(12.0).reshape(12, 1, 1))
     shared = comfy.conds.CONDCrossAttn(torch.zeros(1, 1, 1))
-    conds = [{"model_conds": {"c_crossattn": per_frame, "y": shared}, "uuid": 1}]
-    (cut,) = window_conds(conds, 12, [3, 4, 5])
+    already = comfy.conds.CONDRegular(torch.arange(3.0).reshape(3, 1))  # the window's rows, as 0.33 cuts them
+    conds = [[{"model_conds": {"c_crossattn": per_frame, "y": shared, "c_concat": already}, "uuid": 1}], None]
+    ((cut,), none) = window_rows(conds, host.index_window([3, 4, 5], 12), 12)
     assert cut["model_conds"]["c_crossattn"].cond.flatten().tolist() == [3, 4, 5]
-    assert cut["model_conds"]["y"] is shared and cut["uuid"] == 1
-    assert conds[0]["model_conds"]["c_crossattn"] is per_frame  # the input is left alone
+    assert cut["model_conds"]["y"] is shared and cut["model_conds"]["c_concat"] is already and cut["uuid"] == 1
+    assert none is None
+    assert conds[0][0]["model_conds"]["c_crossattn"] is per_frame  # the input is left alone
 
 
 def test_a_clip_with_scheduled_hooks_is_encoded_per_part_of_its_schedule(checkpoint):

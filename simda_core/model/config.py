@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 from .adapters import SimDAAdapters
 
@@ -12,14 +13,25 @@ from .adapters import SimDAAdapters
 class LatentShiftSettings:
     levels: frozenset[int] | None = None
     """Resolution levels (0 = the latent's own size) that get latent shift; None = all."""
-    sigma_start: float = math.inf
-    """Latent shift is active while the current sigma lies in [sigma_end, sigma_start]."""
-    sigma_end: float = 0.0
+    start_percent: float = 0.0
+    """Latent shift is active from this part of the sampling schedule (0 = the first step) ..."""
+    end_percent: float = 1.0
+    """... to this one (1 = the last step). Percents become sigmas of the schedule the MODEL samples
+    with when a sampling run starts (:meth:`sigma_range`), so a ModelSampling node anywhere in the
+    MODEL's chain moves the range with the schedule."""
 
     @property
     def whole_schedule(self) -> bool:
         """Active at every sigma: the call needs not read the current sigma at all."""
-        return self.sigma_start == math.inf and self.sigma_end <= 0.0
+        return self.start_percent <= 0.0 and self.end_percent >= 1.0
+
+    def sigma_range(self, percent_to_sigma: Callable[[float], float]) -> tuple[float, float]:
+        """``(sigma_start, sigma_end)``: latent shift is active while the current sigma lies in
+        ``[sigma_end, sigma_start]``. ``percent_to_sigma`` is the schedule's own conversion (the
+        host's ``model_sampling.percent_to_sigma``)."""
+        start = math.inf if self.start_percent <= 0.0 else float(percent_to_sigma(self.start_percent))
+        end = 0.0 if self.end_percent >= 1.0 else float(percent_to_sigma(self.end_percent))
+        return start, end
 
 
 @dataclass(frozen=True)

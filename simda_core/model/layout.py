@@ -79,16 +79,19 @@ class ClipLayout:
         window_indices: Sequence[int] | None = None,
         loop: bool = False,
         loop_length: int = 0,
+        total_frames: int = 0,
     ) -> "ClipLayout":
         """Split a UNet batch.
 
         ``frames_per_clip`` 0 means "each cond/uncond group is one clip". A context window
-        (``window_indices``) is one clip per group whatever ``frames_per_clip`` says, and its
-        real frame indices become the positions.
+        (``window_indices``) is one clip per group whatever ``frames_per_clip`` says, and the time
+        positions of its frames (:func:`unwrap_positions`) become the positions; a window that wraps
+        around the clip needs the whole clip's frame count, ``total_frames``.
 
         ``loop``: the clip loops (its last frame leads into its first). Each clip of the batch
         loops on its own frames; a context window loops on the whole clip, whose length only the
-        caller knows: pass it as ``loop_length`` (which also turns looping on by itself).
+        caller knows: pass it as ``loop_length`` (which also turns looping on by itself, and stands
+        for ``total_frames``).
         """
         if groups < 1 or batch % groups != 0:
             raise ClipLayoutError(
@@ -100,7 +103,8 @@ class ClipLayout:
                 raise ClipLayoutError(
                     "a looped context window needs the whole clip's frame count: pass loop_length"
                 )
-            return cls(groups, per_group, unwrap_positions(window_indices), loop_length)
+            positions = unwrap_positions(window_indices, loop_length or total_frames)
+            return cls(groups, per_group, positions, loop_length)
         frames = frames_per_clip or per_group
         if per_group % frames != 0:
             raise ClipLayoutError(
@@ -110,18 +114,21 @@ class ClipLayout:
         return cls(batch // frames, frames, tuple(range(frames)), loop_length or (frames if loop else 0))
 
 
-def unwrap_positions(indices: Sequence[int]) -> tuple[int, ...]:
-    """Make window frame indices increasing: a looped window ``[14, 15, 0, 1]`` continues as
-    ``[14, 15, 16, 17]``, a strided one ``[12, 14, 0, 2]`` as ``[12, 14, 16, 18]`` (the host's
-    looped windows step evenly through time, wrapping around the clip's length)."""
-    steps = [int(b) - int(a) for a, b in zip(indices, indices[1:]) if b > a]
-    step = steps[0] if steps else 1
-    positions: list[int] = []
-    offset = 0
-    for index in indices:
-        position = int(index) + offset
-        if positions and position <= positions[-1]:
-            offset += positions[-1] + step - position
-            position = positions[-1] + step
-        positions.append(position)
+def unwrap_positions(indices: Sequence[int], total_frames: int = 0) -> tuple[int, ...]:
+    """The time position of each frame a context window holds, in the order the window holds them:
+    the first frame at its own index, each next one as many frames later as its index lies ahead of
+    the previous one going round a clip of ``total_frames`` frames. A looped window ``[14, 15, 0, 1]``
+    of 16 frames is at ``14, 15, 16, 17``; a strided one with the frame before it first (an anchor),
+    ``[13, 14, 0, 2]``, at ``13, 14, 16, 18``. Without ``total_frames`` the indices must increase."""
+    positions = [int(indices[0])] if len(indices) else []
+    for previous, index in zip(indices, indices[1:]):
+        step = int(index) - int(previous)
+        if total_frames:
+            step %= total_frames
+        if step <= 0:
+            whole = f"a clip of {total_frames} frames" if total_frames else "a clip whose frame count is unknown"
+            raise ClipLayoutError(
+                f"the context window's frames {list(map(int, indices))} do not go forward in time around {whole}"
+            )
+        positions.append(positions[-1] + step)
     return tuple(positions)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Callable
 
 import torch
@@ -22,17 +23,26 @@ class SimDARuntime:
     (:data:`RuntimeRef`) and act as the plain module once it is gone, so the adapters are freed with
     the last MODEL that holds them.
 
-    Lifetime of the per-call fields: ``layout`` and ``shift_active`` are set only inside
-    :meth:`using`, which the ``DIFFUSION_MODEL`` wrapper enters for one UNet call (and a checkpointed
-    block re-enters for its recomputation in backward); outside a call they are ``None`` and ``False``.
+    Lifetime of the per-call fields: ``layout``, ``shift_active`` and ``token_patches`` are set only
+    inside :meth:`using`, which the ``DIFFUSION_MODEL`` wrapper enters for one UNet call (and a
+    checkpointed block re-enters for its recomputation in backward); outside a call they are
+    ``None``, ``False`` and ``()``.
+
+    ``fallback_shift_sigmas`` is the latent-shift range resolved against the schedule of the MODEL
+    the registration was made on: what a UNet call outside a sampling run (training) uses. A sampling
+    run resolves the range again when it starts, from the schedule it samples with, and keeps it
+    with the run (``host.sampling_run``), never here.
     """
 
-    def __init__(self, config: SimDAConfig):
+    def __init__(self, config: SimDAConfig, fallback_shift_sigmas: tuple[float, float] = (math.inf, 0.0)):
         self.config = config
         self.adapters = config.active_adapters
         self.strength = config.strength
+        self.fallback_shift_sigmas = fallback_shift_sigmas
         self.layout: ClipLayout | None = None
         self.shift_active = False
+        self.token_patches: tuple[str, ...] = ()
+        """Other packs' ``attn1_patch`` functions on this call (named), for the token-grid refusal."""
 
     def video_layout(self) -> ClipLayout | None:
         """The layout when the call holds clips of more than one frame (what latent shift and
@@ -41,27 +51,28 @@ class SimDARuntime:
         return layout if layout is not None and layout.is_video else None
 
     @contextlib.contextmanager
-    def using(self, layout: ClipLayout | None, shift_active: bool):
-        """Restore a call's state, e.g. while a checkpointed block is recomputed in backward."""
-        saved = (self.layout, self.shift_active)
-        self.layout, self.shift_active = layout, shift_active
+    def using(self, layout: ClipLayout | None, shift_active: bool, token_patches: tuple[str, ...] = ()):
+        """Set one call's state (and restore the previous one after it, e.g. while a checkpointed
+        block is recomputed in backward)."""
+        saved = (self.layout, self.shift_active, self.token_patches)
+        self.layout, self.shift_active, self.token_patches = layout, shift_active, token_patches
         try:
             yield
         finally:
-            self.layout, self.shift_active = saved
+            self.layout, self.shift_active, self.token_patches = saved
 
     def checkpointed(self, fn: Callable, *args):
         """``fn(*args)``, recomputed in the backward pass under the same call state when
         gradient checkpointing is on and gradients are being recorded."""
         if not (self.config.gradient_checkpointing and torch.is_grad_enabled()):
             return fn(*args)
-        layout, shift_active = self.layout, self.shift_active
+        state = (self.layout, self.shift_active, self.token_patches)
         # The host keeps writing "block" and "block_index" into the live transformer_options as it
         # walks the UNet: the recomputation in backward must see this call's values.
         args = tuple(dict(a) if isinstance(a, dict) else a for a in args)
 
         def run(*inner):
-            with self.using(layout, shift_active):
+            with self.using(*state):
                 return fn(*inner)
 
         return checkpoint(run, *args, use_reentrant=False)

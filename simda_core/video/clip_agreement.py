@@ -1,12 +1,14 @@
-"""Checks that the parts of one sampling run agree on the clip: per-frame conditioning rows and
-``frames_per_clip`` against the clip's frame count. Each returns one sentence naming both values,
-or None; the nodes raise it before any work, and the SimDA MODEL's sampling wrapper raises it for
-the host's samplers (KSampler, AnimateDiff-Evolved).
+"""Checks that the parts of one sampling run agree on the clip: per-frame conditioning rows,
+ControlNet hint frames and ``frames_per_clip`` against the clip's frame count. Each returns one
+sentence naming both values, or None; the nodes raise it before any work, and the SimDA MODEL's
+sampling wrapper raises it for the host's samplers (KSampler, AnimateDiff-Evolved).
 
 The host repeats a conditioning's rows up to the batch (``repeat_to_batch_size``): a schedule of 4
 rows on a 6-frame clip would silently give frames 4-5 the rows of frames 0-1, and a longer one
 would be cut off. So a conditioning may hold 1 row, one row per frame of the clip, or one row per
-frame of each ``frames_per_clip`` clip; nothing else.
+frame of each ``frames_per_clip`` clip; nothing else. A ControlNet's hint images are rows of the clip
+the same way (the host tiles or cuts them to the batch, ``broadcast_image_to``): 1 image for every
+frame, or one per frame.
 """
 from __future__ import annotations
 
@@ -43,6 +45,50 @@ def conditioning_mismatch(conditionings: dict[str, list], frames: int, frames_pe
     return None
 
 
+def control_chain(control) -> list:
+    """A ControlNet (or T2I adapter, ...) and the ones it was applied after (``previous_controlnet``)."""
+    chain, seen = [], set()
+    while control is not None and id(control) not in seen:
+        seen.add(id(control))
+        chain.append(control)
+        control = getattr(control, "previous_controlnet", None)
+    return chain
+
+
+def conditioning_controls(conditioning) -> list:
+    """Every hint model applied to a conditioning's entries (node form ``[tensor, options]`` or the
+    guider's dicts), each once."""
+    controls, seen = [], set()
+    for entry in conditioning or []:
+        options = entry if isinstance(entry, dict) else (entry[1] if len(entry) > 1 else {})
+        for control in control_chain(options.get("control")):
+            if id(control) not in seen:
+                seen.add(id(control))
+                controls.append(control)
+    return controls
+
+
+def hint_frames(control) -> int | None:
+    """How many hint images a hint model holds (``cond_hint_original``), or None when it holds none."""
+    hint = getattr(control, "cond_hint_original", None)
+    return int(hint.shape[0]) if isinstance(hint, torch.Tensor) and hint.ndim == 4 else None
+
+
+def hint_mismatch(conditionings: dict[str, list], frames: int, frames_per_clip: int = 0) -> str | None:
+    """The first ControlNet hint whose images are neither 1 nor one per frame of the clip (or of each
+    ``frames_per_clip`` clip)."""
+    allowed = {1, frames} | ({frames_per_clip} if frames_per_clip else set())
+    for name, conditioning in conditionings.items():
+        for control in conditioning_controls(conditioning):
+            images = hint_frames(control)
+            if images is not None and images not in allowed:
+                return (
+                    f"the {type(control).__name__} on the {name} conditioning has {images} hint images, but the clip "
+                    f"has {frames} frames; give it one image for every frame or {frames} images, one per frame"
+                )
+    return None
+
+
 def frames_per_clip_mismatch(frames: int, frames_per_clip: int) -> str | None:
     """Whether ``frames`` split into whole clips of ``frames_per_clip`` (0: the whole batch is one clip)."""
     if frames_per_clip and frames % frames_per_clip:
@@ -54,8 +100,9 @@ def frames_per_clip_mismatch(frames: int, frames_per_clip: int) -> str | None:
 
 
 def clip_mismatch(conditionings: dict[str, list], frames: int, frames_per_clip: int = 0) -> str | None:
-    """Both checks of a sampling or tuning run, ``frames_per_clip`` first: one sentence, or None."""
+    """The checks of a sampling or tuning run, ``frames_per_clip`` first: one sentence, or None."""
     return (
         frames_per_clip_mismatch(frames, frames_per_clip)
         or conditioning_mismatch(conditionings, frames, frames_per_clip)
+        or hint_mismatch(conditionings, frames, frames_per_clip)
     )
