@@ -41,7 +41,7 @@ import numpy as np
 import pytest
 import torch
 
-from simda_pack.nodes.nodes_edit import invert_clip
+from simda_pack.nodes.nodes_invert import invert_clip
 from simda_pack.simda_core.host.register import apply_simda, model_sites
 from simda_pack.simda_core.host.unet_call import denoising_target, unet_output
 from simda_pack.simda_core.model.adapters import SimDAAdapters
@@ -327,7 +327,7 @@ RECONSTRUCTION_MARGIN = 0.5
 
 
 def reconstruction_error(model, latent: torch.Tensor) -> float:
-    """DDIM-invert ``latent`` with the empty prompt (the Edit Tuner's ``invert_clip``: the host's
+    """DDIM-invert ``latent`` with the empty prompt (SimDA Invert's ``invert_clip``: the host's
     CFGGuider running our inversion sampler), sample it back with the host's DDIM sampler from
     that start latent with zero noise, source prompt against the empty one at guidance 12.5 (as the
     Video Sampler does with ``start_latent``); the MSE to ``latent`` in the model's latent space."""

@@ -19,9 +19,14 @@ inverted latent by under 1% of its spread (tests/test_inversion.py).
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
+
+from ..model.config import LatentShiftSettings, SimDAConfig
 
 DenoiseFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """``denoised = fn(x, sigma)``: the model's clean-latent estimate at noise level ``sigma``."""
@@ -31,16 +36,82 @@ StepReport = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
 ``clean`` is the clean-latent estimate the step moved."""
 
 INVERSION_KEY = "simda_inversion"
-"""LATENT entry that marks DDIM-inverted noise: ``{"steps", "scheduler", "sampler"}`` it was made with."""
+"""LATENT entry that marks DDIM-inverted noise: ``{"steps", "scheduler", "sampler", "simda"}`` it was
+made with (:func:`inversion_record`)."""
 
 INVERSION_SAMPLER = "ddim"
 """The host sampler whose step the inversion walks backwards (the record's ``sampler``)."""
 
 
-def inversion_record(steps: int, scheduler: str) -> dict:
+def adapters_fingerprint(adapters: torch.nn.Module) -> str:
+    """sha256 of the adapters' weights (names, dtypes, shapes, bytes): the same adapters loaded or
+    tuned twice have the same fingerprint, other weights another."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(adapters.state_dict().items()):
+        tensor = tensor.detach().contiguous().cpu()
+        digest.update(f"{name}:{tensor.dtype}:{list(tensor.shape)};".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class SimDAState:
+    """What of a MODEL's SimDA patch shapes its UNet's output, as an inversion record keeps it. A
+    sampler walks an inversion back only through the same function: the same state."""
+
+    latent_shift: LatentShiftSettings | None = None
+    adapters: str | None = None
+    """Fingerprint of the adapters that contribute (:func:`adapters_fingerprint`); None: none do."""
+    strength: float | None = None
+    """Their strength (None without adapters)."""
+    frame_group_norm: bool = False
+    loop: bool = False
+    frames_per_clip: int = 0
+
+    def differences(self, other: SimDAState) -> list[tuple[str, str]]:
+        """``(this, other)`` in words, for each part that differs."""
+        return [
+            (_in_words(field.name, getattr(self, field.name)), _in_words(field.name, getattr(other, field.name)))
+            for field in dataclasses.fields(self)
+            if getattr(self, field.name) != getattr(other, field.name)
+        ]
+
+
+def _in_words(part: str, value) -> str:
+    if part == "latent_shift":
+        if value is None:
+            return "no latent shift"
+        settings = ", ".join(f"{f.name} {getattr(value, f.name)}" for f in dataclasses.fields(value))
+        return f"latent shift ({settings})"
+    if part == "adapters":
+        return f"adapters {value[:12]}" if value else "no adapters"
+    if part == "strength":
+        return f"adapter strength {value:g}" if value is not None else "no adapter strength"
+    if part == "frames_per_clip":
+        return f"frames_per_clip {value}"
+    return f"{part.replace('_', ' ')} {'on' if value else 'off'}"
+
+
+def simda_state(config: SimDAConfig | None) -> SimDAState:
+    """The :class:`SimDAState` of a MODEL with ``config`` (None: a MODEL without SimDA)."""
+    if config is None:
+        return SimDAState()
+    adapters = config.active_adapters
+    return SimDAState(
+        latent_shift=config.latent_shift,
+        adapters=adapters_fingerprint(adapters) if adapters is not None else None,
+        strength=float(config.strength) if adapters is not None else None,
+        frame_group_norm=config.uses_frame_group_norm,
+        loop=config.loop,
+        frames_per_clip=config.frames_per_clip,
+    )
+
+
+def inversion_record(steps: int, scheduler: str, state: SimDAState) -> dict:
     """What a sampler needs to walk an inversion back (the LATENT's ``simda_inversion`` entry): the
-    same ``steps`` and ``scheduler``, and the sampler whose step was inverted."""
-    return {"steps": int(steps), "scheduler": str(scheduler), "sampler": INVERSION_SAMPLER}
+    same ``steps`` and ``scheduler``, the sampler whose step was inverted, and the SimDA ``state`` of
+    the MODEL that inverted."""
+    return {"steps": int(steps), "scheduler": str(scheduler), "sampler": INVERSION_SAMPLER, "simda": state}
 
 
 def vp_input_scale(sigma: torch.Tensor) -> torch.Tensor:
