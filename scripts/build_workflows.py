@@ -213,44 +213,108 @@ def text_to_video_upscaled(info: dict) -> dict:
     return g.to_json()
 
 
+EDIT_SOURCE = "a rabbit walking in a green meadow"
+EDIT_TARGET = "a tiger walking in a green meadow"
+
+
+def edit_prompts(g: Graph, ckpt: int, source: bool = True) -> tuple[int | None, int, int]:
+    """The prompts of a video edit on the checkpoint's CLIP: the source prompt (for the tuner; none
+    without ``source``), the edited prompt and the empty negative; their ids."""
+    ids = []
+    texts = [("Source prompt (describes the clip)", EDIT_SOURCE)] if source else []
+    texts += [("Edited prompt", EDIT_TARGET)]
+    for index, (title, text) in enumerate(texts):
+        ids.append(g.add("CLIPTextEncode", (360, 180 * index), title=title, size=(400, 140), text=text))
+    ids.append(g.add("CLIPTextEncode", (360, 180 * len(texts)), title="Negative prompt (empty, as in the paper)",
+                     size=(400, 100), text=""))
+    for node in ids:
+        g.link(ckpt, 1, node, "clip")
+    return (ids[0] if source else None), ids[-2], ids[-1]
+
+
+def invert_and_sample(g: Graph, model: tuple[int, int], latent: tuple[int, int], ckpt: int, edited: int, empty: int,
+                      x: int, cfg: float) -> int:
+    """SimDA Invert of ``latent`` with the empty prompt -> SimDA Video Sampler from the inverted noise
+    with the edited prompt, both on ``model`` (50 DDIM steps); the sampler's id."""
+    invert = g.add("SimDAInvert", (x, 0), size=(320, 160), steps=50, scheduler="ddim_uniform")
+    g.link(*model, invert, "model")
+    g.link(*latent, invert, "latent")
+    g.link(ckpt, 1, invert, "clip")
+    sampler = g.add("SimDAVideoSampler", (x + 360, 0), size=(320, 420), steps=50, cfg=cfg, sampler_name="ddim",
+                    scheduler="ddim_uniform", frames=24, seed=0)
+    g.link(*model, sampler, "model")
+    g.link(edited, 0, sampler, "positive")
+    g.link(empty, 0, sampler, "negative")
+    g.link(invert, 0, sampler, "start_latent")
+    return sampler
+
+
+def one_shot_tuner(g: Graph, ckpt: int, source: int, frames: tuple[int, int], fps: tuple[int, int],
+                   **widgets) -> int:
+    """SimDA One-Shot Tuner on the checkpoint's MODEL and VAE, and Save SimDA Adapters (muted) after it."""
+    tuner = g.add("SimDAOneShotTuner", (800, 0), size=(340, 460), **widgets)
+    g.link(ckpt, 0, tuner, "model")
+    g.link(ckpt, 2, tuner, "vae")
+    g.link(*frames, tuner, "source_frames")
+    g.link(source, 0, tuner, "source_prompt")
+    g.link(*fps, tuner, "source_fps")
+    save = g.add("SimDASaveAdapters", (800, 520), title="Save SimDA Adapters (unmute to keep the tuned adapters)",
+                 filename_prefix="simda_edit", size=(340, 80))
+    g.nodes[save - 1]["mode"] = 2
+    g.link(tuner, 2, save, "adapters")
+    return tuner
+
+
 def video_edit(info: dict) -> dict:
+    """One-shot video editing: Load Video -> SimDA One-Shot Tuner (trains on the clip) -> SimDA Invert
+    (the tuned MODEL inverts the clip the tuner trained on) -> Video Sampler with the edited prompt ->
+    Save Video at the tuner's frame rate. Changing the inversion or the prompt does not train again."""
     g = Graph(info)
     video = g.add("LoadVideo", (0, 0), file="source_clip.mp4", size=(320, 420))
     parts = g.add("GetVideoComponents", (0, 460), size=(260, 90))
     g.link(video, 0, parts, "video")
     ckpt = g.add("CheckpointLoaderSimple", (0, 600), ckpt_name=CHECKPOINT, size=(320, 100))
-    source = g.add("CLIPTextEncode", (360, 0), title="Source prompt (describes the clip)", size=(400, 140),
-                   text="a rabbit walking in a green meadow")
-    edited = g.add("CLIPTextEncode", (360, 180), title="Edited prompt", size=(400, 140),
-                   text="a tiger walking in a green meadow")
-    empty = g.add("CLIPTextEncode", (360, 360), title="Negative prompt (empty, as in the paper)", size=(400, 100),
-                  text="")
-    for node in (source, edited, empty):
-        g.link(ckpt, 1, node, "clip")
-    tuner = g.add("SimDAEditTuner", (800, 0), size=(340, 520))
-    g.link(ckpt, 0, tuner, "model")
-    g.link(ckpt, 2, tuner, "vae")
-    g.link(parts, 0, tuner, "source_frames")
-    g.link(source, 0, tuner, "source_prompt")
-    g.link(ckpt, 1, tuner, "clip")
-    g.link(parts, 2, tuner, "source_fps")
-    save = g.add("SimDASaveAdapters", (800, 560), title="Save SimDA Adapters (unmute to keep the tuned adapters)",
-                 filename_prefix="simda_edit", size=(340, 80))
-    g.nodes[save - 1]["mode"] = 2
-    g.link(tuner, 2, save, "adapters")
-    sampler = g.add("SimDAVideoSampler", (1180, 0), size=(320, 420), steps=50, cfg=12.5, sampler_name="ddim",
-                    scheduler="ddim_uniform", frames=24, seed=0)
-    g.link(tuner, 0, sampler, "model")
-    g.link(edited, 0, sampler, "positive")
-    g.link(empty, 0, sampler, "negative")
-    g.link(tuner, 1, sampler, "start_latent")
-    decode = g.add("VAEDecode", (1540, 0), size=(220, 50))
+    source, edited, empty = edit_prompts(g, ckpt)
+    tuner = one_shot_tuner(g, ckpt, source, (parts, 0), (parts, 2))
+    sampler = invert_and_sample(g, (tuner, 0), (tuner, 1), ckpt, edited, empty, x=1180, cfg=12.5)
+    decode = g.add("VAEDecode", (1900, 0), size=(220, 50))
     g.link(sampler, 0, decode, "samples")
     g.link(ckpt, 2, decode, "vae")
-    create = g.add("CreateVideo", (1540, 100), size=(260, 80))
+    create = g.add("CreateVideo", (1900, 100), size=(260, 80))
     g.link(decode, 0, create, "images")
     g.link(tuner, 3, create, "fps")
-    save_video = g.add("SaveVideo", (1840, 0), size=(360, 360), **save_video_widgets(info, "simda/video_edit"))
+    save_video = g.add("SaveVideo", (1900, 220), size=(360, 360), **save_video_widgets(info, "simda/video_edit"))
+    g.link(create, 0, save_video, "video")
+    return g.to_json()
+
+
+def video_edit_training_free(info: dict) -> dict:
+    """A video edit with no training: Load Video -> SimDA Fit Frames -> VAE Encode -> SimDA Invert on the
+    checkpoint with the Latent-Shift Patch -> Video Sampler with the edited prompt on the same MODEL ->
+    Save Video at Fit Frames' frame rate."""
+    g = Graph(info)
+    video = g.add("LoadVideo", (0, 0), file="source_clip.mp4", size=(320, 420))
+    parts = g.add("GetVideoComponents", (0, 460), size=(260, 90))
+    g.link(video, 0, parts, "video")
+    ckpt = g.add("CheckpointLoaderSimple", (0, 600), ckpt_name=CHECKPOINT, size=(320, 100))
+    _, edited, empty = edit_prompts(g, ckpt, source=False)
+    fit = g.add("SimDAFitFrames", (360, 340), size=(320, 250))
+    g.link(parts, 0, fit, "images")
+    g.link(parts, 2, fit, "source_fps")
+    encode = g.add("VAEEncode", (360, 640), size=(220, 50))
+    g.link(fit, 0, encode, "pixels")
+    g.link(ckpt, 2, encode, "vae")
+    shift = g.add("SimDALatentShiftPatch", (800, 200), size=(320, 270))
+    g.link(ckpt, 0, shift, "model")
+    sampler = invert_and_sample(g, (shift, 0), (encode, 0), ckpt, edited, empty, x=1180, cfg=7.5)
+    decode = g.add("VAEDecode", (1900, 0), size=(220, 50))
+    g.link(sampler, 0, decode, "samples")
+    g.link(ckpt, 2, decode, "vae")
+    create = g.add("CreateVideo", (1900, 100), size=(260, 80))
+    g.link(decode, 0, create, "images")
+    g.link(fit, 1, create, "fps")
+    save_video = g.add("SaveVideo", (1900, 220), size=(360, 360),
+                       **save_video_widgets(info, "simda/video_edit_training_free"))
     g.link(create, 0, save_video, "video")
     return g.to_json()
 
@@ -348,40 +412,22 @@ def sdxl_latent_shift_training_free(info: dict) -> dict:
 
 
 def vhs_video_edit(info: dict) -> dict:
-    """The video edit with VideoHelperSuite (needs VHS): VHS Load Video (every 2nd frame) -> Edit Tuner
-    (stride 1, source_fps = VHS's loaded fps) -> Video Sampler -> VHS Video Combine at the tuner's
-    frame_rate (loaded fps / stride: the edit plays at the source's speed)."""
+    """The video edit with VideoHelperSuite (needs VHS): VHS Load Video (every 2nd frame) -> One-Shot Tuner
+    (stride 1, source_fps = VHS's loaded fps) -> SimDA Invert -> Video Sampler -> VHS Video Combine at the
+    tuner's frame rate (loaded fps / stride: the edit plays at the source's speed)."""
     g = Graph(info)
     video = g.add("VHS_LoadVideo", (0, 0), video="source_clip.mp4", select_every_nth=2, frame_load_cap=48,
                   format="None", size=(320, 480))
     video_info = g.add("VHS_VideoInfoLoaded", (0, 520), size=(260, 130))
     g.link(video, 3, video_info, "video_info")
     ckpt = g.add("CheckpointLoaderSimple", (0, 700), ckpt_name=CHECKPOINT, size=(320, 100))
-    source = g.add("CLIPTextEncode", (360, 0), title="Source prompt (describes the clip)", size=(400, 140),
-                   text="a rabbit walking in a green meadow")
-    edited = g.add("CLIPTextEncode", (360, 180), title="Edited prompt", size=(400, 140),
-                   text="a tiger walking in a green meadow")
-    empty = g.add("CLIPTextEncode", (360, 360), title="Negative prompt (empty, as in the paper)", size=(400, 100),
-                  text="")
-    for node in (source, edited, empty):
-        g.link(ckpt, 1, node, "clip")
-    tuner = g.add("SimDAEditTuner", (800, 0), size=(340, 520), stride=1)
-    g.link(ckpt, 0, tuner, "model")
-    g.link(ckpt, 2, tuner, "vae")
-    g.link(video, 0, tuner, "source_frames")
-    g.link(source, 0, tuner, "source_prompt")
-    g.link(ckpt, 1, tuner, "clip")
-    g.link(video_info, 0, tuner, "source_fps")
-    sampler = g.add("SimDAVideoSampler", (1180, 0), size=(320, 420), steps=50, cfg=12.5, sampler_name="ddim",
-                    scheduler="ddim_uniform", frames=24, seed=0)
-    g.link(tuner, 0, sampler, "model")
-    g.link(edited, 0, sampler, "positive")
-    g.link(empty, 0, sampler, "negative")
-    g.link(tuner, 1, sampler, "start_latent")
-    decode = g.add("VAEDecode", (1540, 0), size=(220, 50))
+    source, edited, empty = edit_prompts(g, ckpt)
+    tuner = one_shot_tuner(g, ckpt, source, (video, 0), (video_info, 0), stride=1)
+    sampler = invert_and_sample(g, (tuner, 0), (tuner, 1), ckpt, edited, empty, x=1180, cfg=12.5)
+    decode = g.add("VAEDecode", (1900, 0), size=(220, 50))
     g.link(sampler, 0, decode, "samples")
     g.link(ckpt, 2, decode, "vae")
-    combine = g.add("VHS_VideoCombine", (1800, 0), filename_prefix="simda/vhs_video_edit", format="video/h264-mp4",
+    combine = g.add("VHS_VideoCombine", (1900, 100), filename_prefix="simda/vhs_video_edit", format="video/h264-mp4",
                     size=(360, 480))
     g.link(decode, 0, combine, "images")
     g.link(tuner, 3, combine, "frame_rate")
@@ -410,6 +456,7 @@ def build_all(info: dict) -> dict[str, dict]:
         "text_to_video.json": text_to_video(info, with_adapters=True),
         "latent_shift_training_free.json": text_to_video(info, with_adapters=False),
         "video_edit.json": video_edit(info),
+        "video_edit_training_free.json": video_edit_training_free(info),
         "text_to_video_upscaled.json": text_to_video_upscaled(info),
         "prompt_travel.json": prompt_travel(info),
         "image_to_video.json": image_to_video(info),

@@ -3,7 +3,9 @@
 (docs/images/<workflow>.png).
 
     bash scripts/test.sh tests/test_frontend.py     # writes tests/output/frontend/<workflow>.png
-    .venv/bin/python scripts/make_thumbnails.py [SCREENSHOTS]
+    .venv/bin/python scripts/make_thumbnails.py [SCREENSHOTS] [--only WORKFLOW ...]
+
+``--only`` remakes the pictures of the named workflows (file stems) and leaves the others as they are.
 """
 from __future__ import annotations
 
@@ -60,8 +62,14 @@ def docs_picture(screenshot: Path, target: Path, width: int = DOCS_WIDTH, colour
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("screenshots", nargs="?", type=Path, default=PACK_DIR / "tests" / "output" / "frontend")
+    parser.add_argument("--only", nargs="+", metavar="WORKFLOW", help="only these workflows (file stems)")
     args = parser.parse_args()
     names = sorted(p.stem for p in WORKFLOWS.glob("*.json"))
+    unknown = sorted(set(args.only or ()) - set(names))
+    if unknown:
+        print(f"no workflow {', '.join(unknown)} in {WORKFLOWS}", file=sys.stderr)
+        return 1
+    names = sorted(args.only) if args.only else names
     missing = [n for n in names if not (args.screenshots / f"{n}.png").is_file()]
     if missing:
         print(f"no screenshot of {', '.join(missing)} in {args.screenshots}: run tests/test_frontend.py first",

@@ -53,8 +53,9 @@ except ImportError as error:  # a failure, not a skip: the set-up installs it
     raise ImportError("Playwright is not installed: run scripts/setup_browser.sh") from error
 
 WORKFLOWS = PACK_DIR / "example_workflows"
-NAMES = ("text_to_video", "latent_shift_training_free", "video_edit", "text_to_video_upscaled", "prompt_travel",
-         "image_to_video", "loop", "vhs_video_edit", "sdxl_latent_shift_training_free")
+NAMES = ("text_to_video", "latent_shift_training_free", "video_edit", "video_edit_training_free",
+         "text_to_video_upscaled", "prompt_travel", "image_to_video", "loop", "vhs_video_edit",
+         "sdxl_latent_shift_training_free")
 NEEDS_PACK = {"vhs_video_edit": "VHS_"}
 """Workflows that open only with another pack installed, and the prefix of that pack's node types
 (VideoHelperSuite's)."""
@@ -82,7 +83,7 @@ RUN_TIMEOUT_S = 300
 FRAMES, SIZE, STEPS = 4, 64, 2
 UPSCALED_FRAMES, UPSCALED_INPUT, UPSCALER_STEPS = 2, 32, 1
 """The upscaled workflow: two 32x32 frames, upscaled 4x to 128x128 in one step."""
-TUNER = dict(steps=2, frames=FRAMES, stride=2, width=SIZE, height=SIZE, inversion_steps=STEPS)
+TUNER = dict(steps=2, frames=FRAMES, stride=2, width=SIZE, height=SIZE)
 SOURCE_CLIP = "frontend_bigbuckbunny.mp4"
 FIRST_FRAME = "first_frame.png"
 """The image that image_to_video.json loads (its shipped file name): the source clip's first frame."""
@@ -126,11 +127,16 @@ def shrunk(name: str, server, info: dict) -> dict:
         set_values(workflow, info, "SaveAnimatedWEBP", **prefix)
         if name == "text_to_video":
             set_values(workflow, info, "SimDAAdapterLoader", adapter_name=server.adapter_name)
-    elif name == "video_edit":
+    elif name in ("video_edit", "video_edit_training_free"):
         set_values(workflow, info, "LoadVideo", file=SOURCE_CLIP)
         set_values(workflow, info, "CheckpointLoaderSimple", ckpt_name=server.checkpoint_name)
-        set_values(workflow, info, "SimDAEditTuner", **TUNER)
-        set_values(workflow, info, "SimDAVideoSampler", steps=TUNER["inversion_steps"])
+        if name == "video_edit":
+            set_values(workflow, info, "SimDAOneShotTuner", **TUNER)
+        else:
+            fit = {key: TUNER[key] for key in ("frames", "stride", "width", "height")}
+            set_values(workflow, info, "SimDAFitFrames", **fit)
+        set_values(workflow, info, "SimDAInvert", steps=STEPS)
+        set_values(workflow, info, "SimDAVideoSampler", steps=STEPS)
     elif name == "text_to_video_upscaled":
         set_values(workflow, info, "CheckpointLoaderSimple", None, ckpt_name=server.checkpoint_name)
         set_values(workflow, info, "CheckpointLoaderSimple", "Load the SD x4 upscaler",
@@ -157,8 +163,9 @@ def shrunk(name: str, server, info: dict) -> dict:
         # VHS takes every 2nd frame; the tuner takes them all (stride 1), as the shipped file does.
         set_values(workflow, info, "VHS_LoadVideo", video=SOURCE_CLIP, frame_load_cap=FRAMES)
         set_values(workflow, info, "CheckpointLoaderSimple", ckpt_name=server.checkpoint_name)
-        set_values(workflow, info, "SimDAEditTuner", **{**TUNER, "stride": 1})
-        set_values(workflow, info, "SimDAVideoSampler", steps=TUNER["inversion_steps"])
+        set_values(workflow, info, "SimDAOneShotTuner", **{**TUNER, "stride": 1})
+        set_values(workflow, info, "SimDAInvert", steps=STEPS)
+        set_values(workflow, info, "SimDAVideoSampler", steps=STEPS)
         set_values(workflow, info, "VHS_VideoCombine", **prefix)
     else:
         raise KeyError(name)

@@ -42,7 +42,8 @@ SMALL_CLIPS = ("prompt_travel.json", "image_to_video.json", "loop.json")
 """Adapters -> Latent-Shift Patch -> Video Sampler -> Save Video, with per-frame prompts, a first frame,
 or as a loop."""
 SIMDA_NODES = (
-    "SimDAAdapterLoader", "SimDALatentShiftPatch", "SimDAVideoSampler", "SimDAEditTuner", "SimDASaveAdapters",
+    "SimDAAdapterLoader", "SimDALatentShiftPatch", "SimDAVideoSampler", "SimDAOneShotTuner", "SimDAFitFrames",
+    "SimDAInvert", "SimDASaveAdapters", "SimDAEditTuner",
 )
 
 FRAMES, SIZE, STEPS, FPS = 4, 64, 2, 6.0
@@ -170,8 +171,14 @@ def test_workflows_carry_real_defaults(info):
         names = ("frames", "width", "height", "steps", "sampler_name")
         assert [widget(workflow, info, "SimDAVideoSampler", w) for w in names] == [16, 512, 512, 50, "ddim"], name
     edit = load_workflow("video_edit.json")
-    assert [widget(edit, info, "SimDAEditTuner", w) for w in ("width", "height", "inversion_steps")] == [512, 512, 50]
-    assert widget(edit, info, "SimDAVideoSampler", "steps") == 50
+    assert [widget(edit, info, "SimDAOneShotTuner", w) for w in ("steps", "width", "height")] == [300, 512, 512]
+    free = load_workflow("video_edit_training_free.json")
+    fit = [widget(free, info, "SimDAFitFrames", w) for w in ("frames", "stride", "width", "height")]
+    assert fit == [24, 2, 512, 512]
+    for workflow in (edit, free):  # the inversion as the sampler walks it back
+        for name in ("steps", "scheduler"):
+            assert widget(workflow, info, "SimDAInvert", name) == widget(workflow, info, "SimDAVideoSampler", name)
+        assert widget(workflow, info, "SimDAInvert", "steps") == 50
     (save,) = nodes_of(edit, "SimDASaveAdapters")
     assert save["mode"] == 2, "Save SimDA Adapters ships muted (the user un-mutes it to keep adapters)"
     for name in SMALL_CLIPS:
@@ -303,7 +310,7 @@ def test_size_not_a_multiple_of_8_is_refused(comfy_server, info):
     ((SIZE, SIZE, 3), (SIZE, SIZE, FRAMES),
      ["start_latent holds 4 frames of 64x64", "has 3 frames of 64x64", "same clip"]),
     ((SIZE, SIZE, FRAMES), (SIZE + 8, SIZE, FRAMES), ["start_latent holds 4 frames of 72x64", "has 4 frames of 64x64"]),
-    ((SIZE, SIZE, FRAMES), (SIZE, SIZE, FRAMES), ["start_latent is not inverted noise", "SimDA Edit Tuner"]),
+    ((SIZE, SIZE, FRAMES), (SIZE, SIZE, FRAMES), ["start_latent is not inverted noise", "SimDA Invert"]),
 ], ids=["frames_disagree", "size_disagrees", "not_inverted"])
 def test_start_latent_that_does_not_fit_is_refused(comfy_server, info, latent, start, words):
     prompt, sampler = sampler_prompt(comfy_server, info, "bad_start")
@@ -358,7 +365,8 @@ def test_non_sd_model_is_refused(comfy_server, info, into):
 # -- video edit ----------------------------------------------------------------------------------
 
 SOURCE_CLIP = "e2e_bigbuckbunny.mp4"
-TUNER = dict(steps=2, frames=FRAMES, stride=2, width=SIZE, height=SIZE, inversion_steps=2)
+TUNER = dict(steps=2, frames=FRAMES, stride=2, width=SIZE, height=SIZE)
+INVERSION_STEPS = 2
 
 
 def bigbuckbunny() -> Path:
@@ -379,16 +387,17 @@ def source_clip(comfy_server) -> Fraction:
 
 
 def small_video_edit(server, info, prefix: str, save_as: str | None = None, **sampler) -> dict:
-    """example_workflows/video_edit.json on SOURCE_CLIP, tuned and sampled small; with ``save_as`` the
-    (muted) Save SimDA Adapters node is switched on with that file name prefix."""
+    """example_workflows/video_edit.json on SOURCE_CLIP, tuned, inverted and sampled small; with
+    ``save_as`` the (muted) Save SimDA Adapters node is switched on with that file name prefix."""
     workflow = load_workflow("video_edit.json")
     set_widget(workflow, info, "LoadVideo", "file", SOURCE_CLIP)
     set_widget(workflow, info, "CheckpointLoaderSimple", "ckpt_name", server.checkpoint_name)
-    set_widgets(workflow, info, "SimDAEditTuner", **TUNER)
-    set_widgets(workflow, info, "SimDAVideoSampler", **{"steps": TUNER["inversion_steps"], **sampler})
+    set_widgets(workflow, info, "SimDAOneShotTuner", **TUNER)
+    set_widget(workflow, info, "SimDAInvert", "steps", INVERSION_STEPS)
+    set_widgets(workflow, info, "SimDAVideoSampler", **{"steps": INVERSION_STEPS, **sampler})
     set_widget(workflow, info, "SaveVideo", "filename_prefix", f"e2e/{prefix}")
     scheduler = widget(workflow, info, "SimDAVideoSampler", "scheduler")
-    assert scheduler == widget(workflow, info, "SimDAEditTuner", "inversion_scheduler")
+    assert scheduler == widget(workflow, info, "SimDAInvert", "scheduler")
     if save_as is not None:
         set_widget(workflow, info, "SimDASaveAdapters", "filename_prefix", save_as)
         nodes_of(workflow, "SimDASaveAdapters")[0]["mode"] = 0
@@ -396,8 +405,8 @@ def small_video_edit(server, info, prefix: str, save_as: str | None = None, **sa
 
 
 def trainings(server, start: int = 0) -> int:
-    """How many Edit Tuner trainings the server's log shows since ``start``."""
-    return log_since(server, start).count(f"SimDA Edit Tuner: step 1/{TUNER['steps']},")
+    """How many One-Shot Tuner trainings the server's log shows since ``start``."""
+    return log_since(server, start).count(f"SimDA One-Shot Tuner: step 1/{TUNER['steps']},")
 
 
 def leftovers(folder: Path) -> list[str]:
@@ -409,13 +418,14 @@ def test_video_edit_workflow(comfy_server, info, source_clip):
     server = comfy_server
     log_start = log_size(server)
     workflow = small_video_edit(server, info, "video_edit")
-    tuner = node_id(workflow, "SimDAEditTuner")
+    tuner = node_id(workflow, "SimDAOneShotTuner")
     prompt = workflow_to_api(workflow, info)
     assert node_id(workflow, "SimDASaveAdapters") not in prompt, "the muted Save SimDA Adapters node was queued"
 
     entry = run_ok(server, prompt, timeout=400)
     assert trainings(server, log_start) == 1, log_since(server, log_start)[-3000:]
-    losses = [float(x) for x in re.findall(r"SimDA Edit Tuner: step \d+/\d+, loss (\S+)", log_since(server, log_start))]
+    losses = [float(x) for x in re.findall(r"SimDA One-Shot Tuner: step \d+/\d+, loss (\S+)",
+                                           log_since(server, log_start))]
     assert len(losses) == TUNER["steps"] and np.isfinite(losses).all(), f"training losses {losses}"
     frames, rate = decode_mp4(saved_file(server, workflow, entry, "SaveVideo"))
     assert frames.shape == (FRAMES, SIZE, SIZE, 3), frames.shape
@@ -455,7 +465,7 @@ def test_video_edit_workflow(comfy_server, info, source_clip):
     # that trains (another seed): the prompt is taken, and the save adds the next numbered file
     # beside the first, which stays as it was.
     again = small_video_edit(server, info, "video_edit_again", save_as="e2e_edit")
-    set_widget(again, info, "SimDAEditTuner", "seed", 7)
+    set_widget(again, info, "SimDAOneShotTuner", "seed", 7)
     nodes_of(again, "SaveVideo")[0]["mode"] = 2
     run_ok(server, workflow_to_api(again, info), timeout=400)
     assert trainings(server, log_start) == 2, "the prompt with another seed did not train"
@@ -467,7 +477,7 @@ def test_video_edit_workflow(comfy_server, info, source_clip):
     # A prefix that leaves models/simda: the host's validation (the node's validate_inputs) refuses
     # the prompt when it is queued, naming the problem; nothing trains.
     outside = small_video_edit(server, info, "video_edit_outside", save_as="../e2e_edit")
-    set_widget(outside, info, "SimDAEditTuner", "seed", 8)
+    set_widget(outside, info, "SimDAOneShotTuner", "seed", 8)
     nodes_of(outside, "SaveVideo")[0]["mode"] = 2
     status, answer = server.queue_prompt(workflow_to_api(outside, info))
     assert status == 400, f"a save outside models/simda was queued ({status}): {answer}"
@@ -477,6 +487,39 @@ def test_video_edit_workflow(comfy_server, info, source_clip):
     assert server.alive()
     assert trainings(server, log_start) == 2, "the refused prompt trained"
     assert adapter_files(server, "e2e_edit") == ["e2e_edit_00001.safetensors", "e2e_edit_00002.safetensors"]
+
+
+def test_video_edit_training_free_workflow(comfy_server, info, source_clip):
+    """example_workflows/video_edit_training_free.json, small: Load Video -> SimDA Fit Frames -> VAE Encode
+    -> SimDA Invert on the checkpoint with the Latent-Shift Patch -> Video Sampler with the edited prompt
+    -> Save Video at Fit Frames' frame rate; nothing trains. With the patch bypassed (a plain MODEL for
+    both the inversion and the sampler) the edit runs too, and gives another clip."""
+    server = comfy_server
+    saved = {}
+    for shift in (True, False):
+        prefix = f"video_edit_training_free_{'shift' if shift else 'plain'}"
+        workflow = load_workflow("video_edit_training_free.json")
+        set_widget(workflow, info, "LoadVideo", "file", SOURCE_CLIP)
+        set_widget(workflow, info, "CheckpointLoaderSimple", "ckpt_name", server.checkpoint_name)
+        set_widgets(workflow, info, "SimDAFitFrames", frames=FRAMES, stride=2, width=SIZE, height=SIZE)
+        set_widget(workflow, info, "SimDAInvert", "steps", INVERSION_STEPS)
+        set_widget(workflow, info, "SimDAVideoSampler", "steps", INVERSION_STEPS)
+        set_widget(workflow, info, "SaveVideo", "filename_prefix", f"e2e/{prefix}")
+        if not shift:
+            nodes_of(workflow, "SimDALatentShiftPatch")[0]["mode"] = BYPASSED
+        log_start = log_size(server)
+        entry = run_ok(server, workflow_to_api(workflow, info))
+        assert "Tuner: step" not in log_since(server, log_start)
+        frames, rate = decode_mp4(saved_file(server, workflow, entry, "SaveVideo"))
+        assert frames.shape == (FRAMES, SIZE, SIZE, 3), frames.shape
+        assert rate == source_clip / 2, f"the edited clip runs at {rate} fps; the source at {source_clip}, stride 2"
+        assert frames.std() > 1, "the frames are flat"
+        saved[shift] = frames
+    difference = np.abs(saved[True].astype(int) - saved[False].astype(int)).mean()
+    print(f"video_edit_training_free: mean |latent shift on - off| = {difference:.2f} (0..255)")
+    # Measured 1.58 (ComfyUI 0.33.0) and 0.40 (0.3.75): the inversion and the sampling walk the same
+    # function, so most of what latent shift changes cancels out; with none of it, the clips are equal.
+    assert difference > 0, "latent shift did not change the edit"
 
 
 def adapter_files(server, stem: str) -> list[str]:
