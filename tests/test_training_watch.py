@@ -1,6 +1,7 @@
-"""Training you can watch, in the right precision: the precision the host's own training node would
-pick for a model (autocast on the model's device type, a loss scaler with fp16), and the Edit
-Tuner's loss shown under the node while it trains and handed on as the host's LOSS_MAP."""
+"""Training you can watch, in the right precision: the precision a model trains in (autocast on the
+model's device type, a loss scaler with fp16), which for fp16, bf16 and fp8 weights is what the host's
+own training node picks and for fp32 weights is the pack's own rule, and the Edit Tuner's loss shown
+under the node while it trains and handed on as the host's LOSS_MAP."""
 from __future__ import annotations
 
 import asyncio
@@ -16,7 +17,10 @@ import pytest
 import torch
 from PIL import Image
 
-from live_server import cached_nodes, comfy_server, execution_error  # noqa: F401  (comfy_server is a fixture)
+import comfy.sd
+from live_server import (  # noqa: F401  (comfy_server is a fixture)
+    cached_nodes, cached_test_models, comfy_server, execution_error,
+)
 from simda_pack.simda_core.host.register import apply_simda, model_sites
 from simda_pack.simda_core.host.training import training_patcher, training_precision
 from simda_pack.simda_core.model.config import LatentShiftSettings, SimDAConfig
@@ -30,6 +34,10 @@ TEXT_EVENT = 3
 """The host's binary websocket event for a node's progress text (protocol.py ``BinaryEventTypes.TEXT``)."""
 
 
+STORED = [torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn]
+STORED_IDS = ["fp32", "fp16", "bf16", "fp8"]
+
+
 @pytest.mark.parametrize(
     ("stored", "expected"),
     [
@@ -38,15 +46,85 @@ TEXT_EVENT = 3
         (torch.bfloat16, (torch.bfloat16, False)),
         (torch.float8_e4m3fn, (torch.bfloat16, False)),
     ],
-    ids=["fp32", "fp16", "bf16", "fp8"],
+    ids=STORED_IDS,
 )
-def test_the_precision_follows_the_stored_dtype_as_the_hosts_training_node_does(stored, expected):
+def test_the_precision_follows_the_stored_dtype(stored, expected):
     """On the CPU: fp16 weights train under fp16 autocast with a loss scaler, bf16 and fp8 weights
-    under bf16 autocast, fp32 weights without autocast; without mixed precision never autocast."""
+    under bf16 autocast (these three as the host's training node picks: the next test reads its
+    choice), fp32 weights without autocast (the host's node: bf16); without mixed precision never
+    autocast."""
     model = host.build_model(host.TINY_UNET, seed=None, dtype=stored)
     precision = training_precision(model)
     assert (precision.device_type, precision.dtype, precision.loss_scaling) == ("cpu", *expected)
     assert training_precision(model, mixed_precision=False).dtype is None
+
+
+class HostChoice(Exception):
+    """Raised from the host's TrainSampler once it is built: the host's training node has chosen."""
+
+    def __init__(self, dtype: torch.dtype | None, loss_scaling: bool):
+        super().__init__(dtype, loss_scaling)
+        self.dtype, self.loss_scaling = dtype, loss_scaling
+
+
+def host_training_node_choice(model, monkeypatch) -> tuple[str, torch.dtype | None, bool]:
+    """What the host's own training node (TrainLoraNode) trains ``model`` in: ``(training_dtype
+    input used, autocast dtype, whether it scales the loss)``, read from the TrainSampler the node
+    builds (it is stopped there, before any step). training_dtype is "none" (the model's stored
+    dtype decides) where the host offers that, else the input's default; lora_dtype is fp32, as the
+    pack's adapters are (the host scales the loss only for parameters that are not bf16); every
+    other input is the schema's default, read at run time."""
+    import comfy.model_management
+    from comfy_extras import nodes_train
+
+    host_sampler = nodes_train.TrainSampler
+
+    class StopWhenBuilt(host_sampler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            raise HostChoice(self.training_dtype, getattr(self, "grad_scaler", None) is not None)
+
+    monkeypatch.setattr(nodes_train, "TrainSampler", StopWhenBuilt)
+    if hasattr(comfy.model_management, "training_fp8_bwd"):  # the node sets it from its input
+        monkeypatch.setattr(comfy.model_management, "training_fp8_bwd", comfy.model_management.training_fp8_bwd)
+    inputs = {item.id: item for item in nodes_train.TrainLoraNode.define_schema().inputs}
+    training_dtype = "none" if "none" in inputs["training_dtype"].options else inputs["training_dtype"].default
+    context = torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(0))
+    # The node takes every input as a list; two latents (0.3.75's node needs a list of several).
+    given = {"model": [model], "latents": [{"samples": torch.zeros(1, 4, 8, 8)}] * 2, "positive": [[[context, {}]]],
+             "steps": [1], "training_dtype": [training_dtype], "lora_dtype": ["fp32"],
+             "gradient_checkpointing": [False]}
+    arguments = {name: given[name] if name in given else [item.default] for name, item in inputs.items()}
+    with pytest.raises(HostChoice) as chosen:
+        nodes_train.TrainLoraNode.execute(**arguments)
+    return training_dtype, chosen.value.dtype, chosen.value.loss_scaling
+
+
+@pytest.mark.parametrize("stored", STORED, ids=STORED_IDS)
+def test_fp16_bf16_and_fp8_weights_train_as_the_hosts_training_node_picks_and_fp32_ones_do_not(stored, monkeypatch):
+    """The host's TrainLoraNode, run on the same model (the SD1.5 test checkpoint through the host's
+    loader, weights stored in ``stored``), against the pack's choice. Where the host
+    lets the model's dtype decide (training_dtype "none", 0.33+): fp16, bf16 and fp8 weights get the
+    host's autocast dtype and loss scaling; fp32 weights get bf16 from the host, and from the pack
+    no autocast on the CPU (fp16 with a loss scaler on CUDA). A host without "none" (0.3.75) trains
+    every model in its training_dtype default, bf16, so the pack differs there for fp16 and fp32."""
+    checkpoint, _ = cached_test_models()  # the host's training node clones only what its loader made
+    with torch.inference_mode():
+        model, *_ = comfy.sd.load_checkpoint_guess_config(
+            str(checkpoint), output_vae=False, output_clip=False, model_options={"dtype": stored}
+        )
+    assert model.model.get_dtype() == stored
+    training_dtype, host_dtype, host_scaling = host_training_node_choice(model, monkeypatch)
+    ours = training_precision(model)
+    if training_dtype != "none":
+        assert (training_dtype, host_dtype, host_scaling) == ("bf16", torch.bfloat16, False)
+        assert ours.dtype == (torch.float16 if stored == torch.float16 else None if stored == torch.float32
+                              else torch.bfloat16)
+    elif stored == torch.float32:
+        assert (host_dtype, host_scaling) == (torch.bfloat16, False)
+        assert (ours.dtype, ours.loss_scaling) == (None, False)  # the pack's own rule, not the host's
+    else:
+        assert (ours.dtype, ours.loss_scaling) == (host_dtype, host_scaling)
 
 
 @pytest.mark.parametrize("stored", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
