@@ -326,8 +326,9 @@ class SimDAVideoUpscaler(io.ComfyNode):
                 "sampled together as a clip (latent shift, and SimDA super-resolution adapters when the MODEL carries "
                 "them). Long or large clips are cut into overlapping frame groups and spatial tiles sized to the "
                 "card's free memory; each group continues from the frames the previous one finished and each tile "
-                "grows out of its finished neighbours, so there are no jumps or seams. The paper's second stage: "
-                "256x256 -> 1024x1024."
+                "grows out of its finished neighbours, so there are no jumps or seams. A looped clip (the "
+                "Latent-Shift Patch's loop) stays one: the last group runs on into the first frames. The paper's "
+                "second stage: 256x256 -> 1024x1024."
             ),
             is_input_list=True,
             inputs=[
@@ -349,7 +350,11 @@ class SimDAVideoUpscaler(io.ComfyNode):
                     "vae", tooltip="The x4 upscaler's VAE (from the same Load Checkpoint); it decodes the 4x frames.",
                 ),
                 io.Conditioning.Input(
-                    "positive", tooltip="What the clip shows, encoded with the x4 upscaler's CLIP (CLIP Text Encode).",
+                    "positive",
+                    tooltip=(
+                        "What the clip shows, encoded with the x4 upscaler's CLIP (CLIP Text Encode, or "
+                        "SimDA Prompt Travel for one row per frame)."
+                    ),
                 ),
                 io.Conditioning.Input("negative", tooltip="What to avoid, encoded with the x4 upscaler's CLIP."),
                 io.Float.Input(
