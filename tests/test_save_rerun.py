@@ -1,14 +1,17 @@
 """Running a workflow again never loses an output: Save SimDA Adapters numbers its files as the
 host's save nodes do (``<prefix>_00001.safetensors``, ``_00002``, ...), over HTTP on the real
-server. A prompt whose only output is the save is accepted again and adds a file; an API prompt
-written for the old ``filename`` input still saves (under that name as the prefix)."""
+server. A prompt whose only output is the save is accepted again; run with a changed input (here
+the tuner's seed) it adds a file. The identical prompt queued twice adds no file the second time:
+the host serves every node of it from its cache, its own Save Image included, so the second run
+writes nothing and the first file holds those adapters. An API prompt written for the old
+``filename`` input still saves (under that name as the prefix)."""
 from __future__ import annotations
 
 import shutil
 
 import pytest
 
-from live_server import comfy_server, execution_error  # noqa: F401  (comfy_server is a fixture)
+from live_server import cached_nodes, comfy_server, execution_error  # noqa: F401  (comfy_server is a fixture)
 from test_workflows import bigbuckbunny
 
 from simda_pack.simda_core.formats import read_adapter_file
@@ -48,11 +51,12 @@ def saved_files(server, stem: str) -> list[str]:
     return sorted(path.name for path in server.simda_dir.glob(f"{stem}_*.safetensors"))
 
 
-def run(server, prompt: dict) -> None:
+def run(server, prompt: dict) -> dict:
     status, answer = server.queue_prompt(prompt)
     assert status == 200, answer
     entry = server.wait_history(answer["prompt_id"], timeout=300)
     assert execution_error(entry) is None, execution_error(entry)
+    return entry
 
 
 def test_running_again_adds_a_numbered_file(comfy_server, source_clip):
@@ -63,6 +67,32 @@ def test_running_again_adds_a_numbered_file(comfy_server, source_clip):
         read_adapter_file(comfy_server.simda_dir / name) for name in saved_files(comfy_server, "rerun_edit")
     )
     assert first.family == second.family == "sd1"
+
+
+def save_image(prefix: str) -> dict:
+    """The host's own Save Image of one small picture: the reference for what a re-run saves."""
+    return {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0x336699}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": prefix}},
+    }
+
+
+def test_the_identical_prompt_queued_twice_saves_once_as_the_hosts_save_image_does(comfy_server, source_clip):
+    """What a user gets from queueing the same prompt twice, first from the host's Save Image, then
+    from Save SimDA Adapters: one file, and a second run in which the host executed nothing (every
+    node, the save included, served from its cache; Save Image shows its first file again). That is
+    what a ComfyUI user expects of an unchanged re-run: the host's own save node does the same, and
+    the one file already holds the adapters of that same prompt."""
+    reference = save_image("rerun_reference")
+    first, second = run(comfy_server, reference), run(comfy_server, reference)
+    assert sorted(p.name for p in comfy_server.output_dir.glob("rerun_reference_*")) == ["rerun_reference_00001_.png"]
+    assert "2" not in cached_nodes(first) and set(cached_nodes(second)) == {"1", "2"}
+    assert comfy_server.output_images(second) == comfy_server.output_images(first)  # it shows the first file
+
+    prompt = tune_and_save(comfy_server, 6, filename_prefix="rerun_same")
+    first, second = run(comfy_server, prompt), run(comfy_server, prompt)
+    assert saved_files(comfy_server, "rerun_same") == ["rerun_same_00001.safetensors"]
+    assert SAVE not in cached_nodes(first) and set(cached_nodes(second)) == set(prompt)
 
 
 def test_a_prefix_with_a_subfolder_saves_there_and_one_leaving_models_simda_is_refused(comfy_server, source_clip):
