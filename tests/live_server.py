@@ -140,6 +140,59 @@ def cached_test_models() -> tuple[Path, Path]:
     return checkpoint, adapters
 
 
+def random_controlnet(path: str | os.PathLike, seed: int = 5) -> Path:
+    """Write a seeded random-weight ControlNet for the test checkpoint's UNet, built by the host's own
+    ``comfy.cldm.cldm.ControlNet`` from ``SD15_TEST_UNET`` and saved in the original (``control_model.``)
+    layout, which the host's ``ControlNetLoader`` detects from its keys."""
+    import comfy.cldm.cldm
+    import comfy.ops
+
+    config = {k: v for k, v in SD15_TEST_UNET.items() if k not in ("out_channels", "transformer_depth_output")}
+    control = comfy.cldm.cldm.ControlNet(
+        hint_channels=3, operations=comfy.ops.disable_weight_init, dtype=torch.float32, device="cpu", **config
+    )
+    host.randomize_(control, seed)
+    state = {f"control_model.{k}": v.to(torch.float16).contiguous() for k, v in control.state_dict().items()}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    comfy.utils.save_torch_file(state, str(tmp))
+    os.replace(tmp, path)
+    return path
+
+
+def random_hypernetwork(path: str | os.PathLike, seed: int = 6, dim: int = 320) -> Path:
+    """Write a seeded random hypernetwork in the layout the host's ``HypernetworkLoader`` reads: for
+    the self-attention input width ``dim``, one small MLP for the keys and one for the values."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def mlp():
+        return {
+            "linear.0.weight": torch.randn(2 * dim, dim, generator=generator) / dim**0.5,
+            "linear.0.bias": torch.zeros(2 * dim),
+            "linear.1.weight": torch.randn(dim, 2 * dim, generator=generator) / (2 * dim) ** 0.5,
+            "linear.1.bias": torch.zeros(dim),
+        }
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save({dim: [mlp(), mlp()], "activation_func": "relu", "is_layer_norm": False}, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def cached_hint_models() -> tuple[Path, Path]:
+    """``(controlnet, hypernetwork)`` for the test checkpoint under ``.cache/``, built on first use."""
+    controlnet = CACHE_DIR / f"simda_test_controlnet_{RECIPE_KEY}.safetensors"
+    hypernetwork = CACHE_DIR / f"simda_test_hypernetwork_{RECIPE_KEY}.pt"
+    if not controlnet.is_file():
+        random_controlnet(controlnet)
+    if not hypernetwork.is_file():
+        random_hypernetwork(hypernetwork)
+    return controlnet, hypernetwork
+
+
 # -- the server ----------------------------------------------------------------------------------
 
 class ServerError(AssertionError):

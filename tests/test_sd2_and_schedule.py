@@ -67,9 +67,11 @@ def test_latent_shift_acts_only_inside_its_part_of_the_schedule():
     sampling = model.get_model_object("model_sampling")
     (early,) = SimDALatentShiftPatch.execute(model, 0, True, True, True, True, 0.0, 0.5, False).result
     settings = get_config(early).latent_shift
-    assert settings.sigma_start > settings.sigma_end == float(sampling.percent_to_sigma(0.5))
+    assert (settings.start_percent, settings.end_percent) == (0.0, 0.5)
+    # a UNet call outside a sampling run: the range in this MODEL's own schedule
+    boundary = float(sampling.percent_to_sigma(0.5))
     x, timesteps, context = batch(frames=4)
-    high, low = torch.tensor([settings.sigma_end * 2.0]), torch.tensor([settings.sigma_end * 0.5])
+    high, low = torch.tensor([boundary * 2.0]), torch.tensor([boundary * 0.5])
 
     def run(patcher, sigma):
         return host.unet_forward(patcher, x, timesteps, context, cond_or_uncond=[1, 0], sigmas=sigma)

@@ -21,14 +21,20 @@ check of every call (``model.patch_functions.check_token_grid``).
 """
 from __future__ import annotations
 
+import re
+
 from ..model.patch_functions import is_simda
 
 Key = tuple
 
 
 def describe(fn) -> str:
-    """A patch function as a user can find it: its name and module."""
+    """A patch function as a user can find it: its name and module (the host loads its extra nodes and
+    custom node packs by file path: a path module is named by its folder and file, e.g.
+    ``comfy_extras.nodes_hypertile``)."""
     module = getattr(fn, "__module__", None) or type(fn).__module__
+    if "/" in module or "\\" in module:
+        module = ".".join(re.split(r"[\\/]", module.rstrip("/\\"))[-2:])
     name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
     return f"{name} (from {module})"
 
