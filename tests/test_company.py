@@ -249,6 +249,20 @@ def test_hypertile_that_does_not_tile_changes_nothing(graph):
     assert torch.equal(g.run(latent), guided(graph, None))
 
 
+@pytest.mark.parametrize("order", ["before", "after"])
+def test_self_attention_guidance_is_refused_in_either_order(graph, order):
+    """Self-Attention Guidance replaces the middle block's self-attention on the MODEL itself."""
+    g = graph()
+    model, clip = g.checkpoint()
+
+    def sag(m):
+        return [g.add("SelfAttentionGuidance", model=m, scale=0.5, blur_sigma=2.0), 0]
+
+    model = g.shift(sag(model)) if order == "before" else sag(g.shift(model))
+    error = g.error(g.ksampler(model, g.text(clip, "a red panda walking"), g.text(clip, "blurry")))
+    assert "replaces self-attention at ('middle', 0, 0) on this MODEL (" in error and "nodes_sag" in error, error
+
+
 # -- ControlNet hints -----------------------------------------------------------------------------------
 
 def hints(count: int, seed: int = 0) -> torch.Tensor:
