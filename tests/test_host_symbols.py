@@ -21,8 +21,9 @@ SHIFT = dict(frames_per_clip=0, full_resolution=True, half_resolution=True, quar
 
 @pytest.fixture
 def pack_without_host_symbols(monkeypatch):
-    """The pack imported as a second package after the host lost IndexListContextHandler and
-    SD_4XUpscale_Conditioning."""
+    """The pack imported as a second package after the host lost SD_4XUpscale_Conditioning (and
+    IndexListContextHandler, which the pack no longer names: context windows are served through the
+    handler object a MODEL carries, whatever its class)."""
     monkeypatch.delattr(comfy.context_windows, "IndexListContextHandler")
     monkeypatch.delattr(comfy_extras.nodes_sdupscale, "SD_4XUpscale_Conditioning")
     spec = importlib.util.spec_from_file_location(NAME, host.PACK_DIR / "__init__.py",
@@ -43,7 +44,9 @@ def output(node_output):
 
 def test_every_node_loads_and_the_others_sample_without_the_symbols(pack_without_host_symbols):
     nodes = asyncio.run(asyncio.run(pack_without_host_symbols.comfy_entrypoint()).get_node_list())
-    assert len(nodes) == 8
+    import simda_pack
+
+    assert len(nodes) == len(asyncio.run(asyncio.run(simda_pack.comfy_entrypoint()).get_node_list()))
     for node in nodes:
         assert node.define_schema().node_id.startswith("SimDA")
     by_id = {node.define_schema().node_id: node for node in nodes}
@@ -54,12 +57,6 @@ def test_every_node_loads_and_the_others_sample_without_the_symbols(pack_without
     sampler = by_id["SimDAVideoSampler"]
     (latent,) = output(sampler.execute(patched, cond, cond, 3, 64, 64, 0, 2, 1.0, "euler", "normal", 1.0, 0.0))
     assert latent["samples"].shape == (3, 4, 8, 8) and torch.isfinite(latent["samples"]).all()
-
-    windowed = patched.clone()
-    windowed.model_options["context_handler"] = object()
-    with pytest.raises(RuntimeError) as error:
-        sampler.execute(windowed, cond, cond, 3, 64, 64, 0, 2, 1.0, "euler", "normal", 1.0, 0.0)
-    assert "IndexListContextHandler" in str(error.value) and "ComfyUI 0.3.75 or newer" in str(error.value)
 
     upscaler = by_id["SimDAVideoUpscaler"]
     arguments = [[v] for v in (torch.zeros(2, 16, 16, 3), base, None, cond, cond, 0.2, 0, 2, 1.0, "euler",
