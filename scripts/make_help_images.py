@@ -5,7 +5,10 @@ UI colours, so it stays sharp), well under 300 KB each.
 
     cd tests && COMFYUI_PATH=$PWD/../.hosts/0.3.75/ComfyUI ../.hosts/0.3.75/venv/bin/python -m pytest \
         test_help_pages.py -k in_its_template            # writes tests/output/help/<NodeID>.png
-    .hosts/0.3.75/venv/bin/python scripts/make_help_images.py [SCREENSHOTS]
+    .hosts/0.3.75/venv/bin/python scripts/make_help_images.py [SCREENSHOTS] [--only NodeID ...]
+
+A page that shows another node's picture (a deprecated node's page shows its replacement's) gets
+none of its own. ``--only`` remakes the pictures of the named nodes and leaves the others as they are.
 
 Take them on ComfyUI 0.3.75 (frontend 1.32.9): frontend 1.49.6 (0.33.0) outlines in red every node whose
 model file the test server lacks, and the templates name checkpoints and adapters it does not have.
@@ -26,8 +29,14 @@ WIDTH, COLOURS, MAX_BYTES = 1000, 128, 200_000
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("screenshots", nargs="?", type=Path, default=PACK_DIR / "tests" / "output" / "help")
+    parser.add_argument("--only", nargs="+", metavar="NodeID", help="only these nodes' pictures")
     args = parser.parse_args()
-    nodes = sorted(p.stem for p in DOCS.glob("*.md"))
+    nodes = sorted(p.stem for p in DOCS.glob("*.md") if f"images/{p.stem}.png" in p.read_text(encoding="utf-8"))
+    unknown = sorted(set(args.only or ()) - set(nodes))
+    if unknown:
+        print(f"no page in {DOCS} shows a picture of its own for {', '.join(unknown)}", file=sys.stderr)
+        return 1
+    nodes = sorted(args.only) if args.only else nodes
     missing = [n for n in nodes if not (args.screenshots / f"{n}.png").is_file()]
     if missing:
         print(f"no picture of {', '.join(missing)} in {args.screenshots}: run tests/test_help_pages.py first",
