@@ -7,6 +7,9 @@ frames from frame 1 every 2nd, 2 training steps, 2 inversion steps) -> SimDA Vid
 inverted noise; the edited and the inverted latents go to Save Latent, the adapters to Save SimDA
 Adapters, the frame rate to Save Animated WEBP, the loss map to Plot Loss Graph.
 
+``video_edit.json`` is the template as it shipped with the one-node tuner, in the UI format the
+frontend saves (tests/test_frontend.py opens, queues and runs it).
+
 ``reference_<host version>.pt`` holds what that prompt produced on the random test checkpoint
 (tests/live_server.py) with the Edit Tuner as it was when it trained and inverted in one node
 (commit c0443aa), on each pinned host: the two latents, the adapter tensors' digest, the WEBP's

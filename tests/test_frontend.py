@@ -10,7 +10,8 @@ checkpoints of tests/live_server.py and tests/test_upscaler.py (the upscaled one
 128x128). A workflow that needs another pack (vhs_video_edit: ComfyUI-VideoHelperSuite) opens and
 runs in a second page, on the server with the packs installed (``comfy_server_with_packs``); the
 page of the plain server names exactly that pack's node types as missing. The SDXL workflow runs in
-the page of tests/sdxl_server.py's server, on its random SDXL-family checkpoint.
+the page of tests/sdxl_server.py's server, on its random SDXL-family checkpoint. A workflow saved with
+the one-node Edit Tuner (tests/fixtures/old_edit_tuner/video_edit.json) opens, queues and runs too.
 
 The screenshots land in tests/output/frontend/ (git-ignored): ``<workflow>.png`` is the graph,
 ``<workflow>.page.png`` the whole page. ``scripts/make_thumbnails.py`` turns them into the
@@ -432,19 +433,10 @@ def screenshot_graph(page: Page, path: Path) -> None:
     page.page.screenshot(path=path, clip=clip)
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_workflow_loads_and_runs_in_the_page(request, name):
-    # A workflow that needs another pack or model runs on the server that has it, in that server's page.
-    server_fixture, page_fixture = SERVER_OF.get(name, ("comfy_server", "page"))
-    server, page = request.getfixturevalue(server_fixture), request.getfixturevalue(page_fixture)
-    info = server.object_info()
-    page.mark()
-    # The file as shipped (its model files are not on the test server): the picture of the graph.
-    shipped = load_workflow(name)
-    assert_loads(page, shipped)
-    screenshot_graph(page, SCREENSHOTS / f"{name}.png")
-
-    workflow = shrunk(name, server, info)
+def run_in_page(page: Page, server, info: dict, workflow: dict) -> tuple[dict, list[dict], tuple[str, dict, Path]]:
+    """Load ``workflow`` into the page, which must flag nothing in it; queue it as the Run button does
+    (the page must send the file's values) and wait until the run ends without an error. Its history
+    entry, the page's events for it, and its saved mp4 (``saved_mp4``), which the page was told about."""
     assert_loads(page, workflow)
     problems = page.evaluate(WIDGET_PROBLEMS_JS, NOTICES)
     assert problems == [], "\n".join(problems)
@@ -483,12 +475,29 @@ def test_workflow_loads_and_runs_in_the_page(request, name):
     events = page_events(page, prompt_id)
     assert events[-1]["type"] == "execution_success", events[-1]
 
-    # The saved mp4 (Save Video, or VHS Video Combine): written, reported to the page, and the clip it should be.
+    # The saved mp4 (Save Video, or VHS Video Combine): written, and reported to the page.
     save, item, video = saved_mp4(server, workflow, entry["outputs"])
     assert video.is_file(), video
     shown = [e["detail"]["output"] for e in events if e["type"] == "executed" and e["detail"]["node"] == save]
     assert shown and saved_mp4(server, workflow, {save: shown[-1]})[1]["filename"] == item["filename"], \
         f"the page was not told about {video.name}: {shown}"
+    return entry, events, (save, item, video)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_workflow_loads_and_runs_in_the_page(request, name):
+    # A workflow that needs another pack or model runs on the server that has it, in that server's page.
+    server_fixture, page_fixture = SERVER_OF.get(name, ("comfy_server", "page"))
+    server, page = request.getfixturevalue(server_fixture), request.getfixturevalue(page_fixture)
+    info = server.object_info()
+    page.mark()
+    # The file as shipped (its model files are not on the test server): the picture of the graph.
+    shipped = load_workflow(name)
+    assert_loads(page, shipped)
+    screenshot_graph(page, SCREENSHOTS / f"{name}.png")
+
+    workflow = shrunk(name, server, info)
+    _, _, (_, _, video) = run_in_page(page, server, info, workflow)
     frames, rate = decode_mp4(video)
     count, side = expected_video(name)
     assert frames.shape == (count, side, side, 3), frames.shape
@@ -503,6 +512,33 @@ def test_workflow_loads_and_runs_in_the_page(request, name):
     errors = page.errors_since_mark(expected=absent_inputs(server, shipped))
     assert errors == [], "the page logged errors:\n" + "\n".join(errors)
     print(f"{name}: warnings logged by the page: {page.warnings_since_mark()}")
+
+
+OLD_EDIT_WORKFLOW = PACK_DIR / "tests" / "fixtures" / "old_edit_tuner" / "video_edit.json"
+"""video_edit.json as it shipped with the one-node SimDA Edit Tuner (Load Video -> Edit Tuner -> Video
+Sampler -> Save Video, Save SimDA Adapters muted)."""
+
+
+def test_a_workflow_saved_with_the_edit_tuner_loads_and_runs_in_the_page(comfy_server, page):
+    """A user's file from before the tuner was split: the page creates every node of it (the Edit Tuner
+    is deprecated, not gone), flags nothing, reads its widget values into the inputs the node has now,
+    and the run saves the edited clip at the tuner's frame rate."""
+    info = comfy_server.object_info()
+    page.mark()
+    workflow = json.loads(OLD_EDIT_WORKFLOW.read_text())
+    set_values(workflow, info, "LoadVideo", file=SOURCE_CLIP)
+    set_values(workflow, info, "CheckpointLoaderSimple", ckpt_name=comfy_server.checkpoint_name)
+    set_values(workflow, info, "SimDAEditTuner", **TUNER, inversion_steps=STEPS)
+    set_values(workflow, info, "SimDAVideoSampler", steps=STEPS)
+    set_values(workflow, info, "SaveVideo", filename_prefix="frontend/old_video_edit")
+    _, _, (_, _, video) = run_in_page(page, comfy_server, info, workflow)
+    frames, rate = decode_mp4(video)
+    with av.open(str(bigbuckbunny())) as container:
+        source_rate = container.streams.video[0].average_rate
+    assert frames.shape == (FRAMES, SIZE, SIZE, 3), frames.shape
+    assert abs(float(rate) - float(source_rate) / TUNER["stride"]) < 0.01, (rate, source_rate)
+    errors = page.errors_since_mark()
+    assert errors == [], "the page logged errors:\n" + "\n".join(errors)
 
 
 @pytest.mark.parametrize("name", sorted(NEEDS_PACK))
