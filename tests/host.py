@@ -113,14 +113,17 @@ def context_windows(model, length: int, overlap: int, schedule: str, stride: int
 
 
 def index_window(indices: list[int], total_frames: int):
-    """The host's context window over ``indices`` of a clip of ``total_frames`` frames (0.3.75's
-    window has no clip length)."""
+    """The host's context window over ``indices`` of a clip of ``total_frames`` frames. 0.3.75's
+    window takes no clip length: it is set on the window as 0.33's carry it, for UNet calls outside a
+    sampling run (inside one, SimDA takes the length from the run's latent)."""
     import comfy.context_windows
 
     window_class = comfy.context_windows.IndexListContextWindow
     if "total_frames" in inspect.signature(window_class).parameters:
         return window_class(list(indices), total_frames=total_frames)
-    return window_class(list(indices))
+    window = window_class(list(indices))
+    window.total_frames = total_frames
+    return window
 
 
 def randomize_(module: torch.nn.Module, seed: int) -> None:
