@@ -1,14 +1,14 @@
-"""Whole-pipeline benchmarks: text-to-video sampling and Edit Tuner training.
+"""Whole-pipeline benchmarks: text-to-video sampling and One-Shot Tuner training.
 
     python bench/bench_pipelines.py --mode gpu   # SD1.5 UNet (seeded random weights), fp16
     python bench/bench_pipelines.py --mode cpu   # 1/10-width UNet, tiny sizes: runs anywhere, NOT the GPU targets
 
 t2v:  a 50-step DDIM, 16-frame, 512x512, cfg 7.5 run with adapters + latent shift + frame GroupNorm
       against the plain model sampling the same 16 frames as independent images, in the same process
-      (issue target <= 1.22x; the paper reports 11.2 s per video on an A100).
-tune: Edit Tuner training steps (docs/METHOD.md §7) on 24 frames at 512x512 with per-block
+      (target <= 1.22x; the paper reports 11.2 s per video on an A100).
+tune: One-Shot Tuner training steps (docs/METHOD.md §7) on 24 frames at 512x512 with per-block
       gradient checkpointing; time per step, 300 steps extrapolated, peak memory
-      (issue target <= 90 s for 300 steps on an H100/H200).
+      (target <= 90 s for 300 steps on an H100/H200).
 Only the host's model and sampling code is imported, and ``simda_core`` as a top-level package.
 """
 from __future__ import annotations

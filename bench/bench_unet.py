@@ -9,7 +9,7 @@ Variants run in one process on the same inputs and the same host model; ratios a
     python bench/bench_unet.py --mode sdxl-gpu   # SDXL UNet (model_base.SDXL with its ADM), fp16, 16 frames, 1024 px
     python bench/bench_unet.py --mode sdxl-cpu   # SDXL layout at reduced width, small sizes (CPU ratios only)
 
-GPU targets (issue): SimDA <= 1.15x at 256x256, <= 1.22x at 512x512, peak memory <= 1.05x.
+GPU targets: SimDA <= 1.15x at 256x256, <= 1.22x at 512x512, peak memory <= 1.05x.
 Only the host's model code is imported (HOST_MODULES) and ``simda_core`` as a top-level package;
 ComfyUI is found through COMFYUI_PATH or the newest pinned host in ``.hosts/``.
 """
@@ -39,7 +39,7 @@ COND_OR_UNCOND = (1, 0)
 """A cond+uncond batch: 2 groups, each the F frames of one clip."""
 TIME_TARGETS = {256: 1.15, 512: 1.22}
 PEAK_TARGET = 1.05
-"""The issue's GPU targets for the full SimDA call, as multiples of the plain call."""
+"""The GPU targets for the full SimDA call, as multiples of the plain call."""
 TEXT_TOKENS = 77
 HOST_MODULES = ("comfy.model_base", "comfy.supported_models", "comfy.model_patcher", "comfy.patcher_extension",
                 "comfy.ops", "comfy.model_management")

@@ -13,7 +13,7 @@ Rows:
   shift added by the node, frame GroupNorm with the adapters), sizes from free memory;
 - SimDA, fixed pieces, F/2 and F frames: the same node with one fixed group and tile size, for a
   clip half as long and the whole clip: peak memory must not grow with the clip.
-Issue targets (GPU): SimDA automatic <= 1.3x the time of the plain frame-by-frame run, 16 frames
+Targets (GPU): SimDA automatic <= 1.3x the time of the plain frame-by-frame run, 16 frames
 256 -> 1024 within 24 GiB, peak memory set by the piece size, not the clip length.
 Time includes sampling and VAE decoding; peak is torch's most allocated memory during the row
 (weights included), CUDA only.

@@ -5,7 +5,7 @@ Part 1, "windows": 100 different contiguous 16-frame windows (cond+uncond), each
 would see it: ``ClipLayout.from_batch`` from the window's frame indices, the latent-shift gather
 index for every self-attention call of an SD1.5 UNet at that size (16 transformer blocks over
 64x64, 32x32, 16x16 and 8x8 grids at 512 px), and the sigma-in-schedule check on a float.
-Target (issue): at most 0.5 ms per window on average on the CPU, one index build per window shape.
+Target: at most 0.5 ms per window on average on the CPU, one index build per window shape.
 
 Part 2, "frame ops": latent-shift gather of k and v, frame-shared GroupNorm and the temporal
 adapter against the same maths done the way the code did it before (``torch.stack([k, v])`` then

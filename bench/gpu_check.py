@@ -301,7 +301,7 @@ def finish_dynamic_vram() -> bool:
 def dynamic_vram(device: torch.device, steps: int = 3) -> dict:
     """ComfyUI 0.33+ with Dynamic VRAM on (``--dynamic-vram``): a full-size random SD1.5 UNet saved
     and loaded by the host's own UNet loader (which sets ``cached_patcher_init``); SimDA adapters on
-    it; the Edit Tuner's training path through the non-dynamic delegate (finite losses, every
+    it; the One-Shot Tuner's training path through the non-dynamic delegate (finite losses, every
     adapter changes, the delegate holds another model); the SimDA clone samples a clip; a dynamic
     MODEL without ``cached_patcher_init`` gets SimDA's sentence; the Upscaler's memory budget."""
     import comfy.memory_management

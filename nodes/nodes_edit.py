@@ -390,8 +390,9 @@ class SimDASaveAdapters(io.ComfyNode):
             category="SimDA",
             description=(
                 "Writes tuned SimDA adapters to models/simda as <prefix>_00001.safetensors, _00002, ... (with their "
-                "metadata), atomically, as ComfyUI's own save nodes number their files: running the workflow again "
-                "adds a file and never overwrites one."
+                "metadata), atomically, as ComfyUI's own save nodes number their files: a run with any changed input "
+                "adds a file and never overwrites one (an unchanged re-run is served from ComfyUI's cache and writes "
+                "nothing, as Save Image does)."
             ),
             inputs=[
                 SimDAAdaptersType.Input("adapters", tooltip="Adapters from SimDA One-Shot Tuner."),

@@ -79,7 +79,7 @@ def key_value_index(layout: ClipLayout, h: int, w: int, device: torch.device) ->
     itself twice), cached by what decides them: relative frame positions, loop length, grid, device.
 
     The cached index is always an ordinary tensor: one made while the host samples (inference
-    mode) could not be saved for backward by a later training step (the Edit Tuner)."""
+    mode) could not be saved for backward by a later training step (the One-Shot Tuner)."""
     key = (layout.frame_offsets, layout.loop_length, h, w, device)
     index = _index_cache.get(key)
     if index is None:

@@ -2,7 +2,7 @@
 uniform DDPM timesteps, AdamW with gradient clipping, mixed precision chosen from the model's stored dtype
 (``host.training.training_precision``).
 
-Used by the Edit Tuner node (one clip, 300 steps) and by the collection trainer. The UNet is the
+Used by the One-Shot Tuner node (one clip, 300 steps) and by the collection trainer. The UNet is the
 host's, called with the SimDA patches of a ModelPatcher clone; only adapter parameters train.
 """
 from __future__ import annotations

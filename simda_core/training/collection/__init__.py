@@ -19,7 +19,7 @@ only rank 0 writes files, logs and the progress bar. Output folder:
 Modules: ``options`` (what a run takes), ``data_parallel`` (torchrun group), ``state`` (output
 folder, resume), ``conditioning`` (batch -> UNet inputs), ``reports`` (loss curve, sample clips),
 ``run`` (the loop). The training step itself is ``simda_core.training.trainer``, shared with the
-Edit Tuner node.
+One-Shot Tuner node.
 """
 from __future__ import annotations
 
