@@ -69,11 +69,13 @@ def start_run(guider, frames: int, runtime=None, shift_keys=()) -> SamplingRun:
 
 
 def _add_windows_wrapper(transformer_options: dict) -> None:
+    """The per-window wrapper, where the host has the ``CALC_COND_BATCH`` wrapper point (both tested
+    hosts do; without it a window's call gets what the host gives it)."""
     import comfy.patcher_extension
 
-    comfy.patcher_extension.add_wrapper_with_key(
-        comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, WRAPPER_KEY, windows_wrapper(run_of), transformer_options
-    )
+    kind = getattr(comfy.patcher_extension.WrappersMP, "CALC_COND_BATCH", None)
+    if kind is not None:
+        comfy.patcher_extension.add_wrapper_with_key(kind, WRAPPER_KEY, windows_wrapper(run_of), transformer_options)
 
 
 def sampling_wrapper(runtime=None, shift_keys=()):
