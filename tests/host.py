@@ -174,3 +174,19 @@ def import_pack():
 
 
 import_pack()
+
+
+def pack_files() -> list[str]:
+    """The pack's files as a commit of the working tree would hold them (tracked, and untracked ones git
+    does not ignore; deleted ones left out), relative to the pack; the test is skipped outside a git
+    checkout."""
+    import subprocess
+
+    try:
+        listed = subprocess.run(
+            ["git", "-C", str(PACK_DIR), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            capture_output=True, check=True,
+        ).stdout.decode().split("\0")
+    except (OSError, subprocess.CalledProcessError) as error:
+        pytest.skip(f"the pack is not a git checkout here, so its tracked files are unknown ({error})")
+    return sorted(name for name in listed if name and (PACK_DIR / name).is_file())

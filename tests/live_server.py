@@ -11,6 +11,7 @@ imports the pack's own ``__init__.py`` (the repository root is a package), which
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -397,6 +398,17 @@ def start_server(base: Path, timeout: float = STARTUP_TIMEOUT_S, extra_args: tup
     return server
 
 
+@contextlib.contextmanager
+def serving(base: Path, **start):
+    """A server on ``base`` (``start_server``'s options) for the length of a ``with`` block, stopped
+    after it whatever happens inside."""
+    server = start_server(base, **start)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 def wait_ready(server: ComfyServer, timeout: float = STARTUP_TIMEOUT_S) -> None:
     """Until the server's /object_info answers (after a start or a restart)."""
     deadline = time.monotonic() + timeout
@@ -421,11 +433,8 @@ def comfy_server_with_packs(tmp_path_factory):
     checkpoint, adapters = cached_test_models()
     base = tmp_path_factory.mktemp("comfyui_base_packs")
     make_base_dir(base, checkpoint, adapters, packs)
-    server = start_server(base)
-    try:
+    with serving(base) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -437,8 +446,5 @@ def comfy_server(tmp_path_factory):
     checkpoint, adapters = cached_test_models()
     base = tmp_path_factory.mktemp("comfyui_base")
     make_base_dir(base, checkpoint, adapters)
-    server = start_server(base)
-    try:
+    with serving(base) as server:
         yield server
-    finally:
-        server.stop()

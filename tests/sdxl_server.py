@@ -33,7 +33,7 @@ import comfy.sd
 import comfy.supported_models
 import comfy.taesd.taesd
 import comfy.utils
-from live_server import CACHE_DIR, make_base_dir, random_simda_adapters, start_server
+from live_server import CACHE_DIR, make_base_dir, random_simda_adapters, serving
 
 SDXL_COMMON = dict(
     in_channels=4, out_channels=4, use_spatial_transformer=True, legacy=False, num_classes="sequential",
@@ -136,9 +136,6 @@ def sdxl_server(tmp_path_factory):
     checkpoint, adapters = cached_sdxl_models()
     base = tmp_path_factory.mktemp("comfyui_base_sdxl")
     make_base_dir(base, checkpoint, adapters)
-    server = start_server(base)
-    server.checkpoint_name, server.adapter_name = CHECKPOINT_NAME, ADAPTER_NAME
-    try:
+    with serving(base) as server:
+        server.checkpoint_name, server.adapter_name = CHECKPOINT_NAME, ADAPTER_NAME
         yield server
-    finally:
-        server.stop()

@@ -31,7 +31,7 @@ import torch
 import host  # noqa: F401  (puts the host on sys.path, imports the pack as simda_pack)
 from host import PACK_DIR
 from live_server import (
-    cached_hint_models, cached_test_models, execution_error, installed_video_packs, make_base_dir, start_server,
+    cached_hint_models, cached_test_models, execution_error, installed_video_packs, make_base_dir, serving,
 )
 from node_info import widget_values
 
@@ -54,13 +54,10 @@ def server(tmp_path_factory):
         (base / "models" / folder).mkdir(parents=True, exist_ok=True)
         (base / "models" / folder / file.name).symlink_to(file)
     (base / "custom_nodes" / RECORDING_NODES.name).symlink_to(RECORDING_NODES, target_is_directory=True)
-    server = start_server(base)
-    server.controlnet_name, server.hypernetwork_name = controlnet.name, hypernetwork.name
-    server.checkpoint_name = checkpoint.name
-    try:
+    with serving(base) as server:
+        server.controlnet_name, server.hypernetwork_name = controlnet.name, hypernetwork.name
+        server.checkpoint_name = checkpoint.name
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")

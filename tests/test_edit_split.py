@@ -17,7 +17,7 @@ import torch
 
 import host  # first: it puts the host on sys.path and imports the pack as simda_pack
 import old_edit_tuner
-from live_server import cached_nodes, cached_test_models, execution_error, make_base_dir, start_server
+from live_server import cached_nodes, cached_test_models, execution_error, make_base_dir, serving
 from old_edit_tuner import EDITED, INVERTED, SAMPLER, TUNER, load_reference, old_form_prompt, outcome
 
 INVERT = "15"
@@ -36,12 +36,9 @@ def server(tmp_path_factory):
     checkpoint, adapters = cached_test_models()
     base = tmp_path_factory.mktemp("comfyui_base_edit")
     make_base_dir(base, checkpoint, adapters)
-    server = start_server(base, extra_args=cache_classic_args())
-    try:
+    with serving(base, extra_args=cache_classic_args()) as server:
         old_edit_tuner.provide_source_clip(server)
         yield server
-    finally:
-        server.stop()
 
 
 def two_node_form(prompt: dict) -> dict:

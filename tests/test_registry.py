@@ -98,18 +98,6 @@ def test_banner_is_a_21_by_9_png():
     assert banner.width >= 630, f"{path.name} is {banner.width} pixels wide"
 
 
-def files_git_would_track() -> list[str]:
-    """The pack's files as a commit of the working tree would hold them (deleted ones left out)."""
-    try:
-        listed = subprocess.run(
-            ["git", "-C", str(PACK_DIR), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-            capture_output=True, check=True,
-        ).stdout.decode().split("\0")
-    except (OSError, subprocess.CalledProcessError) as error:
-        pytest.skip(f"the pack is not a git checkout here, so its tracked files are unknown ({error})")
-    return sorted(name for name in listed if name and (PACK_DIR / name).is_file())
-
-
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory) -> tuple[zipfile.ZipFile, int]:
     """The registry archive of the pack, made by comfy-cli's ``zip_files`` in a copy of the pack
@@ -118,7 +106,7 @@ def archive(tmp_path_factory) -> tuple[zipfile.ZipFile, int]:
     from comfy_cli.registry.config_parser import extract_node_configuration
 
     copy = tmp_path_factory.mktemp("registry") / "pack"
-    for name in files_git_would_track():
+    for name in host.pack_files():
         (copy / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(PACK_DIR / name, copy / name)
     subprocess.run(["git", "init", "-q", str(copy)], check=True)
@@ -139,7 +127,7 @@ def archive(tmp_path_factory) -> tuple[zipfile.ZipFile, int]:
 def test_archive_holds_what_comfyui_loads_and_users_read(archive):
     packed, size = archive
     names = set(packed.namelist())
-    tracked = files_git_would_track()
+    tracked = host.pack_files()
     wanted = [name for name in tracked if name.split("/")[0] in ("nodes", "simda_core", "web", "example_workflows")]
     wanted += ["__init__.py", "pyproject.toml", "README.md", "LICENSE", "requirements.txt"]
     assert any(name.startswith("web/docs/") and name.endswith(".md") for name in wanted), "no help page is tracked"
@@ -153,7 +141,7 @@ def test_archive_holds_what_comfyui_loads_and_users_read(archive):
 def test_archive_leaves_out_tests_and_development_files(archive):
     packed, size = archive
     names = packed.namelist()
-    assert any(name.startswith("tests/") for name in files_git_would_track()), "tests/ is not tracked"
+    assert any(name.startswith("tests/") for name in host.pack_files()), "tests/ is not tracked"
     left_in = [name for name in names if name.split("/")[0] in ("tests", "bench", ".ci", ".hosts", ".cache", ".venv")]
     assert left_in == [], f"the archive holds {left_in[:10]}"
     assert size < MAX_ARCHIVE_BYTES, f"the archive is {size} bytes"

@@ -39,7 +39,7 @@ import torch
 from comfy.ldm.models.autoencoder import AutoencoderKL
 from comfy_extras.nodes_sdupscale import SD_4XUpscale_Conditioning
 
-from live_server import cached_test_models, execution_error, make_base_dir, start_server
+from live_server import cached_test_models, execution_error, make_base_dir, serving
 from node_info import widget_values
 from simda_pack.nodes.nodes_adapters import SimDAAdapterLoader
 from simda_pack.nodes.nodes_latent_shift import SimDALatentShiftPatch
@@ -633,11 +633,8 @@ def x4_server(tmp_path_factory, sr_adapter_file):
     (base / "models" / "checkpoints" / x4_file.name).symlink_to(x4_file)
     (base / "models" / "simda" / SR_ADAPTERS).symlink_to(sr_adapter_file[0] / SR_ADAPTERS)
     (base / "custom_nodes" / RECORDING_NODES.name).symlink_to(RECORDING_NODES, target_is_directory=True)
-    server = start_server(base)
-    try:
+    with serving(base) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")

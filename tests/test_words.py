@@ -33,17 +33,6 @@ FORBIDDEN = ("github.com/" + "simda-comfyui", "SIMDA" + "_SPEC")
 """An address that does not exist, and a document that is not in the repository."""
 
 
-def tracked_files() -> list[str]:
-    try:
-        listed = subprocess.run(
-            ["git", "-C", str(PACK_DIR), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-            capture_output=True, check=True,
-        ).stdout.decode().split("\0")
-    except (OSError, subprocess.CalledProcessError) as error:
-        pytest.skip(f"the pack is not a git checkout here, so its tracked files are unknown ({error})")
-    return sorted(name for name in listed if name and (PACK_DIR / name).is_file())
-
-
 def ignored(paths: list[str]) -> set[str]:
     """The paths git ignores (outputs such as bench/out/...), asked in one call."""
     if not paths:
@@ -79,7 +68,7 @@ def prose_of(name: str) -> str:
 
 
 def read_files() -> list[str]:
-    return [name for name in tracked_files() if name.endswith((".md", ".py"))]
+    return [name for name in host.pack_files() if name.endswith((".md", ".py"))]
 
 
 def candidates(name: str, cited: str) -> list[str]:
@@ -151,7 +140,7 @@ def test_the_reader_sees_citations_in_each_kind_of_place():
 
 def test_no_file_names_a_missing_address_or_document():
     found = []
-    for name in tracked_files():
+    for name in host.pack_files():
         try:
             text = (PACK_DIR / name).read_text(encoding="utf-8")
         except (UnicodeDecodeError, OSError):
