@@ -84,6 +84,9 @@ def options_for_call(transformer_options: dict, shift_keys: list[Key]) -> dict:
     return dict(transformer_options, patches_replace=patches_replace)
 
 
-def token_patches(transformer_options: dict) -> tuple[str, ...]:
-    """Other nodes' ``attn1_patch`` functions on these options, named (for the token-grid refusal)."""
-    return tuple(describe(p) for p in transformer_options.get("patches", {}).get("attn1_patch", []) if not is_simda(p))
+def token_grid_refusal(transformer_options: dict, error: Exception) -> str:
+    """The sentence for a call whose token grid another patch changed (``check_token_grid``'s error),
+    naming the other nodes' ``attn1_patch`` functions on the call; named only when it happens."""
+    named = [describe(p) for p in transformer_options.get("patches", {}).get("attn1_patch", []) if not is_simda(p)]
+    who = ", ".join(named) or "a patch before SimDA's self-attention"
+    return f"another patch changes the self-attention token grid ({who}, e.g. HyperTile): {error}"

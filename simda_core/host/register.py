@@ -39,7 +39,7 @@ from ..model.patch_functions import TokenGridError
 from ..model.unet_sites import find_adapter_sites, find_resblock_norms, find_resblocks
 from ..video.frame_windows import window_frames
 from .attention import host_norm_parameters, layer_attention
-from .attention_slots import options_for_call, resident_conflict, token_patches
+from .attention_slots import options_for_call, resident_conflict, token_grid_refusal
 from .sampling_run import RUN_KEY, sampling_wrapper
 
 ATTACHMENT = "simda"
@@ -142,11 +142,11 @@ def _call_wrapper(runtime: SimDARuntime, shift_keys: list[tuple[str, int, int]],
                 kwargs["transformer_options"] = transformer_options
         layout = call_layout(x.shape[0], transformer_options, runtime.config, run)
         active = shift_active(runtime, transformer_options, run)
-        with runtime.using(layout, active, token_patches(transformer_options)):
+        with runtime.using(layout, active):
             try:
                 return executor(x, *args, **kwargs)
             except TokenGridError as e:
-                raise SimDAPatchError(f"SimDA: {e}.") from None
+                raise SimDAPatchError(f"SimDA: {token_grid_refusal(transformer_options, e)}.") from None
 
     return patch_functions.mark(wrapper)
 
@@ -258,7 +258,7 @@ def _check_attention_slots(model_patcher, shift_keys: list[tuple[str, int, int]]
 
 def _fallback_shift_sigmas(model_patcher, config: SimDAConfig) -> tuple[float, float]:
     """Latent shift's range in sigmas of this MODEL's schedule, for UNet calls outside a sampling run."""
-    if config.latent_shift is None or config.latent_shift.whole_schedule:
+    if config.latent_shift is None:
         return (math.inf, 0.0)
     sampling = model_patcher.get_model_object("model_sampling")
     return config.latent_shift.sigma_range(sampling.percent_to_sigma)

@@ -70,11 +70,11 @@ def window_rows(conds: list, window, total_frames: int) -> list:
 
 
 @contextlib.contextmanager
-def window_hints(conds: list, window, total_frames: int, kept: dict):
-    """For one window's call: each hint model with one hint image per frame of the clip holds the
-    window's images, and what it computed for this window before (``kept``, one run's store); after
-    the call its originals are back and what it computed is kept."""
-    frames = tuple(host_window_indices(window))
+def window_hints(conds: list, window, frames: tuple[int, ...], total_frames: int, kept: dict):
+    """For one window's call (``frames``: the frames it holds, ``host_window_indices``): each hint model
+    with one hint image per frame of the clip holds the window's images, and what it computed for this
+    window before (``kept``, one run's store); after the call its originals are back and what it
+    computed is kept."""
     swapped = []
     for conditioning in conds:
         for control in conditioning_controls(conditioning):
@@ -106,10 +106,11 @@ def windows_wrapper(run_of):
     def wrapper(executor, model, conds, x_in, timestep, model_options, *args, **kwargs):
         window = window_of(model_options)
         run = run_of(model_options)
-        if window is None or run is None or len(host_window_indices(window)) >= run.total_frames:
+        frames = tuple(host_window_indices(window)) if window is not None else ()
+        if run is None or not frames or len(frames) >= run.total_frames:
             return executor(model, conds, x_in, timestep, model_options, *args, **kwargs)
         conds = window_rows(conds, window, run.total_frames)
-        with window_hints(conds, window, run.total_frames, run.window_hints):
+        with window_hints(conds, window, frames, run.total_frames, run.window_hints):
             return executor(model, conds, x_in, timestep, model_options, *args, **kwargs)
 
     return wrapper

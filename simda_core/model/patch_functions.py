@@ -121,22 +121,21 @@ def attention_adapters(adapters_by_block: dict, runtime: SimDARuntime):
 
 class TokenGridError(RuntimeError):
     """Self-attention got tokens that are not each frame's whole token grid (another patch re-tiled
-    them); the message names the patches on the call."""
+    them). The message says what the grid should have been; the caller, which knows the call's
+    patches, names them."""
 
 
-def check_token_grid(q, k, v, layout, h: int, w: int, token_patches: tuple[str, ...]) -> None:
+def check_token_grid(q, k, v, layout, h: int, w: int) -> None:
     """Latent shift reads each frame's ``h x w`` token grid: queries, keys and values of a video call
     must hold ``layout.batch`` items of ``h * w`` tokens. A patch that keeps the tokens (a
     hypernetwork changes k and v token by token) passes; one that re-tiles them (HyperTile) does not."""
     shapes = [tuple(t.shape[:2]) for t in (q, k, v)]
     if all(shape == (layout.batch, h * w) for shape in shapes):
         return
-    who = ", ".join(token_patches) if token_patches else "a patch before SimDA's self-attention"
     raise TokenGridError(
-        f"another patch changes the self-attention token grid ({who}, e.g. HyperTile): latent-shift attention "
-        f"needs each frame's whole {h}x{w} grid of tokens ({layout.batch} items of {h * w} tokens, got queries, "
-        f"keys and values of {', '.join(f'{b} x {n}' for b, n in shapes)}); remove that node from this MODEL's "
-        "chain or turn latent shift off"
+        f"latent-shift attention needs each frame's whole {h}x{w} grid of tokens ({layout.batch} items of "
+        f"{h * w} tokens, got queries, keys and values of {', '.join(f'{b} x {n}' for b, n in shapes)}); remove "
+        "that node from this MODEL's chain or turn latent shift off"
     )
 
 
@@ -155,7 +154,7 @@ def latent_shift_self_attention(runtime: SimDARuntime, attention: HostAttention)
         if layout is None:
             return attend(q, k, v, heads)
         _, _, h, w = extra_options["activations_shape"]
-        check_token_grid(q, k, v, layout, h, w, runtime.token_patches)
+        check_token_grid(q, k, v, layout, h, w)
         if not runtime.shift_active:
             return attend(q, k, v, heads)
         return latent_shift_attention(q, k, v, heads, layout, h, w, attention=attend)

@@ -23,10 +23,9 @@ class SimDARuntime:
     (:data:`RuntimeRef`) and act as the plain module once it is gone, so the adapters are freed with
     the last MODEL that holds them.
 
-    Lifetime of the per-call fields: ``layout``, ``shift_active`` and ``token_patches`` are set only
-    inside :meth:`using`, which the ``DIFFUSION_MODEL`` wrapper enters for one UNet call (and a
-    checkpointed block re-enters for its recomputation in backward); outside a call they are
-    ``None``, ``False`` and ``()``.
+    Lifetime of the per-call fields: ``layout`` and ``shift_active`` are set only inside
+    :meth:`using`, which the ``DIFFUSION_MODEL`` wrapper enters for one UNet call (and a checkpointed
+    block re-enters for its recomputation in backward); outside a call they are ``None`` and ``False``.
 
     ``fallback_shift_sigmas`` is the latent-shift range resolved against the schedule of the MODEL
     the registration was made on: what a UNet call outside a sampling run (training) uses. A sampling
@@ -41,8 +40,6 @@ class SimDARuntime:
         self.fallback_shift_sigmas = fallback_shift_sigmas
         self.layout: ClipLayout | None = None
         self.shift_active = False
-        self.token_patches: tuple[str, ...] = ()
-        """Other packs' ``attn1_patch`` functions on this call (named), for the token-grid refusal."""
 
     def video_layout(self) -> ClipLayout | None:
         """The layout when the call holds clips of more than one frame (what latent shift and
@@ -51,22 +48,22 @@ class SimDARuntime:
         return layout if layout is not None and layout.is_video else None
 
     @contextlib.contextmanager
-    def using(self, layout: ClipLayout | None, shift_active: bool, token_patches: tuple[str, ...] = ()):
+    def using(self, layout: ClipLayout | None, shift_active: bool):
         """Set one call's state (and restore the previous one after it, e.g. while a checkpointed
         block is recomputed in backward)."""
-        saved = (self.layout, self.shift_active, self.token_patches)
-        self.layout, self.shift_active, self.token_patches = layout, shift_active, token_patches
+        saved = (self.layout, self.shift_active)
+        self.layout, self.shift_active = layout, shift_active
         try:
             yield
         finally:
-            self.layout, self.shift_active, self.token_patches = saved
+            self.layout, self.shift_active = saved
 
     def checkpointed(self, fn: Callable, *args):
         """``fn(*args)``, recomputed in the backward pass under the same call state when
         gradient checkpointing is on and gradients are being recorded."""
         if not (self.config.gradient_checkpointing and torch.is_grad_enabled()):
             return fn(*args)
-        state = (self.layout, self.shift_active, self.token_patches)
+        state = (self.layout, self.shift_active)
         # The host keeps writing "block" and "block_index" into the live transformer_options as it
         # walks the UNet: the recomputation in backward must see this call's values.
         args = tuple(dict(a) if isinstance(a, dict) else a for a in args)
