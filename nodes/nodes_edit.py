@@ -22,7 +22,9 @@ from ..simda_core.training.trainer import AdapterTrainer, TuningRecipe, initial_
 from ..simda_core.video.clip_agreement import clip_mismatch
 from .folders import save_folder
 from .nodes_fit_frames import FRAME_RATE_TOOLTIP, SOURCE_FPS_TOOLTIP, fit_inputs, fitted_clip
-from .nodes_invert import check_inversion_inputs, empty_prompt, inverted_noise
+from .nodes_invert import (
+    check_inversion_inputs, empty_prompt, inversion_prompt_inputs, inversion_schedule_inputs, inverted_noise,
+)
 from .simda_model import check_image_family, simda_clone
 
 log = logging.getLogger("SimDA")
@@ -306,26 +308,9 @@ class SimDAEditTuner(io.ComfyNode):
             ),
             inputs=[
                 *tuning_inputs(),
-                io.Clip.Input(
-                    "clip", optional=True,
-                    tooltip=(
-                        "The checkpoint's CLIP: encodes the empty inversion "
-                        "prompt when no inversion conditioning is connected."
-                    ),
-                ),
-                io.Conditioning.Input(
-                    "inversion_conditioning", optional=True,
-                    tooltip="Conditioning for the DDIM inversion; default: the empty prompt.",
-                ),
+                *inversion_prompt_inputs(),
                 *training_inputs(),
-                io.Int.Input(
-                    "inversion_steps", default=50, min=1, max=1000,
-                    tooltip="DDIM inversion steps; the Video Sampler must use the same steps.",
-                ),
-                io.Combo.Input(
-                    "inversion_scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="ddim_uniform",
-                    tooltip="Schedule of the inversion; the Video Sampler must use the same.",
-                ),
+                *inversion_schedule_inputs("inversion_"),
                 io.Float.Input("source_fps", default=24.0, min=0.01, max=1000.0, step=0.01, tooltip=SOURCE_FPS_TOOLTIP),
             ],
             outputs=tuning_outputs(io.Latent.Output(

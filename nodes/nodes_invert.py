@@ -61,6 +61,35 @@ def inverted_noise(model, samples: torch.Tensor, conditioning, steps: int, sched
     return {"samples": inverted, INVERSION_KEY: inversion_record(steps, scheduler, simda_state(get_config(model)))}
 
 
+def inversion_prompt_inputs() -> list:
+    """What the inversion is conditioned on (SimDA Invert's inputs, and the deprecated Edit Tuner's)."""
+    return [
+        io.Clip.Input(
+            "clip", optional=True,
+            tooltip="The checkpoint's CLIP: encodes the empty prompt when no inversion conditioning is connected.",
+        ),
+        io.Conditioning.Input(
+            "inversion_conditioning", optional=True,
+            tooltip="Conditioning for the DDIM inversion; default: the empty prompt.",
+        ),
+    ]
+
+
+def inversion_schedule_inputs(prefix: str = "") -> list:
+    """The inversion's steps and scheduler, named ``<prefix>steps`` and ``<prefix>scheduler`` (the
+    deprecated Edit Tuner keeps its ``inversion_`` names for saved workflows)."""
+    return [
+        io.Int.Input(
+            f"{prefix}steps", default=50, min=1, max=1000,
+            tooltip="DDIM inversion steps; the Video Sampler must use the same steps.",
+        ),
+        io.Combo.Input(
+            f"{prefix}scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="ddim_uniform",
+            tooltip="Schedule of the inversion; the Video Sampler must use the same.",
+        ),
+    ]
+
+
 class SimDAInvert(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -90,24 +119,8 @@ class SimDAInvert(io.ComfyNode):
                         "-> VAE Encode."
                     ),
                 ),
-                io.Clip.Input(
-                    "clip", optional=True,
-                    tooltip=(
-                        "The checkpoint's CLIP: encodes the empty prompt when no inversion conditioning is connected."
-                    ),
-                ),
-                io.Conditioning.Input(
-                    "inversion_conditioning", optional=True,
-                    tooltip="Conditioning for the DDIM inversion; default: the empty prompt.",
-                ),
-                io.Int.Input(
-                    "steps", default=50, min=1, max=1000,
-                    tooltip="DDIM inversion steps; the Video Sampler must use the same steps.",
-                ),
-                io.Combo.Input(
-                    "scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="ddim_uniform",
-                    tooltip="Schedule of the inversion; the Video Sampler must use the same.",
-                ),
+                *inversion_prompt_inputs(),
+                *inversion_schedule_inputs(),
             ],
             outputs=[
                 io.Latent.Output(
