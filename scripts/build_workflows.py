@@ -217,6 +217,33 @@ EDIT_SOURCE = "a rabbit walking in a green meadow"
 EDIT_TARGET = "a tiger walking in a green meadow"
 
 
+def vae_decode(g: Graph, sampler: int, ckpt: int, position: tuple[int, int]) -> int:
+    """VAE Decode of the sampler's latent with the checkpoint's VAE; its id."""
+    decode = g.add("VAEDecode", position, size=(220, 50))
+    g.link(sampler, 0, decode, "samples")
+    g.link(ckpt, 2, decode, "vae")
+    return decode
+
+
+def source_clip(g: Graph) -> tuple[int, int]:
+    """Load Video -> Get Video Components, and the checkpoint, for a video edit; the ids of the
+    components and the checkpoint."""
+    video = g.add("LoadVideo", (0, 0), file="source_clip.mp4", size=(320, 420))
+    parts = g.add("GetVideoComponents", (0, 460), size=(260, 90))
+    g.link(video, 0, parts, "video")
+    return parts, g.add("CheckpointLoaderSimple", (0, 600), ckpt_name=CHECKPOINT, size=(320, 100))
+
+
+def save_edit(g: Graph, sampler: int, ckpt: int, fps: tuple[int, int], prefix: str) -> None:
+    """An edit's end: VAE Decode -> Create Video at the frame rate ``fps`` gives -> Save Video (mp4)."""
+    decode = vae_decode(g, sampler, ckpt, (1900, 0))
+    create = g.add("CreateVideo", (1900, 100), size=(260, 80))
+    g.link(decode, 0, create, "images")
+    g.link(*fps, create, "fps")
+    save_video = g.add("SaveVideo", (1900, 220), size=(360, 360), **save_video_widgets(g.info, prefix))
+    g.link(create, 0, save_video, "video")
+
+
 def edit_prompts(g: Graph, ckpt: int, source: bool = True) -> tuple[int | None, int, int]:
     """The prompts of a video edit on the checkpoint's CLIP: the source prompt (for the tuner; none
     without ``source``), the edited prompt and the empty negative; their ids."""
@@ -270,21 +297,11 @@ def video_edit(info: dict) -> dict:
     (the tuned MODEL inverts the clip the tuner trained on) -> Video Sampler with the edited prompt ->
     Save Video at the tuner's frame rate. Changing the inversion or the prompt does not train again."""
     g = Graph(info)
-    video = g.add("LoadVideo", (0, 0), file="source_clip.mp4", size=(320, 420))
-    parts = g.add("GetVideoComponents", (0, 460), size=(260, 90))
-    g.link(video, 0, parts, "video")
-    ckpt = g.add("CheckpointLoaderSimple", (0, 600), ckpt_name=CHECKPOINT, size=(320, 100))
+    parts, ckpt = source_clip(g)
     source, edited, empty = edit_prompts(g, ckpt)
     tuner = one_shot_tuner(g, ckpt, source, (parts, 0), (parts, 2))
     sampler = invert_and_sample(g, (tuner, 0), (tuner, 1), ckpt, edited, empty, x=1180, cfg=12.5)
-    decode = g.add("VAEDecode", (1900, 0), size=(220, 50))
-    g.link(sampler, 0, decode, "samples")
-    g.link(ckpt, 2, decode, "vae")
-    create = g.add("CreateVideo", (1900, 100), size=(260, 80))
-    g.link(decode, 0, create, "images")
-    g.link(tuner, 3, create, "fps")
-    save_video = g.add("SaveVideo", (1900, 220), size=(360, 360), **save_video_widgets(info, "simda/video_edit"))
-    g.link(create, 0, save_video, "video")
+    save_edit(g, sampler, ckpt, (tuner, 3), "simda/video_edit")
     return g.to_json()
 
 
@@ -293,10 +310,7 @@ def video_edit_training_free(info: dict) -> dict:
     checkpoint with the Latent-Shift Patch -> Video Sampler with the edited prompt on the same MODEL ->
     Save Video at Fit Frames' frame rate."""
     g = Graph(info)
-    video = g.add("LoadVideo", (0, 0), file="source_clip.mp4", size=(320, 420))
-    parts = g.add("GetVideoComponents", (0, 460), size=(260, 90))
-    g.link(video, 0, parts, "video")
-    ckpt = g.add("CheckpointLoaderSimple", (0, 600), ckpt_name=CHECKPOINT, size=(320, 100))
+    parts, ckpt = source_clip(g)
     _, edited, empty = edit_prompts(g, ckpt, source=False)
     fit = g.add("SimDAFitFrames", (360, 340), size=(320, 250))
     g.link(parts, 0, fit, "images")
@@ -307,15 +321,7 @@ def video_edit_training_free(info: dict) -> dict:
     shift = g.add("SimDALatentShiftPatch", (800, 200), size=(320, 270))
     g.link(ckpt, 0, shift, "model")
     sampler = invert_and_sample(g, (shift, 0), (encode, 0), ckpt, edited, empty, x=1180, cfg=7.5)
-    decode = g.add("VAEDecode", (1900, 0), size=(220, 50))
-    g.link(sampler, 0, decode, "samples")
-    g.link(ckpt, 2, decode, "vae")
-    create = g.add("CreateVideo", (1900, 100), size=(260, 80))
-    g.link(decode, 0, create, "images")
-    g.link(fit, 1, create, "fps")
-    save_video = g.add("SaveVideo", (1900, 220), size=(360, 360),
-                       **save_video_widgets(info, "simda/video_edit_training_free"))
-    g.link(create, 0, save_video, "video")
+    save_edit(g, sampler, ckpt, (fit, 1), "simda/video_edit_training_free")
     return g.to_json()
 
 
@@ -332,9 +338,7 @@ def simda_model(g: Graph, ckpt: int, pos: tuple[int, int], loop: bool = False) -
 def save_clip(g: Graph, sampler: int, ckpt: int, prefix: str, x: int = 1200, fps: float = 8.0) -> tuple[int, int]:
     """VAE Decode -> Create Video at the Frame rate node's fps -> Save Video (mp4); the ids of the
     decode and the frame rate nodes."""
-    decode = g.add("VAEDecode", (x, 100), size=(220, 50))
-    g.link(sampler, 0, decode, "samples")
-    g.link(ckpt, 2, decode, "vae")
+    decode = vae_decode(g, sampler, ckpt, (x, 100))
     rate = g.add("PrimitiveFloat", (x, 200), title="Frame rate", value=fps, size=(220, 60))
     create = g.add("CreateVideo", (x + 260, 0), size=(260, 80))
     g.link(decode, 0, create, "images")
@@ -424,9 +428,7 @@ def vhs_video_edit(info: dict) -> dict:
     source, edited, empty = edit_prompts(g, ckpt)
     tuner = one_shot_tuner(g, ckpt, source, (video, 0), (video_info, 0), stride=1)
     sampler = invert_and_sample(g, (tuner, 0), (tuner, 1), ckpt, edited, empty, x=1180, cfg=12.5)
-    decode = g.add("VAEDecode", (1900, 0), size=(220, 50))
-    g.link(sampler, 0, decode, "samples")
-    g.link(ckpt, 2, decode, "vae")
+    decode = vae_decode(g, sampler, ckpt, (1900, 0))
     combine = g.add("VHS_VideoCombine", (1900, 100), filename_prefix="simda/vhs_video_edit", format="video/h264-mp4",
                     size=(360, 480))
     g.link(decode, 0, combine, "images")
