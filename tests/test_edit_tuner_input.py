@@ -88,19 +88,22 @@ def test_fit_frames_refuses_what_the_tuner_refuses():
         assert str(error.value).startswith("SimDA Fit Frames:")
 
 
-@pytest.mark.parametrize("cause", ["frames_per_clip", "prompt_schedule"])
-def test_an_inversion_prompt_or_model_that_disagrees_with_the_clip_is_refused_before_inverting(cause):
-    """SimDA Invert on 4 frames with a MODEL of frames_per_clip 3, or a 3-row conditioning: one sentence."""
+def disagreeing_with_4_frames(cause: str):
+    """``(model, conditioning, what the sentence names)``: a MODEL of frames_per_clip 3 from a
+    Latent-Shift Patch, or a 3-row conditioning, each against a 4-frame clip."""
     from simda_pack.nodes.nodes_latent_shift import SimDALatentShiftPatch
 
     model = host.build_model(host.TINY_UNET, seed=2)
-    conditioning = CONDITIONING
     if cause == "frames_per_clip":
         (model,) = SimDALatentShiftPatch.execute(model, 3, True, True, True, True, 0.0, 1.0, False).result
-        expected = "frames_per_clip = 3"
-    else:
-        conditioning = [[torch.zeros(3, 8, host.TINY_UNET["context_dim"]), {}]]
-        expected = "holds 3 rows"
+        return model, CONDITIONING, "frames_per_clip = 3"
+    return model, [[torch.zeros(3, 8, host.TINY_UNET["context_dim"]), {}]], "holds 3 rows"
+
+
+@pytest.mark.parametrize("cause", ["frames_per_clip", "prompt_schedule"])
+def test_an_inversion_prompt_or_model_that_disagrees_with_the_clip_is_refused_before_inverting(cause):
+    """SimDA Invert on 4 frames with a MODEL of frames_per_clip 3, or a 3-row conditioning: one sentence."""
+    model, conditioning, expected = disagreeing_with_4_frames(cause)
     with pytest.raises(ValueError) as error, torch.inference_mode():
         SimDAInvert.execute(model, {"samples": torch.zeros(4, 4, 8, 8)}, 2, "ddim_uniform",
                             inversion_conditioning=conditioning)
@@ -120,16 +123,7 @@ def test_invert_refuses_a_latent_that_is_not_a_batch_of_frames():
 def test_a_clip_that_disagrees_with_frames_per_clip_or_the_prompt_schedule_is_refused_before_encoding(name, cause):
     """frames_per_clip 3 from a Latent-Shift Patch upstream, or a 3-row prompt schedule, against the
     tuner's 4 frames: one sentence naming both, before the VAE encodes anything."""
-    from simda_pack.nodes.nodes_latent_shift import SimDALatentShiftPatch
-
-    model = host.build_model(host.TINY_UNET, seed=2)
-    prompt = CONDITIONING
-    if cause == "frames_per_clip":
-        (model,) = SimDALatentShiftPatch.execute(model, 3, True, True, True, True, 0.0, 1.0, False).result
-        expected = "frames_per_clip = 3"
-    else:
-        prompt = [[torch.zeros(3, 8, host.TINY_UNET["context_dim"]), {}]]
-        expected = "holds 3 rows"
+    model, prompt, expected = disagreeing_with_4_frames(cause)
     with pytest.raises(ValueError) as error, torch.inference_mode():
         tune(TUNERS[name], model, torch.rand(6, 64, 64, 3), prompt=prompt)
     message = str(error.value)
